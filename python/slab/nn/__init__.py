@@ -1,0 +1,5 @@
+"""slab.nn: modules built on the slab kernels."""
+
+from .prepbn import ChannelAffine, PRepBN, RepBN, convert_sync
+
+__all__ = ["RepBN", "PRepBN", "ChannelAffine", "convert_sync"]
