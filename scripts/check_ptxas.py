@@ -161,7 +161,7 @@ def check(rep: Report, max_registers: int | None, pretty: dict[str, str]) -> lis
         if max_registers is not None and r.registers is not None and r.registers > max_registers:
             r.problems.append(f"{r.registers} registers > {max_registers}")
         if r.problems:
-            failures.append(f"{pretty.get(r.name, r.name)} [{r.arch}]: " + ", ".join(r.problems))
+            failures.append(f"{_compact(pretty.get(r.name, r.name))} [{r.arch}]: " + ", ".join(r.problems))
     failures += [f"ptxas: {w}" for w in rep.warnings]
     failures += [f"ptxas: {e}" for e in rep.errors]
     return failures
@@ -181,6 +181,12 @@ def demangler(names: list[str], enabled: bool) -> dict[str, str]:
     if len(lines) == len(names):
         out = dict(zip(names, lines))
     return out
+
+
+def _compact(name: str) -> str:
+    """A shorter display name: no return type 'void ', no '(anonymous namespace)::'."""
+    name = name.replace("(anonymous namespace)::", "")
+    return name[5:] if name.startswith("void ") else name
 
 
 def _short(s: str, width: int) -> str:
@@ -246,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     n_kernels = len({r.name for r in recs if r.kind == "kernel"})
     n_funcs = len({r.name for r in recs if r.kind != "kernel"})
 
+    src_w = max([len("source")] + [len(r.source) for r in recs])
     if not args.quiet:
         print(f"ptxas report from {where}: {n_kernels} kernel(s)"
               + (f", {n_funcs} non-inlined device function(s)" if n_funcs else "")
               + f", archs {', '.join(archs_seen) or 'none'}")
-        hdr = f"{'status':<6} {'arch':<8} {'regs':>4} {'stack':>6} {'spill st/ld':>12} {'lmem':>5} {'smem':>6}  kernel"
+        hdr = (f"{'status':<6} {'arch':<8} {'regs':>4} {'stack':>6} {'spill st/ld':>12} {'lmem':>5} {'smem':>6}"
+               f"  {'source':<{src_w}}  kernel")
         print(hdr)
         print("-" * len(hdr))
     for r in recs:
@@ -258,11 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         regs = "-" if r.registers is None else str(r.registers)
         stack = r.stack or r.cumulative_stack
-        name = pretty[r.name] + ("" if r.kind == "kernel" else "  (device function)")
-        if r.source:
-            name += f"  [{r.source}]"
+        name = _compact(pretty[r.name]) + ("" if r.kind == "kernel" else "  (device function)")
         print(f"{'FAIL' if r.problems else 'ok':<6} {r.arch:<8} {regs:>4} {stack:>6} "
-              f"{f'{r.spill_stores}/{r.spill_loads}':>12} {r.lmem:>5} {r.smem:>6}  {_short(name, args.width)}")
+              f"{f'{r.spill_stores}/{r.spill_loads}':>12} {r.lmem:>5} {r.smem:>6}  {r.source or '-':<{src_w}}"
+              f"  {_short(name, args.width)}")
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -279,4 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(1)

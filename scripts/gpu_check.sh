@@ -200,7 +200,9 @@ if (( build_ok )) && [[ -d bench/cpp ]]; then
          "-DPython_EXECUTABLE=$(command -v "$py")" "-DCMAKE_PREFIX_PATH=$torch_prefix" \
        && step "C++ benchmarks: compile" cpp-bench.log 200 cmake --build build/gpu-check-cpp; then
       while IFS= read -r exe; do
-        step "C++ $(basename "$exe")" cpp-bench.log 60 "$exe" || failed=1
+        cargs=()
+        timeout 30 "$exe" --help 2>&1 | grep -q -- '--device' && cargs+=(--device=cuda)
+        step "C++ $(basename "$exe") ${cargs[*]}" cpp-bench.log 90 "$exe" "${cargs[@]}" || failed=1
       done < <(find build/gpu-check-cpp/bench -maxdepth 3 -type f -executable -name '*bench*' 2>/dev/null | sort)
     else
       failed=1

@@ -93,10 +93,12 @@ def assert_close(actual, expected, dtype=None, *, rtol=None, atol=None, name="te
     shape = tuple(expected.shape)
 
     # Non-finite values must match exactly (position and kind).
+    finite = torch.isfinite(e)
+    all_finite = bool(finite.all()) and bool(torch.isfinite(a).all())
     nan_mismatch = torch.isnan(a) != torch.isnan(e)
     inf_mismatch = (torch.isinf(a) | torch.isinf(e)) & (a != e) & ~(torch.isnan(a) | torch.isnan(e))
     bad_nonfinite = nan_mismatch | inf_mismatch
-    if bool(bad_nonfinite.any()):
+    if not all_finite and bool(bad_nonfinite.any()):
         where = bad_nonfinite.nonzero().reshape(-1)[:5].tolist()
         details = ", ".join(
             f"{_fmt_index(i, shape)}: got {a[i].item()!r}, expected {e[i].item()!r}" for i in where
@@ -105,10 +107,12 @@ def assert_close(actual, expected, dtype=None, *, rtol=None, atol=None, name="te
             f"{name} ({dtype}): {int(bad_nonfinite.sum())} NaN/Inf mismatch(es) of {a.numel()}; first: {details}"
         )
 
-    finite = torch.isfinite(e)
-    if not bool(finite.any()):
-        return
-    af, ef = a[finite], e[finite]
+    if all_finite:
+        af, ef = a, e
+    else:
+        if not bool(finite.any()):
+            return
+        af, ef = a[finite], e[finite]
     if scale is None:
         scale = float(ef.abs().max()) if ef.numel() else 0.0
         if scale == 0.0:

@@ -135,9 +135,12 @@ def test_vit_block_folds_and_matches():
     assert count(dep, ChannelAffine) == 2
     assert isinstance(dep.res.norm, ChannelAffine) and isinstance(dep.norm, ChannelAffine)
     for i in range(2):
-        assert not torch.equal(dep.blocks[i].attn.qkv.weight, model.blocks[i].attn.qkv.weight)
-        assert not torch.equal(dep.blocks[i].mlp[0].weight, model.blocks[i].mlp[0].weight)
-        assert torch.equal(dep.blocks[i].attn.proj.weight, model.blocks[i].attn.proj.weight)
+        def weight(m, name):
+            return m.get_submodule(f"blocks.{i}.{name}").weight
+
+        assert not torch.equal(weight(dep, "attn.qkv"), weight(model, "attn.qkv"))
+        assert not torch.equal(weight(dep, "mlp.0"), weight(model, "mlp.0"))
+        assert torch.equal(weight(dep, "attn.proj"), weight(model, "attn.proj"))
     with torch.no_grad():
         out = dep(x)
     assert out.dtype == ref.dtype and out.shape == ref.shape
@@ -145,7 +148,7 @@ def test_vit_block_folds_and_matches():
 
     # the original is untouched and still computes the same thing
     assert_same_state(model, snap)
-    assert count(model, PRepBN) == 3 and count(model, ChannelAffine) == 0
+    assert count(model, PRepBN) == 5 and count(model, ChannelAffine) == 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
 
@@ -169,7 +172,7 @@ def test_repbn_into_linear_without_bias_and_standalone():
     with torch.no_grad():
         ref = model(x)
         dep = deploy(model)
-        assert count(dep, RepBN) == 0 and dep[1].bias is not None
+        assert count(dep, RepBN) == 0 and dep.get_submodule("1").bias is not None
         assert rel_err(dep(x), ref) < 1e-5
 
         norm = randomize(PRepBN(8), 2).eval()
@@ -200,10 +203,15 @@ def test_training_mode():
     model.eval()
     model.blocks[0].norm1.train()
     dep = deploy(model)
-    assert isinstance(dep.blocks[0].norm1, PRepBN) and dep.blocks[0].norm1.training
-    assert torch.equal(dep.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    kept = dep.get_submodule("blocks.0.norm1")
+    assert isinstance(kept, PRepBN) and kept.training
+    assert torch.equal(dep.get_submodule("blocks.0.attn.qkv").weight, model.blocks[0].attn.qkv.weight)
     assert count(dep, PRepBN) == 1
-    assert not torch.equal(dep.blocks[0].mlp[0].weight, model.blocks[0].mlp[0].weight)
+    assert not torch.equal(dep.get_submodule("blocks.0.mlp.0").weight, model.blocks[0].mlp[0].weight)
+    x = torch.randn(2, 6, 12)
+    with torch.no_grad():  # both copies take the same batch-statistics step
+        assert rel_err(dep(x), model(x)) < 1e-5
+    assert torch.allclose(kept.norm2.bn.running_mean, model.blocks[0].norm1.norm2.bn.running_mean)
 
 
 def test_tied_weight_is_not_modified():
@@ -230,6 +238,33 @@ def test_tied_weight_is_not_modified():
         assert count(dep, PRepBN) == 0
         assert torch.equal(dep.emb.weight, emb_before)
         assert rel_err(dep(ids), ref) < 1e-5
+
+
+def test_shared_linear_is_not_folded():
+    """A Linear that is also called elsewhere (or whose weight is read directly) keeps its weights."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = RepBN(8)
+            self.fc = nn.Linear(8, 8)
+            self.norm2 = PRepBN(8)
+            self.fc2 = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(self.norm(x)) + self.fc(x)
+            return self.fc2(self.norm2(y)) + y @ self.fc2.weight.t()
+
+    torch.manual_seed(0)
+    model = randomize(Shared(), 6).eval()
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        dep = deploy(model)
+        assert torch.equal(dep.fc.weight, model.fc.weight)
+        assert torch.equal(dep.fc2.weight, model.fc2.weight)
+        assert isinstance(dep.norm, ChannelAffine) and isinstance(dep.norm2, ChannelAffine)
+        assert rel_err(dep(x), ref) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and for SLAB state-dict compatibility."""
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -274,6 +275,35 @@ def test_prepbn_schedule_over_steps(gen):
         m.norm1.bias.add_(1.0)
     close(m(x), y_eval, atol=0, rtol=0)
     assert int(m.iter) == 0 and int(bn.num_batches_tracked) == step + 3
+
+
+def test_schedule_follows_buffer_edits(gen):
+    """The schedule reads the buffers as they are now: load_state_dict or an in-place edit between
+    steps (resuming a checkpoint mid-schedule) takes effect at the next step."""
+    C = 6
+    m = randomize(PRepBN(C, warm=1, step=10, r0=1.0), gen)
+    x = torch.randn(2, 5, C, generator=gen)
+    m(x)  # warm-up step
+    m(x)  # lam = 1.0, iter -> 9
+    state = m.state_dict()
+    state["iter"] = torch.tensor(4)
+    state["warm"] = torch.tensor(0)
+    m.load_state_dict(state)
+    y_ref, _, _ = ref_prep(m, x, lam=0.4)
+    close(m(x), y_ref)
+    assert int(m.iter) == 3
+    m.iter.fill_(8)
+    m.total_step.fill_(16)
+    y_ref, _, _ = ref_prep(m, x, lam=0.5)
+    close(m(x), y_ref)
+    assert int(m.iter) == 7
+    m.warm.fill_(1)
+    close(m(x), ref_norm1(x, m.norm1.weight, m.norm1.bias, m.norm1.eps, "layer"))
+    assert int(m.warm) == 0 and int(m.iter) == 7
+    m2 = copy.deepcopy(m)
+    y_ref, _, _ = ref_prep(m2, x, lam=7 / 16)
+    close(m2(x), y_ref)
+    assert int(m2.iter) == 6 and int(m.iter) == 7
 
 
 def test_prepbn_step_zero_is_pure_repbn(gen):

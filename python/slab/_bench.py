@@ -46,6 +46,7 @@ __all__ = [
     "device_description",
     "profile_table",
     "fmt_bytes",
+    "busy_warning",
 ]
 
 
@@ -109,6 +110,21 @@ def device_description(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+
+
+def busy_warning(device: torch.device | str = "cpu") -> Optional[str]:
+    """A warning when other processes keep the CPUs busy (1-minute load average above the core
+    count): CPU timings are then unreliable -- OpenMP-parallel torch ops in particular can slow down
+    by orders of magnitude when their threads are descheduled. None when the machine looks idle."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > cores + 0.5:
+        where = "CPU timings" if torch.device(device).type == "cpu" else "host-side overheads"
+        return (f"warning: load average {load:.1f} on {cores} cores -- other processes are running; "
+                f"{where} will be unreliable (torch.set_num_threads(1) / --threads 1 suffers less)")
+    return None
 
 
 def synchronize(device: torch.device) -> None:
@@ -176,8 +192,8 @@ def time_fn(
 ) -> Timing:
     """Median time of ``fn()`` on ``device``.
 
-    ``warmup`` untimed calls (autotuning, allocator, compilation caches) come first; their time
-    estimates the cost of a call, from which the number of timed calls is chosen so that they take
+    ``warmup`` untimed calls (autotuning, allocator, compilation caches) come first; the fastest
+    of them estimates the cost of a call, from which the number of timed calls is chosen so that they take
     about ``budget_s`` seconds, clamped to ``[min_reps, max_reps]``. Every call is timed on its own
     and the median reported (robust to the occasional preempted run).
 
@@ -189,12 +205,14 @@ def time_fn(
     warmup = max(1, warmup)
     if device.type == "cuda":
         flush = _l2_flush_buffer(device) if flush_l2 in (None, True) else None
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(warmup):
+        est = float("inf")
+        for _ in range(warmup):  # the fastest warm-up call estimates the cost (the first is often slow)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
             fn()
-        torch.cuda.synchronize(device)
-        est = max((time.perf_counter() - t0) / warmup, 1e-6)
+            torch.cuda.synchronize(device)
+            est = min(est, time.perf_counter() - t0)
+        est = max(est, 1e-6)
         n = int(min(max_reps, max(min_reps, budget_s / est)))
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -207,10 +225,12 @@ def time_fn(
         torch.cuda.synchronize(device)
         return _summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
-    t0 = time.perf_counter()
+    est = float("inf")
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
-    est = max((time.perf_counter() - t0) / warmup, 1e-7)
+        est = min(est, time.perf_counter() - t0)
+    est = max(est, 1e-7)
     n = int(min(max_reps, max(min_reps, budget_s / est)))
     samples = []
     clock = time.perf_counter

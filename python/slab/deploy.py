@@ -40,8 +40,8 @@ def _is_norm(m: nn.Module) -> bool:
     if isinstance(m, ChannelAffine):
         return True
     if isinstance(m, (RepBN, PRepBN)) and not m.training:
-        bn = (m.norm2 if isinstance(m, PRepBN) else m).bn
-        return bn.running_mean is not None and bn.running_var is not None
+        rep = m.norm2 if isinstance(m, PRepBN) else m  # PRepBN's eval path is its norm2
+        return not rep.training and rep.bn.running_mean is not None and rep.bn.running_var is not None
     return False
 
 
@@ -86,11 +86,11 @@ def _bn_follows(layer: nn.Module, bn: nn.Module) -> bool:
 # so weights tied to other modules (e.g. an embedding) are left intact.
 # ----------------------------------------------------------------------------------------------
 def _clone_layer(layer: nn.Module) -> nn.Module:
-    """A shallow copy with its own parameter dict (same class, attributes, hooks)."""
+    """A shallow copy with its own parameter/buffer/module/hook dicts (same class and attributes)."""
     new = copy.copy(layer)
-    new._parameters = dict(layer._parameters)
-    new._buffers = dict(layer._buffers)
-    new._modules = dict(layer._modules)
+    for k, v in vars(new).items():  # _parameters, _buffers, _modules, hook dicts
+        if isinstance(v, dict):
+            new.__dict__[k] = copy.copy(v)
     return new
 
 
@@ -119,7 +119,7 @@ def _fold_norm_into_linear(norm: nn.Module, linear: nn.Linear) -> nn.Linear:
     s, t = norm_affine(norm)
     s, t = s.to(linear.weight.device), t.to(linear.weight.device)
     w = linear.weight.double()
-    b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    b = linear.bias.double() if linear.bias is not None else w.new_zeros(w.shape[0])
     new = _clone_layer(linear)
     _set_param(new, "weight", w * s, linear.weight)
     _set_param(new, "bias", b + w @ t, linear.bias)
@@ -149,6 +149,23 @@ def _input_of(node: fx.Node, kwarg: str) -> Optional[fx.Node]:
     return None
 
 
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_META_METHODS = {"size", "dim", "ndimension", "numel"}
+
+
+def _is_meta_use(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` only reads the shape/dtype/device of ``node`` (``B, N, C = x.shape`` and the like)."""
+    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
+        return False
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in _META_ATTRS
+    return user.op == "call_method" and user.target in _META_METHODS
+
+
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _is_meta_use(u, node)]
+
+
 def _fold_graph(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     modules = dict(gm.named_modules())
@@ -173,7 +190,7 @@ def _fold_graph(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         src = _input_of(node, "input")
         layer = mod(src) if isinstance(src, fx.Node) else None
-        if layer is None or len(src.users) != 1 or not rewritable(src) or not _bn_follows(layer, bn):
+        if layer is None or _data_users(src) != [node] or not rewritable(src) or not _bn_follows(layer, bn):
             continue
         replace(src, _fold_bn_into_layer(layer, bn))
         node.replace_all_uses_with(src)
@@ -183,17 +200,18 @@ def _fold_graph(gm: fx.GraphModule) -> fx.GraphModule:
     # 2. eval norm -> Linear (its only consumer): the norm disappears into the Linear.
     for node in list(graph.nodes):
         norm = mod(node)
-        if norm is None or not _is_norm(norm) or len(node.users) != 1:
+        if norm is None or not _is_norm(norm):
             continue
+        users = _data_users(node)
         x = node.args[0] if node.args else node.kwargs.get("x")
-        (user,) = node.users
-        linear = mod(user)
-        if x is None or linear is None or not _is_linear(linear):
+        linear = mod(users[0]) if len(users) == 1 else None
+        if not isinstance(x, fx.Node) or linear is None or not _is_linear(linear):
             continue
+        user = users[0]
         if _input_of(user, "input") is not node or not rewritable(user):
             continue
         replace(user, _fold_norm_into_linear(norm, linear))
-        user.args, user.kwargs = (x,), {}
+        node.replace_all_uses_with(x)  # the Linear, and shape reads (the norm keeps x's shape)
         graph.erase_node(node)
         calls[node.target] -= 1
 

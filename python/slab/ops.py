@@ -128,7 +128,10 @@ def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd
 def _prep_bn_fwd_setup_context(ctx, inputs, output):
     (x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, _rm, _rv, lam, training, _eps, _neps,
      norm, mask) = inputs
-    _y, row_mean, row_rstd, bn_mean, bn_rstd, _var = output
+    _y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var = output
+    # Statistics are outputs for the backward and the running-stat update, never differentiated:
+    # marking them keeps the in-place update of running_mean/running_var out of the graph.
+    ctx.mark_non_differentiable(row_mean, row_rstd, bn_mean, bn_rstd, bn_var)
     ctx.save_for_backward(x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, mask)
     ctx.lam, ctx.training, ctx.norm = lam, training, norm
     ctx.param_dtypes = [None if t is None else t.dtype

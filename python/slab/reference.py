@@ -28,7 +28,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "batch_stats",
@@ -116,9 +115,13 @@ def norm1(
     norm: str = "layer",
 ) -> torch.Tensor:
     """The per-token norm of PRepBN: LayerNorm(C) or RMSNorm(C) over the last dim."""
-    c = x.shape[-1]
     if norm == "layer":
-        return F.layer_norm(x, (c,), weight, bias, eps)
+        # Two-pass, spelled out (like F.layer_norm, but exact for C == 1: x - mean == 0).
+        d = x - x.mean(dim=-1, keepdim=True)
+        y = d * torch.rsqrt(d.square().mean(dim=-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
     if norm == "rms":
         if bias is not None:
             raise ValueError('norm_bias must be None for norm="rms"')

@@ -207,20 +207,45 @@ class PRepBN(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.dim}, norm={self.norm!r}, r0={self.r0}, sync={self.sync}"
 
+    def _counters(self) -> list[int]:
+        """``[warm, iter, total_step]`` as Python ints without a device sync per step.
+
+        The buffers live on the module's device; reading them each step would stall a GPU
+        pipeline (three host syncs per layer). They are read once and cached, keyed by the buffer
+        objects and their in-place version counters, so ``load_state_dict``, ``.to()``, or any
+        in-place edit of a buffer invalidates the cache.
+        """
+        bufs = (self.warm, self.iter, self.total_step)
+        key = getattr(self, "_counter_key", None)
+        if key is None or any(v is None or b is not k or _version(b) != v for b, (k, v) in zip(bufs, key)):
+            self._counter_vals = [int(b) for b in bufs]
+            self._counter_key = tuple((b, _version(b)) for b in bufs)
+        return self._counter_vals
+
+    def _count_down(self, index: int) -> None:
+        """``buffer -= 1`` for warm (0) or iter (1), keeping the cache in step."""
+        buf = (self.warm, self.iter)[index]
+        buf.sub_(1)
+        self._counter_vals[index] -= 1
+        key = list(self._counter_key)
+        key[index] = (buf, _version(buf))
+        self._counter_key = tuple(key)
+
     def current_lam(self) -> float:
         """The ``lam`` the next training step (after warm-up) will use: ``r0 * iter / total_step``."""
-        total = int(self.total_step)
-        return self.r0 * int(self.iter) / total if total > 0 else 0.0
+        _, it, total = self._counters()
+        return self.r0 * it / total if total > 0 else 0.0
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if not self.training:
             return self.norm2(x, mask)
-        if int(self.warm) > 0:
-            self.warm.sub_(1)
+        warm, it, _ = self._counters()
+        if warm > 0:
+            self._count_down(0)
             return self.norm1(x)
         lam = self.current_lam()
-        if int(self.iter) > 0:
-            self.iter.sub_(1)
+        if it > 0:
+            self._count_down(1)
 
         norm1, bn = self.norm1, self.norm2.bn
         _check_running_stats(bn, "slab.nn.PRepBN")
@@ -242,6 +267,14 @@ class PRepBN(nn.Module):
             bn.running_mean, bn.running_var, lam, True,
             momentum=momentum, eps=bn.eps, norm_eps=float(norm_eps), norm=self.norm, mask=mask,
         )
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The in-place version counter of ``t`` (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class ChannelAffine(nn.Module):
