@@ -1,4 +1,4 @@
-"""Functional ops: thin wrappers over ``torch.ops.slab.*`` plus their fake tensors and autograd.
+"""PRepBN ops (SLAB): wrappers over ``torch.ops.slab.*`` plus their fake tensors and autograd.
 
 Schemas and kernels live in C++ (csrc/<family>/<family>_ops.cpp); this module registers what
 torch.compile (fake tensors) and autograd need, next to the public wrappers.

@@ -1,0 +1,9 @@
+"""Functional ops: thin wrappers over ``torch.ops.slab.*`` with fake tensors and autograd.
+
+One module per kernel family (the same families as csrc/); importing it registers what
+torch.compile (fake tensors) and autograd need for that family's ops.
+"""
+
+from .prepbn import prep_bn, rep_bn
+
+__all__ = ["rep_bn", "prep_bn"]
