@@ -170,12 +170,17 @@ if (( build_ok )); then
   benches=(bench/bench_*.py)
   shopt -u nullglob
   (( ${#benches[@]} )) || notes+=("## Benchmarks" "No bench/bench_*.py found." "")
+  n_left=${#benches[@]}
   for b in "${benches[@]}"; do
+    # a fair share of the time left, keeping ~150 s for slab-bench (the main job)
+    cap=$(( ($(left) - 150) / n_left )); n_left=$(( n_left - 1 ))
+    (( cap > 240 )) && cap=240
+    (( cap < 45 )) && cap=45
     help=$(timeout 60 "$py" "$b" --help 2>&1 || true)
     args=()
     grep -q -- '--device' <<<"$help" && args+=(--device cuda)
     grep -q -- '--quick' <<<"$help" && args+=(--quick)
-    step "$b ${args[*]}" bench.log 240 "$py" "$b" "${args[@]}" || failed=1
+    step "$b ${args[*]}" bench.log "$cap" "$py" "$b" "${args[@]}" || failed=1
   done
   (( ${#benches[@]} )) && { notes+=("## Python benchmarks (tail of bench.log)" "$(fence "$out/bench.log" 80)" ""); write_report; }
 
