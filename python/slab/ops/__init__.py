@@ -5,5 +5,6 @@ torch.compile (fake tensors) and autograd need for that family's ops.
 """
 
 from .prepbn import prep_bn, rep_bn
+from . import optim  # noqa: F401  (fused optimizer ops: wrappers + fakes; used by slab.optim)
 
 __all__ = ["rep_bn", "prep_bn"]

@@ -1,0 +1,160 @@
+// Fused optimizer steps: parameter structs and launchers of the multi-tensor engine. No torch
+// headers; the binding layer (optim_ops.cpp) checks the tensor lists and fills these structs.
+//
+// The engine walks a list of contiguous tensors of one (device, dtype) in chunks: on the CPU
+// at::parallel_for over the chunks of all tensors, on CUDA one block per chunk from a chunk table
+// passed as a kernel argument. Per-element work comes from optim_math.h. Reductions are per
+// tensor: every chunk writes one partial sum and the partials of a tensor are added in chunk
+// order, so results do not depend on thread counts or block scheduling.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/common.h"
+
+struct CUstream_st;
+
+namespace slab::optim {
+
+// Elements per chunk (one CPU task / one CUDA block).
+constexpr int64_t kCpuChunk = 16384;
+constexpr int64_t kCudaChunk = 32768;
+
+// A list of `count` contiguous tensors: data[i] holds numel[i] elements. Host arrays.
+struct TensorList {
+  int64_t count = 0;
+  const int64_t* numel = nullptr;
+  void* const* data = nullptr;
+};
+
+// out[i] = sum_j (a_i[j] * a_scale + weight_decay * b_i[j])^2 for every tensor i of `a`.
+// `b` is empty (count 0) or has the shapes and dtype of `a`; a_scale = 1 / *grad_scale (1 when
+// grad_scale is null). out: `a.count` values of the accumulation type.
+struct SqNormParams {
+  DType dtype;
+  TensorList a, b;
+  double weight_decay;
+  const float* grad_scale;  // [1] or null
+  void* out;
+  void* workspace;  // CUDA: workspace_floats(a) values of the accumulation type; unused on CPU
+};
+
+// DoG/LDoG/SGD update, one pass: with d = g * s + weight_decay * x (s = -1/grad_scale when
+// maximize else 1/grad_scale),   x <- x - eta[i] * d,   dist2[i] <- ||x_new - x0||^2
+// (of the stored, rounded x_new). Nothing is written when *found_inf != 0.
+// x, g: dtype; x0, eta, dist2: accumulation type.
+struct DogUpdateParams {
+  DType dtype;
+  TensorList x, g, x0;
+  void* const* dist2;  // count pointers to one accumulation-type value each
+  const void* eta;     // [count] accumulation type
+  double weight_decay;
+  bool maximize;
+  const float* grad_scale;  // [1] or null
+  const float* found_inf;   // [1] or null
+  void* workspace;          // CUDA: workspace_floats(x) values; unused on CPU
+};
+
+// Lion (Chen et al. 2023): c = beta1*m + (1-beta1)*g;  x <- x*(1 - lr*wd) - lr*sign(c);
+// m <- beta2*m + (1-beta2)*g. g is the (unscaled, sign-adjusted) gradient; m accumulation type.
+struct LionParams {
+  DType dtype;
+  TensorList x, g, m;
+  const void* lr;  // [1] accumulation type
+  double beta1, beta2, weight_decay;
+  bool maximize;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+// LAMB stage 1 (You et al. 2020): with g the unscaled (sign-adjusted) gradient,
+//   m <- beta1*m + (1-beta1)*g,  v <- beta2*v + (1-beta2)*g^2,
+//   u  = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * x   (bc_i = 1 - beta_i^t, or 1)
+// and per tensor norms[2i] = ||x||^2, norms[2i+1] = ||u||^2. u is not stored: stage 2 recomputes
+// it from m and v. Nothing is written (norms become 0) when *found_inf != 0.
+struct LambParams {
+  DType dtype;
+  TensorList x, g, m, v;  // x, g: dtype; m, v: accumulation type
+  const void* bias_corr;  // [2] accumulation type: 1 / bc1, 1 / sqrt(bc2) (computed in double upstream)
+  double beta1, beta2, eps, weight_decay;
+  bool maximize;
+  const float* grad_scale;
+  const float* found_inf;
+  void* norms;      // stage 1: [2 * count] accumulation type
+  const void* lr;   // stage 2: [count] per-tensor step size lr * trust ratio
+  void* workspace;  // CUDA stage 1: 2 * workspace_floats(x) values
+};
+
+// SGD with momentum and a per-tensor scale (LARS / LARC): d = g + weight_decay * x,
+//   buf <- momentum * buf + scale[i] * d,   x <- x - lr * buf.
+struct MomentumParams {
+  DType dtype;
+  TensorList x, g, buf;  // buf: accumulation type
+  const void* scale;     // [count] accumulation type
+  const void* lr;        // [1] accumulation type
+  double momentum, weight_decay;
+  bool maximize;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+// AdamP (Heo et al. 2021). Each tensor is viewed as rows x cols (rows = size(0) for 2+-D tensors,
+// one row for 0/1-D ones; rows[i] gives the count, row sums are laid out tensor after tensor).
+// Stage 1, with g the unscaled (sign-adjusted) gradient:
+//   m <- beta1*m + (1-beta1)*g,  v <- beta2*v + (1-beta2)*g^2,
+//   p  = n / (sqrt(v) / sqrt(bc2) + eps),  n = m (or beta1*m + (1-beta1)*g with nesterov)
+// and per row: row_sums[r] = (<g,x>, <g,g>, <x,x>, <x,p>). Stage 2, with k[r] the projection
+// coefficient of the row (0: no projection) and decay[i] = lr * weight_decay * wd_ratio[i]:
+//   x <- x * (1 - decay[i]) - (lr / bc1) * (p - k[r] * x).
+struct AdamPParams {
+  DType dtype;
+  TensorList x, g, m, v;
+  const int64_t* rows;  // [count]: rows of each tensor (cols = numel / rows)
+  const void* bias_corr;  // [2] accumulation type: 1 / bc1, 1 / sqrt(bc2)
+  double beta1, beta2, eps;
+  bool nesterov, maximize;
+  const float* grad_scale;
+  const float* found_inf;
+  void* row_sums;     // stage 1: [total_rows, 4] accumulation type
+  const void* coef;   // stage 2: [total_rows]
+  const void* decay;  // stage 2: [count]
+  const void* lr;     // stage 2: [1]
+};
+
+// avg <- avg + w * (x - avg) (a lerp), avg and x of one dtype.
+struct LerpParams {
+  DType dtype;
+  TensorList avg, x;
+  double weight;
+};
+
+void sq_norm_cpu(const SqNormParams& p);
+void dog_update_cpu(const DogUpdateParams& p);
+void lion_cpu(const LionParams& p);
+void lerp_cpu(const LerpParams& p);
+void lamb_stage1_cpu(const LambParams& p);
+void lamb_stage2_cpu(const LambParams& p);
+void momentum_cpu(const MomentumParams& p);
+void adamp_stage1_cpu(const AdamPParams& p);
+void adamp_stage2_cpu(const AdamPParams& p);
+
+void sq_norm_cuda(const SqNormParams& p, CUstream_st* stream);
+void dog_update_cuda(const DogUpdateParams& p, CUstream_st* stream);
+void lion_cuda(const LionParams& p, CUstream_st* stream);
+void lerp_cuda(const LerpParams& p, CUstream_st* stream);
+void lamb_stage1_cuda(const LambParams& p, CUstream_st* stream);
+void lamb_stage2_cuda(const LambParams& p, CUstream_st* stream);
+void momentum_cuda(const MomentumParams& p, CUstream_st* stream);
+void adamp_stage1_cuda(const AdamPParams& p, CUstream_st* stream);
+void adamp_stage2_cuda(const AdamPParams& p, CUstream_st* stream);
+
+inline int64_t chunks_of(int64_t numel, int64_t chunk) { return (numel + chunk - 1) / chunk; }
+
+// Number of partial sums (one per CUDA chunk) the CUDA reductions over `list` need.
+inline int64_t workspace_floats(const TensorList& list) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < list.count; ++i) n += chunks_of(list.numel[i], kCudaChunk);
+  return n;
+}
+
+}  // namespace slab::optim

@@ -1,0 +1,76 @@
+"""Lion ("Symbolic Discovery of Optimization Algorithms", Chen et al. 2023), fused:
+
+    c = beta1 * m + (1 - beta1) * g
+    x = x * (1 - lr * weight_decay) - lr * sign(c)      (decoupled weight decay)
+    m = beta2 * m + (1 - beta2) * g
+
+One pass per (device, dtype) bucket: reads x, g, m, writes x, m.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import optim as _ops
+from ._base import FusedOptimizer, acc_dtype, buckets, check_number, local, on, params_with_grad
+
+__all__ = ["Lion"]
+
+
+class Lion(FusedOptimizer):
+    """Lion: sign of an interpolated momentum, decoupled weight decay.
+
+    Args:
+        params: parameters or parameter groups.
+        lr (float or Tensor, default 1e-4): the paper's default; it suggests a value 3-10x smaller
+            than AdamW's. A one-element tensor on the parameters' device may be given (capturable).
+        betas (tuple, default (0.9, 0.99)): beta1 interpolates the update direction, beta2 the
+            momentum (the paper's defaults).
+        weight_decay (float, default 0.0): decoupled, multiplied by lr (the paper suggests a value
+            3-10x larger than AdamW's when used).
+        maximize (bool, default False): ascend instead of descend.
+
+    State per parameter: ``exp_avg`` (float32 for float32/bf16/fp16 parameters). GradScaler is
+    supported as in :class:`slab.optim.DoG`.
+    """
+
+    def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False):
+        check_number("lr", lr, allow_tensor=True)
+        check_number("weight_decay", weight_decay)
+        if len(betas) != 2:
+            raise ValueError(f"betas must hold two values, got {betas}")
+        for i, b in enumerate(betas):
+            check_number(f"betas[{i}]", b)
+            if b >= 1:
+                raise ValueError(f"Invalid betas[{i}]: {b} (expected a value in [0, 1))")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = self._amp()
+        for group in self.param_groups:
+            ps = params_with_grad("Lion", group)
+            for p in ps:
+                if len(self.state[p]) == 0:
+                    self.state[p]["exp_avg"] = torch.zeros_like(
+                        p, dtype=acc_dtype(p.dtype), memory_format=torch.contiguous_format
+                    )
+            beta1, beta2 = group["betas"]
+            xs = [local(p) for p in ps]  # Lion is element-wise: shards need no communication
+            for idx in buckets(xs):
+                bp = [xs[i] for i in idx]
+                d, acc = bp[0].device, acc_dtype(bp[0].dtype)
+                sts = [self.state[ps[i]] for i in idx]
+                lr = group["lr"]
+                lr = lr.to(d, acc).reshape(1) if isinstance(lr, Tensor) else torch.full((1,), lr, dtype=acc, device=d)
+                _ops.lion_update_(
+                    bp, [local(ps[i].grad) for i in idx], [local(st["exp_avg"]) for st in sts], lr, beta1, beta2,
+                    group["weight_decay"], group["maximize"], on(grad_scale, d), on(found_inf, d),
+                )
+        return loss
