@@ -1,7 +1,8 @@
 """slab: hand-written C++/CUDA kernels for efficient transformers.
 
 Importing slab loads the op library, which registers ``torch.ops.slab.*``; the Python API is
-``slab.ops`` (functional ops with autograd), ``slab.nn`` (modules) and ``slab.deploy``.
+``slab.ops`` (functional ops with autograd), ``slab.nn`` (modules), ``slab.optim`` (fused
+optimizers), ``slab.sparse`` (activation-sparsity calibration) and ``slab.deploy``.
 """
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ def cuda_available() -> bool:
 
 from . import ops  # noqa: E402  (registers fake tensors and autograd for the ops)
 from . import nn  # noqa: E402
+from . import optim  # noqa: E402
+from . import sparse  # noqa: E402
 from .deploy import deploy  # noqa: E402
 
-__all__ = ["__version__", "cuda_available", "ops", "nn", "deploy"]
+__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "deploy"]
