@@ -123,8 +123,21 @@ class FusedOptimizer(Optimizer):
     # and the fused step unscales them and skips itself (on the device) when found_inf != 0.
     _step_supports_amp_scaling = True
 
-    def _amp(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+    def _begin_step(self, closure) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
+        """Runs the closure (with grad enabled) and returns (loss, grad_scale, found_inf)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _zero_states(self, params: list[Tensor], *names: str) -> None:
+        """Creates the zero-initialised states `names` (accumulation dtype) of new parameters."""
+        for p in params:
+            st = self.state[p]
+            for name in names:
+                if name not in st:
+                    st[name] = torch.zeros_like(p, dtype=acc_dtype(p.dtype), memory_format=torch.contiguous_format)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating states to the parameter dtype; ours stay in their saved dtype

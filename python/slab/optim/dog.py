@@ -115,11 +115,7 @@ class DoG(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
+        loss, grad_scale, found_inf = self._begin_step(closure)
         for group in self.param_groups:
             self._group_step(group, grad_scale, found_inf)
         return loss

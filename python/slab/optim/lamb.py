@@ -102,19 +102,10 @@ class LAMB(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
+        loss, grad_scale, found_inf = self._begin_step(closure)
         for group in self.param_groups:
             ps = params_with_grad("LAMB", group)
-            for p in ps:
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    acc = acc_dtype(p.dtype)
-                    st["exp_avg"] = torch.zeros_like(p, dtype=acc, memory_format=torch.contiguous_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=acc, memory_format=torch.contiguous_format)
+            self._zero_states(ps, "exp_avg", "exp_avg_sq")
             b1, b2 = group["betas"]
             args = (b1, b2, group["eps"], group["weight_decay"])
             groups = shard_groups(ps)

@@ -63,17 +63,10 @@ class LARS(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
+        loss, grad_scale, found_inf = self._begin_step(closure)
         for group in self.param_groups:
             ps = params_with_grad("LARS", group)
-            for p in ps:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=acc_dtype(p.dtype), memory_format=torch.contiguous_format)
+            self._zero_states(ps, "momentum_buffer")
             wd = group["weight_decay"]
             groups = shard_groups(ps)
             xs = [local(p) for p in ps]

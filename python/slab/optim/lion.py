@@ -49,18 +49,10 @@ class Lion(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
+        loss, grad_scale, found_inf = self._begin_step(closure)
         for group in self.param_groups:
             ps = params_with_grad("Lion", group)
-            for p in ps:
-                if len(self.state[p]) == 0:
-                    self.state[p]["exp_avg"] = torch.zeros_like(
-                        p, dtype=acc_dtype(p.dtype), memory_format=torch.contiguous_format
-                    )
+            self._zero_states(ps, "exp_avg")
             beta1, beta2 = group["betas"]
             xs = [local(p) for p in ps]  # Lion is element-wise: shards need no communication
             for idx in buckets(xs):
