@@ -22,6 +22,9 @@ Inference of a ViT-style block's norm + the Linear it feeds (x (B, N, C) -> Line
   deployed          slab.deploy(PRepBN -> Linear): the norm folded into the Linear's weights
 "norm cost" columns are (time - Linear alone) for LayerNorm and for the deployed block.
 
+All providers of a row are timed interleaved, call by call (slab._bench.time_fns), so a busy
+moment of a shared machine does not land on one provider only.
+
 Usage:
   python bench/bench_prepbn.py                       # the shapes, fp32 and bf16
   python bench/bench_prepbn.py --quick               # small shapes, quick
@@ -149,7 +152,8 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
         B.Column("vs_eager", "x eager", ".2f"), B.Column("vs_compile", "x compile", ".2f"),
         B.Column("vs_lib", f"x {lib}", ".2f"),
         B.Column("gbps", "GB/s", ".1f"), B.Column("frac_bw", "of copy BW", ".0%"),
-        B.Column("x_floor", "x floor", ".2f"), B.Column("check", "max|dy-eager|", ".1e"),
+        B.Column("x_floor", "x floor", ".2f"), B.Column("noise", "noise", ".0%"),
+        B.Column("check", "max|y-eager|", ".1e"),
     ]
     table = B.Table(cols, title=f"\nPRepBN training forward+backward (norm={args.norm}, lam={LAM}), "
                                 f"median ms on {device}",
@@ -157,16 +161,14 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
                         f"x eager / x compile / x {lib}: their time / slab.nn's. GB/s: 8 tensor passes "
                         "(fwd: x twice + y; bwd: x, dy twice + dx) / slab.nn time.",
                         f"of copy BW: that rate / measured copy bandwidth ({bw / 1e9:.1f} GB/s); x floor: "
-                        "slab.nn time / (5 passes at copy bandwidth). max|dy-eager|: forward output "
-                        "slab vs eager.",
+                        "slab.nn time / (5 passes at copy bandwidth). noise: (p80 - p20) / median of slab.nn's "
+                        "runs; max|y-eager|: forward output slab vs eager.",
                     ])
     rows = []
     for cfg in cfgs:
         t0 = time.perf_counter()
         providers, diff = train_providers(cfg, device, args.norm, not args.no_compile)
-        times = {}
-        for name, step in providers.items():
-            times[name] = B.time_fn(step, device, warmup=3, min_reps=args.min_reps, budget_s=args.budget)
+        times = B.time_fns(providers, device, warmup=3, min_reps=args.min_reps, budget_s=args.budget)
         t = times["slab.nn"].median_ms
         moved, floor = 8 * cfg.numel * cfg.elt, 5 * cfg.numel * cfg.elt
         row = {"section": "train", "norm": args.norm, "shape": cfg.label, "dtype": B.dtype_name(cfg.dtype),
@@ -175,7 +177,7 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
                "vs_compile": times["compile"].median_ms / t if "compile" in times else None,
                "vs_lib": times[lib].median_ms / t,
                "gbps": moved / (t * 1e-3) / 1e9, "frac_bw": moved / (t * 1e-3) / bw,
-               "x_floor": t / (floor / bw * 1e3), "check": diff,
+               "x_floor": t / (floor / bw * 1e3), "noise": times["slab.nn"].spread, "check": diff,
                "bytes_moved": moved, "bytes_floor": floor, "copy_gbps": bw / 1e9, "device": str(device),
                "reps": {k: v.n for k, v in times.items()}}
         row["reps"] = ",".join(f"{k}:{v}" for k, v in row["reps"].items())
@@ -234,8 +236,8 @@ def run_inference(args, device: torch.device, cfgs: Sequence[Config]) -> list[di
             providers = {"linear": lambda: lin(x), "ln_linear": lambda: ln_block(x),
                          "repbn_linear": lambda: block(x), "eager_linear": lambda: eager_block(x),
                          "deployed": lambda: deployed(x)}
-            times = {k: B.time_fn(f, device, warmup=2, min_reps=args.min_reps, budget_s=args.budget).median_ms
-                     for k, f in providers.items()}
+            timings = B.time_fns(providers, device, warmup=2, min_reps=args.min_reps, budget_s=args.budget)
+            times = {k: v.median_ms for k, v in timings.items()}
         row = {"section": "inference", "shape": cfg.label, "dtype": B.dtype_name(cfg.dtype),
                "linear_shape": f"{c}->{4 * c}", **times,
                "ln_cost": times["ln_linear"] / times["linear"] - 1,

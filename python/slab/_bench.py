@@ -6,6 +6,8 @@ slab op library; it only needs torch.
 * :func:`time_fn` -- median time of a callable: warm-up first, then many individually timed calls
   (``time.perf_counter`` on CPU; CUDA events on GPU, with the L2 cache flushed before each call so
   memory-bound kernels are measured from DRAM, as Triton's ``do_bench`` does).
+  :func:`time_fns` does the same for several providers, interleaved call by call, so a drift of a
+  shared machine affects them alike.
 * :func:`copy_bandwidth` -- the MEASURED bandwidth of a large device-to-device tensor copy
   (bytes read + bytes written per second): the machine's practical limit that the benchmarks
   compare against ("fraction of the floor"), instead of a datasheet number.
@@ -34,6 +36,7 @@ import torch
 __all__ = [
     "Timing",
     "time_fn",
+    "time_fns",
     "synchronize",
     "copy_bandwidth",
     "Column",
@@ -193,52 +196,75 @@ def time_fn(
     """Median time of ``fn()`` on ``device``.
 
     ``warmup`` untimed calls (autotuning, allocator, compilation caches) come first; the fastest
-    of them estimates the cost of a call, from which the number of timed calls is chosen so that they take
-    about ``budget_s`` seconds, clamped to ``[min_reps, max_reps]``. Every call is timed on its own
-    and the median reported (robust to the occasional preempted run).
+    of them estimates the cost of a call, from which the number of timed calls is chosen so that
+    they take about ``budget_s`` seconds, clamped to ``[min_reps, max_reps]``. Every call is timed
+    on its own and the median reported (robust to the occasional preempted run).
 
     CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call
     (device time, no host overhead between calls) and, unless ``flush_l2=False``, a 256 MB buffer
     zeroed before each call so the inputs are not served from L2.
     """
+    return time_fns({"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
+                    budget_s=budget_s, flush_l2=flush_l2)["fn"]
+
+
+def time_fns(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 3,
+    min_reps: int = 10,
+    max_reps: int = 200,
+    budget_s: float = 1.0,
+    flush_l2: Optional[bool] = None,
+) -> dict[str, Timing]:
+    """Median times of several providers, measured INTERLEAVED: after each provider's warm-up,
+    round after round times one call of every provider that still needs samples. A slow drift of
+    the machine (another process, clock or thermal changes) then affects all providers alike
+    instead of whichever ran during it. Each provider gets its own number of calls (about
+    ``budget_s`` seconds' worth, clamped to ``[min_reps, max_reps]``); otherwise as :func:`time_fn`.
+    """
     device = torch.device(device)
     warmup = max(1, warmup)
-    if device.type == "cuda":
-        flush = _l2_flush_buffer(device) if flush_l2 in (None, True) else None
+    cuda = device.type == "cuda"
+    flush = _l2_flush_buffer(device) if cuda and flush_l2 in (None, True) else None
+    clock = time.perf_counter
+    need: dict[str, int] = {}
+    for name, fn in fns.items():
         est = float("inf")
         for _ in range(warmup):  # the fastest warm-up call estimates the cost (the first is often slow)
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            synchronize(device)
+            t0 = clock()
             fn()
-            torch.cuda.synchronize(device)
-            est = min(est, time.perf_counter() - t0)
-        est = max(est, 1e-6)
-        n = int(min(max_reps, max(min_reps, budget_s / est)))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            if flush is not None:
-                flush.zero_()
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        return _summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+            synchronize(device)
+            est = min(est, clock() - t0)
+        need[name] = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-7))))
 
-    est = float("inf")
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        est = min(est, time.perf_counter() - t0)
-    est = max(est, 1e-7)
-    n = int(min(max_reps, max(min_reps, budget_s / est)))
-    samples = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t = clock()
-        fn()
-        samples.append((clock() - t) * 1e3)
-    return _summarize(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in fns}
+    for r in range(max(need.values())):
+        for name, fn in fns.items():
+            if r >= need[name]:
+                continue
+            if cuda:
+                if flush is not None:
+                    flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
+            else:
+                t = clock()
+                fn()
+                samples[name].append((clock() - t) * 1e3)
+        if cuda and r % 32 == 31:  # bound the queue of outstanding work
+            torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        samples = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
+    return {name: _summarize(v) for name, v in samples.items()}
 
 
 _BW_CACHE: dict[Any, float] = {}
@@ -248,7 +274,8 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = N
     """Measured copy bandwidth of ``device`` in bytes/s, counting bytes read + bytes written.
 
     Times ``dst.copy_(src)`` of a tensor far larger than the last-level cache (CPU: 256 MiB,
-    GPU: 1 GiB) and returns ``2 * nbytes / median_time``. This is the practical limit a
+    GPU: 1 GiB) and returns ``2 * nbytes / fastest_time`` (the limit is the best run; a median
+    would drop with every other process on a shared machine). This is the practical limit a
     memory-bound kernel can reach; the benchmarks report their times against it. Cached per device.
     """
     device = torch.device(device)
@@ -264,7 +291,7 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = N
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0,
                 flush_l2=False)
-    bw = 2 * n * 4 / (t.median_ms * 1e-3)
+    bw = 2 * n * 4 / (t.min_ms * 1e-3)  # the best run: the limit, least disturbed by other processes
     del src, dst
     _BW_CACHE[key] = bw
     return bw

@@ -61,6 +61,13 @@ class BenchContext:
         return _bench.time_fn(fn, self.device, warmup=3, min_reps=5 if self.quick else 10,
                               budget_s=self.budget_s).median_ms
 
+    def time_many(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+        """Median milliseconds of several providers, timed interleaved (:func:`slab._bench.time_fns`),
+        so a busy moment of a shared machine does not land on one provider only."""
+        timings = _bench.time_fns(fns, self.device, warmup=3, min_reps=5 if self.quick else 10,
+                                  budget_s=self.budget_s)
+        return {k: v.median_ms for k, v in timings.items()}
+
 
 @dataclasses.dataclass
 class Entry:
@@ -320,9 +327,10 @@ def _prepbn_bench(kind: str) -> Callable[[BenchContext], list[dict]]:
                 ours.to(ctx.device).train()
                 eager.load_state_dict(ours.state_dict())  # SLAB-compatible keys
                 eager.to(ctx.device).train()
-                times: dict[str, Optional[float]] = {}
-                times["slab"] = ctx.time(_train_step(ours, x, list(ours.parameters()), dy))
-                times["eager"] = ctx.time(_train_step(eager, x, list(eager.parameters()), dy))
+                fns: dict[str, Callable[[], Any]] = {
+                    "slab": _train_step(ours, x, list(ours.parameters()), dy),
+                    "eager": _train_step(eager, x, list(eager.parameters()), dy),
+                }
                 if ctx.compile:
                     comp = ref.SlabLinearNorm(c) if kind == "prep_bn" else ref.SlabRepBN(c)
                     comp.load_state_dict(eager.state_dict())
@@ -336,9 +344,10 @@ def _prepbn_bench(kind: str) -> Callable[[BenchContext], list[dict]]:
                         fn = torch.compile(mixed, fullgraph=True, dynamic=False)
                     else:
                         fn = torch.compile(comp, fullgraph=True, dynamic=False)
-                    times["compile"] = ctx.time(_train_step(fn, x, list(comp.parameters()), dy))
+                    fns["compile"] = _train_step(fn, x, list(comp.parameters()), dy)
                 ln = torch.nn.LayerNorm(c, eps=1e-6).to(ctx.device)
-                times["library"] = ctx.time(_train_step(ln, x, list(ln.parameters()), dy))
+                fns["library"] = _train_step(ln, x, list(ln.parameters()), dy)
+                times: dict[str, Optional[float]] = dict(ctx.time_many(fns))
                 moved, floor = _prepbn_bytes(shape, dtype)
                 rows.append(speed_row(ctx, op=kind, pass_="train fwd+bwd", shape=shape, dtype=dtype,
                                       times=times, bytes_moved=moved, bytes_floor=floor))
