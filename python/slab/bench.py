@@ -377,6 +377,122 @@ register(Entry(
 ))
 
 
+# ---- CATS: sparse gated-MLP decode ------------------------------------------------------------
+
+
+def _cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold):
+    s = torch.nn.functional.silu(x @ w_gate.T)
+    return (torch.where(s.abs() > threshold, s, torch.zeros_like(s)) * (x @ w_up.T)) @ w_down_t
+
+
+def _cats_mlp_inputs(device, dtype, tokens, d, f, sparsity):
+    gen = torch.Generator().manual_seed(tokens * 1000 + d)
+    x, wg, wu, wd = (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+                     for shape in ((tokens, d), (f, d), (f, d), (f, d)))
+    # The threshold lies midway between two activations, so float32 and float64 agree on every keep decision.
+    s = torch.nn.functional.silu(x @ wg.T).abs().flatten().sort().values
+    k = int(sparsity * s.numel())
+    threshold = float(s[k - 1] + s[k]) / 2 if k > 0 else 0.0
+    return [t.to(device, dtype) for t in (x, wg, wu, wd)], threshold
+
+
+def _cats_mlp_check(device: torch.device) -> list[CheckResult]:
+    import slab.ops
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens in (1, 4, 16):
+            args, t = _cats_mlp_inputs(device, dtype, tokens, 96, 257, 0.5)
+            ok, detail = compare(slab.ops.cats_mlp(*args, t), _cats_mlp_reference(*(a.double() for a in args), t), dtype)
+            results.append(CheckResult("cats_mlp", f"{tokens} tokens, 50% sparse", _bench.dtype_name(dtype), ok, detail))
+    return results
+
+
+def _cats_mlp_bench(ctx: BenchContext) -> list[dict]:
+    import slab.ops
+    rows = []
+    d, f = (1024, 2816) if ctx.quick else (4096, 11008)
+    for dtype in ctx.dtypes:
+        for sparsity in (0.5, 0.9):
+            args, t = _cats_mlp_inputs(ctx.device, dtype, 1, d, f, sparsity)
+            x, wg, wu, wd_t = args
+            wd = wd_t.T.contiguous()
+            times = ctx.time_many({
+                "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t),
+                "library": lambda: (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) @ wd.T,  # dense MLP
+            })
+            weight_bytes = 3 * f * d * torch.finfo(dtype).bits // 8
+            kept_bytes = weight_bytes * (1 + 2 * (1 - sparsity)) / 3  # gate dense, up/down kept rows only
+            rows.append(speed_row(ctx, op=f"cats_mlp s={sparsity}", pass_="decode M=1", shape=(1, d, f),
+                                  dtype=dtype, times=times, bytes_moved=kept_bytes, bytes_floor=kept_bytes))
+    return rows
+
+
+register(Entry("cats_mlp", "CATS sparse gated MLP for decoding (library column: the dense MLP)",
+               _cats_mlp_check, _cats_mlp_bench))
+
+
+# ---- fused optimizers: DoG ---------------------------------------------------------------------
+
+
+def _dog_reference(xs, grads, lr=1.0, reps_rel=1e-6, eps=1e-8):
+    """DoG in float64 over one group (formll/dog): returns the iterates after each gradient."""
+    x = [t.double().clone() for t in xs]
+    x0 = [t.clone() for t in x]
+    norm = lambda ts: sum(float((t * t).sum()) for t in ts) ** 0.5  # noqa: E731
+    rbar, g2 = reps_rel * (1 + norm(x0)), 0.0
+    for g in grads:
+        rbar = max(rbar, norm([a - b for a, b in zip(x, x0)]))
+        g2 += norm(g) ** 2
+        eta = lr * rbar / (g2 + eps) ** 0.5
+        x = [a - eta * b.double() for a, b in zip(x, g)]
+    return x
+
+
+def _dog_check(device: torch.device) -> list[CheckResult]:
+    import slab.optim
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((37, 5), (129,), (1,))
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen).to(device)) for s in shapes]
+    steps = [[torch.randn(*s, generator=gen).to(device) for s in shapes] for _ in range(6)]
+    ref = _dog_reference([p.detach() for p in params], steps)
+    opt = slab.optim.DoG(params)
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    ok, detail = compare(torch.cat([p.detach().flatten() for p in params]), torch.cat([r.flatten() for r in ref]),
+                         torch.float32)
+    return [CheckResult("dog", "6 steps, 3 tensors", "fp32", ok, detail)]
+
+
+def _dog_bench(ctx: BenchContext) -> list[dict]:
+    import slab.optim
+    rows = []
+    numel = 1_000_000 if ctx.quick else 10_000_000
+    sizes = [numel // 100] * 100
+    for dtype in ctx.dtypes:
+        if dtype == torch.float16:
+            continue
+        params = [torch.nn.Parameter(torch.randn(n, device=ctx.device, dtype=dtype)) for n in sizes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        dog = slab.optim.DoG(params)
+        adamw = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], fused=True)
+        for q, p in zip(adamw.param_groups[0]["params"], params):
+            q.grad = p.grad.clone()
+        times = ctx.time_many({"slab": dog.step, "library": adamw.step})  # library: AdamW(fused=True)
+        elem = torch.finfo(dtype).bits // 8
+        moved = numel * (4 * elem + 4)  # g read twice (norm pass, update pass), x, x0 (fp32) read, x written
+        floor = numel * (3 * elem + 4)  # each once
+        rows.append(speed_row(ctx, op="DoG step", pass_="100 tensors", shape=(numel,), dtype=dtype,
+                              times=times, bytes_moved=moved, bytes_floor=floor))
+    return rows
+
+
+register(Entry("dog", "DoG optimizer step, one fused multi-tensor pass (library column: AdamW(fused=True))",
+               _dog_check, _dog_bench))
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +590,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             title=f"\nSpeed on {device} (median ms; measured copy bandwidth {bw / 1e9:.1f} GB/s)",
             notes=[
                 "eager: SLAB's modules (slab.reference); compile: torch.compile(fullgraph) of the same; "
-                "library: nn.LayerNorm fwd+bwd.",
+                "library: nn.LayerNorm fwd+bwd for the norms, the dense MLP for cats_mlp, AdamW(fused=True) for DoG.",
                 "x eager / x compile: their time / slab's. GB/s: bytes slab's passes move (fwd 3, bwd 5 "
                 "tensor passes) / time; of copy BW: that rate / measured copy bandwidth.",
                 "x floor: slab's time / (one read of every input + one write of every output at copy "
