@@ -2,7 +2,6 @@
 // Fake tensors and autograd are registered in python/slab/ops/cats.py.
 #include <ATen/ATen.h>
 
-#include <cmath>
 #include <limits>
 
 #include "cats/cats.h"
@@ -13,13 +12,9 @@ namespace {
 
 using at::Tensor;
 
-void check_threshold(double threshold) {
-  TORCH_CHECK_VALUE(std::isfinite(threshold), "threshold must be a finite number, got ", threshold);
-}
-
 Tensor cats_op(const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
-  check_threshold(threshold);
+  check_finite(threshold, "threshold", /*non_negative=*/false);
   const Tensor xc = x.contiguous();
   Tensor y = at::empty_like(xc);
   if (xc.numel() == 0) return y;
@@ -30,7 +25,7 @@ Tensor cats_op(const Tensor& x, double threshold) {
 
 Tensor cats_bwd_op(const Tensor& dy, const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
-  check_threshold(threshold);
+  check_finite(threshold, "threshold", /*non_negative=*/false);
   check_same_device(dy, x, "grad");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "grad must have the shape ",
               x.sizes(), " and dtype ", x.scalar_type(), " of x, got ", dy.sizes(), " ", dy.scalar_type());
@@ -53,7 +48,7 @@ void check_weight(const Tensor& w, const Tensor& x, int64_t features, const char
 Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
                    double threshold) {
   const DType dtype = kernel_dtype(x, "x");
-  check_threshold(threshold);
+  check_finite(threshold, "threshold", /*non_negative=*/false);
   TORCH_CHECK(x.dim() == 2, "x must have shape (tokens, dim), got ", x.sizes());
   const int64_t M = x.size(0), D = x.size(1);
   TORCH_CHECK_VALUE(M >= 1 && M <= kMaxTokens, "x must hold 1 to ", kMaxTokens,

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -38,6 +39,17 @@ inline DType kernel_dtype(const at::Tensor& t, const char* name) {
 
 // Accumulation dtype of statistics and states for inputs of dtype `t`.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A scalar hyperparameter: finite, and >= 0 unless `non_negative` is false.
+inline void check_finite(double v, const char* name, bool non_negative = true) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && (!non_negative || v >= 0), name, " must be finite",
+                    non_negative ? " and >= 0" : "", ", got ", v);
+}
+
+// A fraction (momentum, interpolation weight): finite and in [0, 1].
+inline void check_unit_interval(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0 && v <= 1, name, " must be in [0, 1], got ", v);
+}
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but x is on ", ref.device(),

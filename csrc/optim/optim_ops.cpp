@@ -20,11 +20,6 @@ using TensorVec = std::vector<Tensor>;
 
 std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
-void check_finite(double v, const char* name, bool non_negative = true) {
-  TORCH_CHECK_VALUE(std::isfinite(v) && (!non_negative || v >= 0), name, " must be finite",
-                    non_negative ? " and >= 0" : "", ", got ", v);
-}
-
 // Host arrays behind a TensorList; keeps the (contiguous) tensors alive for the launch.
 struct ListView {
   TensorVec tensors;
@@ -167,14 +162,18 @@ void dog_update_op(at::TensorList params, at::TensorList grads, at::TensorList x
   x.write_back();
 }
 
+void check_beta(double beta, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0 && beta < 1, name, " must be in [0, 1), got ", beta);
+}
+
 void lion_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const Tensor& lr, double beta1,
              double beta2, double weight_decay, bool maximize, const OptTensor& grad_scale,
              const OptTensor& found_inf) {
   const DType dt = check_lead(params, "params");
   check_like(grads, params, params[0].scalar_type(), "grads", "params");
   check_like(exp_avgs, params, acc_dtype(params[0].scalar_type()), "exp_avgs", "params");
-  TORCH_CHECK_VALUE(std::isfinite(beta1) && beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(std::isfinite(beta2) && beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
+  check_beta(beta1, "beta1");
+  check_beta(beta2, "beta2");
   check_finite(weight_decay, "weight_decay");
   const Tensor lr_c = acc_vector(lr, params[0], 1, "lr");
   InPlace x(params), m(exp_avgs);
@@ -184,10 +183,6 @@ void lion_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
   launch(params[0], p, lion_cpu, SLAB_CUDA_FN(lion_cuda));
   x.write_back();
   m.write_back();
-}
-
-void check_beta(double beta, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0 && beta < 1, name, " must be in [0, 1), got ", beta);
 }
 
 LambParams lamb_params(at::TensorList params, const Tensor& bias_corr, double beta1, double beta2, double eps,
@@ -338,7 +333,7 @@ void adamp_stage2_op(at::TensorList params, at::TensorList grads, at::TensorList
 void lerp_op(at::TensorList avg, at::TensorList x, double weight) {
   const DType dt = check_lead(avg, "avg");
   check_like(x, avg, avg[0].scalar_type(), "x", "avg");
-  TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0 && weight <= 1, "weight must be in [0, 1], got ", weight);
+  check_unit_interval(weight, "weight");
   InPlace a(avg);
   const ListView xv = view_of(contiguous(x));
   LerpParams p{dt, a.view.list(), xv.list(), weight};

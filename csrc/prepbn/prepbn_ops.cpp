@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <cmath>
 #include <string_view>
 #include <tuple>
 
@@ -51,6 +50,11 @@ OptTensor check_mask(const OptTensor& mask, const Tensor& x) {
   TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1), "mask must have shape x.shape[:-1] = ",
               x.sizes().slice(0, x.dim() - 1), ", got ", mask->sizes());
   return mask->contiguous();
+}
+
+void check_norm_weight(Norm norm, const OptTensor& norm_weight, c10::string_view norm_name) {
+  TORCH_CHECK_VALUE(norm == Norm::kNone || norm_weight.has_value(), "norm_weight is required for norm=\"",
+                    norm_name, "\"");
 }
 
 const bool* mask_ptr(const OptTensor& mask) { return mask.has_value() ? mask->data_ptr<bool>() : nullptr; }
@@ -104,11 +108,10 @@ std::tuple<Tensor, Tensor, Tensor> apply_op(const Tensor& x, const OptTensor& no
                                             c10::string_view norm_name) {
   const auto [rows, channels] = check_x(x);
   const Norm norm = parse_norm(norm_name);
-  TORCH_CHECK_VALUE(norm == Norm::kNone || norm_weight.has_value(), "norm_weight is required for norm=\"",
-                    norm_name, "\"");
+  check_norm_weight(norm, norm_weight, norm_name);
   TORCH_CHECK_VALUE(norm != Norm::kRms || !norm_bias.has_value(), "norm_bias must be None for norm=\"rms\"");
-  TORCH_CHECK_VALUE(std::isfinite(lam) && std::isfinite(norm_eps), "lam and norm_eps must be finite, got ",
-                    lam, " and ", norm_eps);
+  check_finite(lam, "lam", /*non_negative=*/false);
+  check_finite(norm_eps, "norm_eps", /*non_negative=*/false);
   const auto nw = channel_vector(norm_weight, x, channels, "norm_weight");
   const auto nb = channel_vector(norm_bias, x, channels, "norm_bias");
   const Tensor bw = channel_vector(bn_weight, x, channels, "bn_weight");
@@ -158,8 +161,7 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
   const auto [rows, channels] = check_x(x);
   check_same_shape(dy, x, "dy");
   const Norm norm = parse_norm(norm_name);
-  TORCH_CHECK_VALUE(norm == Norm::kNone || norm_weight.has_value(), "norm_weight is required for norm=\"",
-                    norm_name, "\"");
+  check_norm_weight(norm, norm_weight, norm_name);
   const int64_t row_stats = norm == Norm::kNone ? 0 : rows;
   const auto nw = channel_vector(norm_weight, x, channels, "norm_weight");
   const Tensor bw = channel_vector(bn_weight, x, channels, "bn_weight");
@@ -202,7 +204,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fwd_op(
     const Tensor& bn_bias, const Tensor& alpha, const Tensor& running_mean, const Tensor& running_var, double lam,
     bool training, double eps, double norm_eps, c10::string_view norm, const OptTensor& mask) {
   const auto [rows, channels] = check_x(x);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  check_finite(eps, "eps");
   const Tensor rmean = channel_vector(running_mean, x, channels, "running_mean");
   const Tensor rvar = channel_vector(running_var, x, channels, "running_var");
   Tensor bn_mean, bn_var, bn_rstd;
@@ -237,8 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
 
 void update_running_stats_op(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
                              double momentum) {
-  TORCH_CHECK_VALUE(std::isfinite(momentum) && momentum >= 0 && momentum <= 1,
-                    "momentum must be in [0, 1], got ", momentum);
+  check_unit_interval(momentum, "momentum");
   TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == var.sizes(),
               "running_mean/running_var must match the batch statistics' shape ", mean.sizes());
   running_mean.lerp_(mean.to(running_mean.scalar_type()), momentum);
@@ -255,8 +256,7 @@ Tensor prep_bn_composite(const Tensor& x, const OptTensor& norm_weight, const Op
   static auto update = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("slab::bn_update_running_stats", "")
                            .typed<decltype(update_running_stats_op)>();
-  TORCH_CHECK_VALUE(std::isfinite(momentum) && momentum >= 0 && momentum <= 1,
-                    "momentum must be in [0, 1], got ", momentum);
+  check_unit_interval(momentum, "momentum");
   auto outs = fwd.call(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
                        training, eps, norm_eps, norm, mask);
   if (training) update.call(running_mean, running_var, std::get<3>(outs), std::get<5>(outs), momentum);
