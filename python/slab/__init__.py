@@ -36,6 +36,7 @@ from . import ops  # noqa: E402  (registers fake tensors and autograd for the op
 from . import nn  # noqa: E402
 from . import optim  # noqa: E402
 from . import sparse  # noqa: E402
+from . import quant  # noqa: E402
 from .deploy import deploy  # noqa: E402
 
-__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "deploy"]
+__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "quant", "deploy"]

@@ -2,5 +2,6 @@
 
 from .prepbn import ChannelAffine, PRepBN, RepBN, convert_sync
 from .cats import CATSMLP, TokenSparseBlock
+from .w4a8 import W4A8Linear
 
-__all__ = ["RepBN", "PRepBN", "ChannelAffine", "convert_sync", "CATSMLP", "TokenSparseBlock"]
+__all__ = ["RepBN", "PRepBN", "ChannelAffine", "convert_sync", "CATSMLP", "TokenSparseBlock", "W4A8Linear"]

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""W4A8 GEMM: slab.ops.w4a8_gemm / w4a8_linear against dense and dequantizing baselines.
+
+y (M, N) = x (M, K) W^T with W (N, K) quantized to int4 (group scales) and x to float8_e4m3fn
+(per-token scales). Providers (median times, interleaved call by call):
+  slab        slab.ops.w4a8_gemm on pre-quantized x (fp8 codes + row scales), bf16 output
+  linear      slab.ops.w4a8_linear on bf16 x (per-token quantization fused / on the fly)
+  bf16        torch matmul, bf16 x and bf16 dense weights
+  fp32        torch matmul, fp32 x and fp32 dense weights
+  deq         the reference: dequantize_w4 + dequantized x, then an fp32 matmul, every call
+  deq_comp    torch.compile of deq
+  scaled_mm   (GPU) torch._scaled_mm with fp8 weights (per-row scales), bf16 output
+Floor: the bytes the W4A8 job must move (packed weights N K / 2, fp32 scales, fp8 x, bf16 y)
+divided by the MEASURED copy bandwidth (bytes read + written per second of a large copy), and
+the fraction of it slab reaches. Every shape is verified against a float64 reference of the SPEC
+formula before it is timed.
+
+Accuracy (--accuracy): relative error ||y - y_ref|| / ||y_ref|| of W4A8Linear against the float
+nn.Linear it was made from, for normal and heavy-tailed (Student t, 3 degrees of freedom)
+weights and every group size, with normal activations; plus the weight-only (int4 weights, float
+activations) part of it.
+
+Usage:
+  python bench/bench_w4a8.py                    # M 1,4,16,64 x Llama-7B shapes, group 128
+  python bench/bench_w4a8.py --quick --threads 1
+  python bench/bench_w4a8.py --m 1 --shapes 4096x4096 --group 32,128 --no-compile
+  python bench/bench_w4a8.py --shapes 8192x8192,28672x8192 --m 1    # Llama-70B (large)
+  python bench/bench_w4a8.py --accuracy --no-speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+import slab
+import slab.nn
+import slab.ops
+from slab import _bench as B
+from slab import quant
+
+LLAMA7B = "4096x4096,11008x4096,4096x11008"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    m: int
+    nk: str
+    group: int
+
+
+def ref_gemm64(xq, xs, packed, scales, group):
+    """x_scale * sum_g w_scale * (fp8(x) . int4(w)) in float64 (small shapes only)."""
+    x = xq.double().cpu()
+    m, k = x.shape
+    g = k if group == -1 else group
+    w = quant.unpack_int4(packed.cpu()).double()
+    inner = torch.einsum("mgk,ngk->mng", x.reshape(m, k // g, g), w.reshape(w.shape[0], k // g, g))
+    return (inner * scales.double().cpu()).sum(-1) * xs.double().cpu().reshape(m, 1)
+
+
+def verify(cfg, xq, xs, weights, packed, scales):
+    rows = min(cfg.m, 4)
+    n_chk = min(packed.shape[0], 256)
+    got = slab.ops.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group,
+                             out_dtype=torch.float32).double().cpu()
+    ref = ref_gemm64(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group)
+    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    full = slab.ops.w4a8_gemm(xq, xs, weights, out_dtype=torch.float32)[:rows, :n_chk].double().cpu()
+    err = max(err, float((full - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    if not err < 1e-4:
+        sys.exit(f"{cfg}: slab disagrees with the float64 reference (max error / max |y| = {err:.3g})")
+
+
+def run_speed(args, device):
+    cols = ["m", "shape", B.Column("group", fmt="d"), B.Column("slab_ms", "slab ms", ".3f"),
+            B.Column("linear_ms", "linear ms", ".3f"), B.Column("bf16_ms", "bf16 ms", ".3f"),
+            B.Column("fp32_ms", "fp32 ms", ".3f"), B.Column("deq_ms", "deq ms", ".3f"),
+            B.Column("comp_ms", "deq compile", ".3f")]
+    if device.type == "cuda":
+        cols.append(B.Column("smm_ms", "scaled_mm ms", ".3f"))
+    cols += [B.Column("vs_bf16", "bf16/slab", ".2f"), B.Column("vs_fp32", "fp32/slab", ".2f"),
+             B.Column("floor_ms", "floor ms", ".3f"), B.Column("of_floor", "of floor", ".0%")]
+    table = B.Table(cols, title=f"w4a8_gemm on {B.device_description(device)}")
+    copy_bw = B.copy_bandwidth(device)
+    deq = lambda xq, xs, p, s, g: (xq.float() * xs.unsqueeze(1)) @ quant.dequantize_w4(p, s, g).t()
+    deq_comp = torch.compile(deq) if args.compile else None
+    tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
+    cache = {}
+    cfgs = B.grid(Config, nk=args.shapes.split(","), group=[int(g) for g in args.group.split(",")],
+                  m=[int(m) for m in args.m.split(",")])
+    for c in cfgs:
+        n, k = (int(v) for v in c.nk.split("x"))
+        key = (c.nk, c.group)
+        if key not in cache:
+            cache.clear()
+            gen = torch.Generator().manual_seed(0)
+            w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
+            packed, scales = quant.quantize_w4(w, c.group)
+            cache[key] = (w, w.bfloat16(), packed, scales, quant.prepack_w4(packed, scales, c.group, device))
+        w, wb, packed, scales, weights = cache[key]
+        x = torch.randn(c.m, k, device=device)
+        xb = x.bfloat16()
+        xq, xs = quant.quantize_fp8(x)
+        verify(c, xq, xs, weights, packed, scales)
+        # Call order matters on the CPU (no cache flush there): every slab provider runs right
+        # after one that streamed more than the L3, so the packed weights come from DRAM as they
+        # would in a model far larger than the cache.
+        fns = {"slab": lambda: slab.ops.w4a8_gemm(xq, xs, weights),
+               "bf16": lambda: xb @ wb.t(),
+               "linear": lambda: slab.ops.w4a8_linear(xb, weights),
+               "fp32": lambda: x @ w.t(),
+               "deq": lambda: deq(xq, xs, packed, scales, c.group)}
+        if deq_comp is not None:
+            fns["comp"] = lambda: deq_comp(xq, xs, packed, scales, c.group)
+        if device.type == "cuda":
+            w8, ws8 = quant.quantize_fp8(w)
+            w8t, ws8r = w8.t(), ws8.reshape(1, -1)
+            fns["smm"] = lambda: torch._scaled_mm(xq, w8t, scale_a=xs.reshape(-1, 1), scale_b=ws8r,
+                                                  out_dtype=torch.bfloat16)
+        times = {name: t.median_ms for name, t in B.time_fns(fns, device, **tm).items()}
+        g = k if c.group == -1 else c.group
+        nbytes = n * k / 2 + n * (k // g) * 4 + c.m * k + c.m * 4 + c.m * n * 2
+        floor_ms = nbytes / copy_bw * 1e3
+        row = dict(m=c.m, shape=f"{n}x{k}", group=c.group, slab_ms=times["slab"], linear_ms=times["linear"],
+                   bf16_ms=times["bf16"], fp32_ms=times["fp32"], deq_ms=times["deq"], comp_ms=times.get("comp"),
+                   smm_ms=times.get("smm"), vs_bf16=times["bf16"] / times["slab"],
+                   vs_fp32=times["fp32"] / times["slab"], floor_ms=floor_ms, of_floor=floor_ms / times["slab"])
+        table.add(row)
+        print(table.render().splitlines()[-1], flush=True)
+    print()
+    table.notes.append(f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s; floor = W4A8 bytes / that")
+    table.print()
+    return table
+
+
+def run_accuracy(args, device):
+    table = B.Table(["weights", B.Column("group", fmt="d"), B.Column("w4a8", "W4A8 rel err", ".4f"),
+                     B.Column("w4", "int4 weights only", ".4f"), B.Column("a8", "fp8 acts only", ".4f")],
+                    title="W4A8Linear vs the float nn.Linear (4096 -> 1024, 64 tokens): ||y - y_ref|| / ||y_ref||")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4096, generator=gen).to(device)
+    xq, xs = quant.quantize_fp8(x)
+    x_a8 = xq.float() * xs.unsqueeze(1)
+    for kind in ("normal", "student-t(3)"):
+        if kind == "normal":
+            w = torch.randn(1024, 4096, generator=gen)
+        else:
+            w = torch.distributions.StudentT(3.0).sample((1024, 4096))
+        lin = torch.nn.Linear(4096, 1024, bias=False).to(device)
+        with torch.no_grad():
+            lin.weight.copy_(w / 4096**0.5)
+        ref = lin(x).detach().double()
+        rel = lambda y: float((y.double() - ref).norm() / ref.norm())
+        a8 = rel(lin(x_a8).detach())
+        for group in (32, 64, 128, -1):
+            mod = slab.nn.W4A8Linear.from_linear(lin, group_size=group)
+            w4 = rel(x @ quant.dequantize_w4(mod.packed, mod.scales, group).t())
+            table.add(weights=kind, group=group, w4a8=rel(mod(x)), w4=w4, a8=a8)
+    table.print()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--m", default=None, help="comma list of M (default 1,4,16,64; GPU adds 256,4096)")
+    ap.add_argument("--shapes", default=LLAMA7B, help="comma list of NxK")
+    ap.add_argument("--group", default="128")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--accuracy", action="store_true", help="also print the accuracy report")
+    ap.add_argument("--no-speed", dest="speed", action="store_false")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = B.pick_device(args.device)
+    warn = B.busy_warning(device)
+    if warn:
+        print(warn, file=sys.stderr)
+    if args.m is None:
+        args.m = "1,4,16,64" + (",256,4096" if device.type == "cuda" else "")
+    args.warmup, args.reps, args.max_reps, args.budget = (2, 5, 20, 0.3) if args.quick else (3, 10, 100, 1.0)
+    if args.speed:
+        table = run_speed(args, device)
+        for path in (args.json, args.csv):
+            if path:
+                B.write_results(path, table.rows, {"device": B.device_description(device)})
+    if args.accuracy:
+        run_accuracy(args, device)
+
+
+if __name__ == "__main__":
+    main()

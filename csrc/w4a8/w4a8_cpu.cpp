@@ -1,0 +1,438 @@
+// W4A8 CPU kernels (row-major packed weights, Layout::kRowMajor).
+//   quantize_fp8: per row, the absmax, then the e4m3 encoder of w4a8_math.h; x is read from memory
+//     once (the second pass over a row hits L1).
+//   gemm, few rows (m <= 8): streams the packed weights from memory once, row after row (parallel
+//     over rows; rows of x in groups of up to 4, a second group re-reading the row from L1): 16 bytes = 32 int4 values are widened to fp32 in four AVX2 vectors (shift-based
+//     sign extension of the nibbles) and multiplied with the activations, which the prologue
+//     decoded once through a 256-entry e4m3 -> fp32 table into a per-32-block (even, odd) column
+//     order matching the nibble order; per-group fp32 sums are scaled by the group scale.
+//   gemm, more rows: per block of 16 weight rows, the int4 values are decoded once into an fp32
+//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 4 x 16 broadcast-FMA micro-kernel), again
+//     with one fp32 sum per group scaled by the group scale.
+// Both compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
+// (+ bias[n]) with fp32 accumulation; they differ only in the fp32 summation order.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SLAB_W4A8_AVX2 1
+#endif
+
+#include "core/cpu_types.h"
+#include "w4a8/w4a8.h"
+#include "w4a8/w4a8_math.h"
+
+namespace slab::w4a8 {
+namespace {
+
+// x rows up to which the streaming GEMV path is used: it re-decodes the weights once per 4 rows
+// of x, the blocked path decodes them once into a panel (a fixed cost worth ~8 GEMV rows here).
+constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kBlockRows = 16;   // weight rows per panel of the blocked path
+constexpr int64_t kTokenBlock = 4;   // x rows per micro-kernel call of the blocked path
+constexpr int64_t kVecCols = 32;     // columns per step of the GEMV path (16 packed bytes)
+
+// e4m3 -> fp32 for all 256 codes (NaN codes decode to NaN).
+const std::array<float, 256>& e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = e4m3_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  return table;
+}
+
+// Packed byte -> its two int4 values as floats (low nibble first).
+const std::array<std::array<float, 2>, 256>& int4_pair_table() {
+  static const std::array<std::array<float, 2>, 256> table = [] {
+    std::array<std::array<float, 2>, 256> t{};
+    for (int i = 0; i < 256; ++i) {
+      t[i][0] = static_cast<float>(int4_value(static_cast<uint8_t>(i), false));
+      t[i][1] = static_cast<float>(int4_value(static_cast<uint8_t>(i), true));
+    }
+    return t;
+  }();
+  return table;
+}
+
+// Position of column k of a row in the GEMV activation order: inside each full 32-column block,
+// the even columns of its first half, then its odd ones, then the same for the second half (the
+// order in which the nibbles of 16 packed bytes come out of the decoder); columns past the last
+// full block keep their place.
+inline int64_t gemv_position(int64_t k, int64_t full_cols) {
+  if (k >= full_cols) return k;
+  const int64_t base = k & ~int64_t(31), i = k & 31;
+  const int64_t half = i >> 4, j = i & 15;
+  return base + 16 * half + 8 * (j & 1) + (j >> 1);
+}
+
+template <typename T>
+float load_float(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// Quantizes one row: scale = absmax / 448 (1 for a zero row), codes = e4m3(x / scale).
+template <typename T>
+float quantize_row(const T* x, int64_t cols, uint8_t* q) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < cols; ++i) m = absmax_update(m, load_float(x, i));
+  const float scale = fp8_row_scale(m);
+  for (int64_t i = 0; i < cols; ++i) q[i] = float_to_e4m3(load_float(x, i) / scale);
+  return scale;
+}
+
+template <typename T>
+void quantize_fp8_impl(const QuantFp8Params& p) {
+  const T* x = static_cast<const T*>(p.x);
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r)
+                       p.scale[r] = quantize_row(x + r * p.cols, p.cols, p.q + r * p.q_stride);
+                   });
+}
+
+// ---- activation prologue -----------------------------------------------------------------------
+
+// The activations as fp32 (decoded e4m3 values), one row of k per x row, in GEMV order when
+// `gemv_order`; plus the per-row scale. For w4a8_linear the rows are quantized here first, with
+// the same functions as quantize_fp8, so linear == quantize_fp8 + gemm bit for bit.
+struct Activations {
+  std::vector<float> values;  // (m, k)
+  std::vector<float> scale;   // (m)
+};
+
+template <typename T>
+void quantize_rows_into(const GemmParams& p, std::vector<uint8_t>& codes, std::vector<float>& scale) {
+  const T* x = static_cast<const T*>(p.x);
+  at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) scale[r] = quantize_row(x + r * p.k, p.k, codes.data() + r * p.k);
+  });
+}
+
+Activations decode_activations(const GemmParams& p, bool gemv_order) {
+  Activations a;
+  a.values.resize(static_cast<size_t>(p.m * p.k));
+  a.scale.resize(static_cast<size_t>(p.m));
+  const uint8_t* codes = p.x_fp8;
+  int64_t stride = p.x_stride;
+  std::vector<uint8_t> own;
+  if (p.x != nullptr) {
+    own.resize(static_cast<size_t>(p.m * p.k));
+    SLAB_DTYPE_SWITCH(p.x_dtype, CpuScalar, T, [&] { quantize_rows_into<T>(p, own, a.scale); });
+    codes = own.data();
+    stride = p.k;
+  } else {
+    std::copy(p.x_scale, p.x_scale + p.m, a.scale.begin());
+  }
+  const auto& table = e4m3_table();
+  const int64_t full = p.k / kVecCols * kVecCols;
+  at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* out = a.values.data() + r * p.k;
+      const uint8_t* in = codes + r * stride;
+      for (int64_t k = 0; k < p.k; ++k) out[gemv_order ? gemv_position(k, full) : k] = table[in[k]];
+    }
+  });
+  return a;
+}
+
+// ---- output ------------------------------------------------------------------------------------
+
+template <typename O>
+void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, const Activations& a) {
+  float v = a.scale[row] * acc;
+  if (p.bias != nullptr) v += p.bias[col];
+  static_cast<O*>(p.y)[row * p.n + col] = static_cast<O>(v);
+}
+
+void store(const GemmParams& p, int64_t row, int64_t col, float acc, const Activations& a) {
+  switch (p.out_dtype) {
+    case DType::kFloat32: store_output<float>(p, row, col, acc, a); break;
+    case DType::kBFloat16: store_output<c10::BFloat16>(p, row, col, acc, a); break;
+    case DType::kFloat16: store_output<c10::Half>(p, row, col, acc, a); break;
+    case DType::kFloat64: store_output<double>(p, row, col, acc, a); break;
+  }
+}
+
+// ---- GEMV path ---------------------------------------------------------------------------------
+
+// Dot products of one packed weight row with MT activation rows (fp32, GEMV order, stride k):
+// out[t] = sum_g scale[g] * sum_{k in g} int4(w[k]) x[t][k].
+template <int MT>
+void row_dot(const uint8_t* w, const float* ws, const float* x, int64_t k, int64_t group, float* out) {
+  const int64_t groups = k / group;
+  const int64_t vec_per_group = group / kVecCols * kVecCols;
+  float tot_tail[MT] = {};
+#ifdef SLAB_W4A8_AVX2
+  // Four independent accumulator chains in all (FMA latency), split between the MT rows.
+  constexpr int C = MT >= 4 ? 1 : 4 / MT;
+  __m256 tot[MT];
+  for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+#else
+  float tot[MT] = {};
+#endif
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * group, kv = k0 + vec_per_group;
+#ifdef SLAB_W4A8_AVX2
+    __m256 acc[MT][C];
+    for (int t = 0; t < MT; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    for (int64_t kk = k0; kk < kv; kk += kVecCols) {
+      // Bytes sign-extended to int32 lanes (8 bytes per load): the high nibble is then one
+      // arithmetic shift away; the low one is shifted to the top and back.
+      const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kk / 2)));
+      const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kk / 2 + 8)));
+      const __m256 v[4] = {
+          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 28), 28)),
+          _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 4)),
+          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 28), 28)),
+          _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 4))};
+      for (int t = 0; t < MT; ++t) {
+        const float* xt = x + t * k + kk;
+        for (int j = 0; j < 4; ++j) acc[t][j % C] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xt + 8 * j), acc[t][j % C]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(ws[g]);
+    for (int t = 0; t < MT; ++t) {
+      __m256 sum = acc[t][0];
+      for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[t][c]);
+      tot[t] = _mm256_fmadd_ps(sum, s, tot[t]);
+    }
+#else
+    for (int t = 0; t < MT; ++t) {
+      float sum = 0.0f;
+      for (int64_t kk = k0; kk < kv; ++kk) sum += int4_value(w[kk / 2], kk & 1) * x[t * k + kk];
+      tot[t] += sum * ws[g];
+    }
+#endif
+    // Columns past the last full 32-block (only when one group spans a row whose length is not
+    // a multiple of 32): in natural order, scalar.
+    if (kv < k0 + group) {
+      for (int t = 0; t < MT; ++t) {
+        float sum = 0.0f;
+        for (int64_t kk = kv; kk < k0 + group; ++kk) sum += int4_value(w[kk / 2], kk & 1) * x[t * k + kk];
+        tot_tail[t] += sum * ws[g];
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+#ifdef SLAB_W4A8_AVX2
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, tot[t]);
+    float r = 0.0f;
+    for (float l : lanes) r += l;
+    out[t] = r + tot_tail[t];
+#else
+    out[t] = tot[t] + tot_tail[t];
+#endif
+  }
+}
+
+void gemv(const GemmParams& p) {
+  const Activations a = decode_activations(p, /*gemv_order=*/
+#ifdef SLAB_W4A8_AVX2
+                                           true
+#else
+                                           false
+#endif
+  );
+  const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
+  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+    float out[4];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w = p.w + n * row_bytes;
+      const float* ws = p.w_scales + n * groups;
+      for (int64_t m0 = 0; m0 < p.m;) {
+        const float* x = a.values.data() + m0 * p.k;
+        const int64_t left = p.m - m0;
+        const int mt = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
+        if (mt == 4) row_dot<4>(w, ws, x, p.k, p.group, out);
+        else if (mt == 2) row_dot<2>(w, ws, x, p.k, p.group, out);
+        else row_dot<1>(w, ws, x, p.k, p.group, out);
+        for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], a);
+        m0 += mt;
+      }
+    }
+  });
+}
+
+// ---- blocked path ------------------------------------------------------------------------------
+
+// Decodes weight rows [n0, n0 + 16) into panel[k][16] (rows past n are zero) and their scales
+// into scales[g][16].
+#ifdef SLAB_W4A8_AVX2
+// 8 consecutive int4 values (4 packed bytes, natural column order) of one row as 8 floats: the
+// 32-bit word broadcast to every lane, lane j shifted right by 4 j, its low nibble sign-extended.
+inline __m256 int4x8_natural(const uint8_t* w) {
+  uint32_t word;
+  std::memcpy(&word, w, sizeof(word));
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+}
+
+// In-register 8 x 8 transpose: r[i] holds row i; afterwards r[j] holds column j.
+inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+#endif
+
+// Decodes weight rows [n0, n0 + 16) into panel[k][16] (rows past n are zero) and their scales
+// into scales[g][16]. AVX2: 8 rows x 8 columns at a time, decoded along the rows and transposed
+// in registers; the columns past the last multiple of 8 through a byte -> float pair table.
+void decode_panel(const GemmParams& p, int64_t n0, float* panel, float* scales) {
+  const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
+  const int64_t rows = std::min(kBlockRows, p.n - n0);
+  int64_t k_done = 0;
+#ifdef SLAB_W4A8_AVX2
+  k_done = p.k / 8 * 8;
+  for (int64_t r0 = 0; r0 < kBlockRows; r0 += 8) {
+    for (int64_t k0 = 0; k0 < k_done; k0 += 8) {
+      __m256 v[8];
+      for (int64_t i = 0; i < 8; ++i)
+        v[i] = r0 + i < rows ? int4x8_natural(p.w + (n0 + r0 + i) * row_bytes + k0 / 2) : _mm256_setzero_ps();
+      transpose8(v);
+      for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k0 + j) * kBlockRows + r0, v[j]);
+    }
+  }
+#endif
+  const auto& pairs = int4_pair_table();
+  for (int64_t r = 0; r < kBlockRows; ++r) {
+    for (int64_t b = k_done / 2; b < row_bytes; ++b) {
+      const auto& v = r < rows ? pairs[p.w[(n0 + r) * row_bytes + b]] : pairs[0];  // rows past n: zeros
+      panel[(2 * b) * kBlockRows + r] = v[0];
+      panel[(2 * b + 1) * kBlockRows + r] = v[1];
+    }
+  }
+  for (int64_t r = 0; r < kBlockRows; ++r)
+    for (int64_t g = 0; g < groups; ++g) scales[g * kBlockRows + r] = r < rows ? p.w_scales[(n0 + r) * groups + g] : 0.0f;
+}
+
+// tot[t][16] += sum_g scales[g] * sum_{k in g} x[t][k] panel[k] for MB rows of x.
+template <int MB>
+void panel_micro(const float* panel, const float* scales, const float* x, int64_t k, int64_t group,
+                 float* tot) {
+  const int64_t groups = k / group;
+#ifdef SLAB_W4A8_AVX2
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc[MB][2];
+    for (int t = 0; t < MB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    const float* pk = panel + g * group * kBlockRows;
+    const float* xg = x + g * group;
+    for (int64_t kk = 0; kk < group; ++kk) {
+      const __m256 w0 = _mm256_loadu_ps(pk + kk * kBlockRows), w1 = _mm256_loadu_ps(pk + kk * kBlockRows + 8);
+      for (int t = 0; t < MB; ++t) {
+        const __m256 xb = _mm256_broadcast_ss(xg + t * k + kk);
+        acc[t][0] = _mm256_fmadd_ps(w0, xb, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(w1, xb, acc[t][1]);
+      }
+    }
+    const __m256 s0 = _mm256_loadu_ps(scales + g * kBlockRows), s1 = _mm256_loadu_ps(scales + g * kBlockRows + 8);
+    for (int t = 0; t < MB; ++t) {
+      float* tt = tot + t * kBlockRows;
+      _mm256_storeu_ps(tt, _mm256_fmadd_ps(acc[t][0], s0, _mm256_loadu_ps(tt)));
+      _mm256_storeu_ps(tt + 8, _mm256_fmadd_ps(acc[t][1], s1, _mm256_loadu_ps(tt + 8)));
+    }
+  }
+#else
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int t = 0; t < MB; ++t) {
+      for (int64_t r = 0; r < kBlockRows; ++r) {
+        float sum = 0.0f;
+        for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) sum += panel[kk * kBlockRows + r] * x[t * k + kk];
+        tot[t * kBlockRows + r] += sum * scales[g * kBlockRows + r];
+      }
+    }
+  }
+#endif
+}
+
+void blocked(const GemmParams& p) {
+  const Activations a = decode_activations(p, /*gemv_order=*/false);
+  const int64_t groups = p.k / p.group;
+  const int64_t blocks = (p.n + kBlockRows - 1) / kBlockRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(static_cast<size_t>(p.k * kBlockRows));
+    std::vector<float> scales(static_cast<size_t>(groups * kBlockRows));
+    float tot[kTokenBlock * kBlockRows];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kBlockRows, rows = std::min(kBlockRows, p.n - n0);
+      decode_panel(p, n0, panel.data(), scales.data());
+      for (int64_t m0 = 0; m0 < p.m; m0 += kTokenBlock) {
+        const int64_t mb = std::min(kTokenBlock, p.m - m0);
+        std::fill(tot, tot + kTokenBlock * kBlockRows, 0.0f);
+        const float* x = a.values.data() + m0 * p.k;
+        switch (mb) {
+          case 4: panel_micro<4>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
+          case 3: panel_micro<3>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
+          case 2: panel_micro<2>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
+          default: panel_micro<1>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
+        }
+        for (int64_t t = 0; t < mb; ++t)
+          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], a);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void quantize_fp8_cpu(const QuantFp8Params& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { quantize_fp8_impl<T>(p); });
+}
+
+void gemm_cpu(const GemmParams& p) {
+  if (p.m <= kGemvMaxRows) gemv(p);
+  else blocked(p);
+}
+
+void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {
+  at::parallel_for(0, words, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = int4x4_to_e4m3x4(in[i]);
+  });
+}
+
+void tile_weights_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst) {
+  const int64_t kt_count = round_up(k, kTileCols) / kTileCols;
+  const int64_t tiles = round_up(n, kTileRows) / kTileRows * kt_count;
+  at::parallel_for(0, tiles, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t row0 = tile / kt_count * kTileRows, col0 = tile % kt_count * kTileCols;
+      uint8_t* out = dst + tile * kTileBytes;
+      for (int lane = 0; lane < 32; ++lane) {
+        for (int byte = 0; byte < 16; ++byte) {
+          uint8_t v = 0;
+          for (int half = 0; half < 2; ++half) {
+            const TilePos pos = tile_position(lane, 2 * byte + half);
+            const int64_t r = row0 + pos.row, c = col0 + pos.col;
+            const int nib = (r < n && c < k) ? (src[r * (k / 2) + c / 2] >> (4 * (c & 1))) & 15 : 0;
+            v |= static_cast<uint8_t>(nib << (4 * half));
+          }
+          out[lane * 16 + byte] = v;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace slab::w4a8

@@ -1,0 +1,143 @@
+// W4A8 arithmetic shared by the CPU and CUDA kernels: the int4 and float8_e4m3fn codecs and the
+// CUDA weight-tile layout. Everything here is exact bit manipulation (no rounding except the one
+// documented RNE step of the e4m3 encoder), so CPU tests check the same codecs the GPU runs.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "core/common.h"
+
+namespace slab::w4a8 {
+
+// ---- bit casts ----------------------------------------------------------------------------------
+
+SLAB_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+SLAB_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// ---- int4 ---------------------------------------------------------------------------------------
+
+// The signed value of the two's-complement nibble `hi ? byte >> 4 : byte & 15`, in [-8, 7].
+SLAB_HD int int4_value(uint8_t byte, bool hi) {
+  const int u = hi ? (byte >> 4) : (byte & 15);
+  return u - ((u & 8) << 1);
+}
+
+// int4 -> e4m3 bit tables, one byte per value, packed for byte_perm: kPos* hold e4m3(0..7),
+// kNeg* hold e4m3(-8..-1) (indexed by the nibble's low three bits). Every int4 value is exactly
+// representable in e4m3 (|v| <= 8 needs at most 3 mantissa bits), so the conversion never rounds.
+constexpr uint32_t kE4m3Pos0 = 0x44403800u;  // 3, 2, 1, 0   (bytes high to low)
+constexpr uint32_t kE4m3Pos1 = 0x4E4C4A48u;  // 7, 6, 5, 4
+constexpr uint32_t kE4m3Neg0 = 0xCACCCED0u;  // -5, -6, -7, -8
+constexpr uint32_t kE4m3Neg1 = 0xB8C0C4C8u;  // -1, -2, -3, -4
+
+// CUDA __byte_perm(x, y, s) in its default mode: byte i of the result is byte (s >> 4i) & 7 of
+// the 8-byte value y:x. Selector nibbles here never have bit 3 set (no sign-replication mode).
+SLAB_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+#endif
+}
+
+// Four int4 nibbles (bits 0-15 of `nib`, nibble i = element i) -> four e4m3 bytes (byte i =
+// element i): two table lookups (non-negative / negative half of the range, by the low three
+// bits) and one byte select on each nibble's sign bit. Three byte permutes, no branches.
+SLAB_HD uint32_t int4x4_to_e4m3x4(uint32_t nib) {
+  const uint32_t idx = nib & 0x7777u;
+  const uint32_t pos = byte_perm(kE4m3Pos0, kE4m3Pos1, idx);
+  const uint32_t neg = byte_perm(kE4m3Neg0, kE4m3Neg1, idx);
+  // nibble i of the selector: i (from pos) or i + 4 (from neg) when nibble i is negative.
+  return byte_perm(pos, neg, 0x3210u | ((nib & 0x8888u) >> 1));
+}
+
+// ---- float8_e4m3fn ------------------------------------------------------------------------------
+// 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities; S.1111.111 is NaN; largest finite
+// 448 (0x7E); subnormals m * 2^-9.
+
+constexpr float kE4m3Max = 448.0f;
+
+SLAB_HD float e4m3_to_float(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80) << 24;
+  const uint32_t mag = b & 0x7F;
+  if (mag == 0x7F) return bits_float(sign | 0x7FC00000u);  // NaN
+  if (mag < 8) {  // subnormal (or zero): m * 2^-9, exact in float
+    return bits_float(sign | float_bits(static_cast<float>(mag) * 0.001953125f));
+  }
+  // normal: exponent e4 - 7 + 127 = e4 + 120, mantissa bits shifted to the top of the fp32 field
+  return bits_float(sign | ((mag + (120u << 3)) << 20));
+}
+
+// fp32 -> e4m3 with round-to-nearest-even, the way torch's `.to(torch.float8_e4m3fn)` does it:
+// NaN -> NaN (0x7F with the sign), |f| at or beyond the rounding boundary of 448 (and +-inf)
+// saturate to +-448, values below the normal range round to the nearest subnormal.
+SLAB_HD uint8_t float_to_e4m3(float f) {
+  const uint32_t u = float_bits(f);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return sign | 0x7F;
+  if (a >= 0x43E80000u) return sign | 0x7E;  // >= 464 rounds to 448 (ties to even) or above: saturate
+  if (a < 0x3C800000u) {                     // below 2^-6: subnormal grid of 2^-9
+    // |f| * 2^9 is exact; adding then subtracting 2^23 rounds it to an integer, ties to even, in
+    // fp32 arithmetic (default rounding mode) on both host and device.
+    const float scaled = bits_float(a) * 512.0f;
+    const float rounded = (scaled + 8388608.0f) - 8388608.0f;
+    return sign | static_cast<uint8_t>(rounded);
+  }
+  // normal: keep 3 mantissa bits, ties to even (a carry may move into the exponent, which is the
+  // correctly rounded result); then rebias the exponent from 127 to 7.
+  const uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
+  return sign | static_cast<uint8_t>((r >> 20) - (120u << 3));
+}
+
+// Per-row activation scale: absmax / 448, or 1 for an all-zero row (so q = 0 and dequantizing
+// gives back the zeros). NaN absmax stays NaN (the whole row becomes NaN).
+SLAB_HD float fp8_row_scale(float absmax) { return absmax == 0.0f ? 1.0f : absmax / kE4m3Max; }
+
+// Running absmax that keeps a NaN once seen.
+SLAB_HD float absmax_update(float m, float v) {
+  const float a = v < 0 ? -v : v;
+  return (a > m || a != a) ? a : m;
+}
+
+// ---- the CUDA weight tile (Layout::kTiled) ------------------------------------------------------
+// Tile = 16 rows x 64 columns, 512 bytes; lane l of a warp owns bytes [16 l, 16 l + 16). With
+// g = l / 4, t = l % 4, nibble q (0..31) of the lane's 16 bytes (byte q / 2, low nibble first)
+// is element (row, col) of the tile with
+//   word w = q / 8, half h = (q / 4) % 2, j = q % 4, step s = w / 2, part p = w % 2
+//   row = g + 8 h,  col = 32 s + 16 p + 4 t + j
+// i.e. 16-bit half h of word (s, p) is the m16n8k32 A-fragment register a(2p + h) of k32-step s:
+// four consecutive columns of one row, the order the mma wants them (a0: row g, cols 4t..4t+3;
+// a1: row g + 8; a2/a3: cols + 16). For sm_80's f16 m16n8k16 the same word feeds two mmas
+// (columns 4t, 4t+1 and 4t+2, 4t+3 as the lane's k pairs), with x loaded at the same columns.
+struct TilePos {
+  int row, col;
+};
+
+SLAB_HD TilePos tile_position(int lane, int q) {
+  const int g = lane >> 2, t = lane & 3;
+  const int w = q >> 3, h = (q >> 2) & 1, j = q & 3;
+  return {g + 8 * h, 32 * (w >> 1) + 16 * (w & 1) + 4 * t + j};
+}
+
+}  // namespace slab::w4a8

@@ -1,0 +1,576 @@
+"""W4A8 family (SPEC section 4): slab.quant (quantize_w4 / dequantize_w4 / prepack_w4 /
+quantize_fp8 / convert), slab.ops.w4a8_gemm / w4a8_linear against a float64 reference of the SPEC
+formula, slab.nn.W4A8Linear, opcheck, torch.compile and the errors on bad input."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import slab
+import slab.nn
+import slab.ops
+from slab import quant
+
+from conftest import DEVICES, FLOAT_DTYPES, assert_close
+
+OPS = torch.ops.slab
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+GROUPS = [32, 64, 128, -1]
+
+
+def _id(v):
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, tuple):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+# ---- float64 references ------------------------------------------------------------------------
+
+
+def int4_of(packed: torch.Tensor) -> torch.Tensor:
+    """int4 values (int64, (N, K)) of row-major packed codes, decoded bit by bit (independent of
+    the library's unpack)."""
+    p = packed.cpu().to(torch.int64)
+    lo, hi = p % 16, p // 16
+    lo = torch.where(lo >= 8, lo - 16, lo)
+    hi = torch.where(hi >= 8, hi - 16, hi)
+    return torch.stack([lo, hi], -1).reshape(p.shape[0], -1)
+
+
+def ref_gemm(x_fp8, x_scale, packed, scales, group_size, bias=None):
+    """y = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] * int4(w)[n, k] (+ bias), float64."""
+    x = x_fp8.cpu().double()
+    m, k = x.shape
+    g = k if group_size == -1 else group_size
+    w = int4_of(packed).double()
+    n = w.shape[0]
+    inner = torch.einsum("mgk,ngk->mng", x.reshape(m, k // g, g), w.reshape(n, k // g, g))  # exact sums
+    y = (inner * scales.cpu().double().unsqueeze(0)).sum(-1) * x_scale.cpu().double().reshape(m, 1)
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y
+
+
+def ref_quantize_fp8(x):
+    """The SPEC activation quantization with torch's own float8 cast."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448)
+    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def make_weights(n, k, group_size, device, dtype=torch.float32):
+    w = torch.randn(n, k, dtype=torch.float64).to(dtype).to(device)
+    packed, scales = quant.quantize_w4(w, group_size)
+    return w, packed, scales
+
+
+# ---- quantize_w4 / dequantize_w4 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_quantize_w4_round_trip(device, dtype, group_size):
+    n, k = 7, 256
+    w = (torch.randn(n, k) * torch.logspace(-3, 3, n).unsqueeze(1)).to(dtype).to(device)
+    w[2, :128] = 0  # all-zero groups (part of a row)
+    packed, scales = quant.quantize_w4(w, group_size)
+    g = k if group_size == -1 else group_size
+    assert packed.dtype == torch.uint8 and packed.shape == (n, k // 2) and packed.device == w.device
+    assert scales.dtype == torch.float32 and scales.shape == (n, k // g)
+    wf = w.float().cpu().reshape(n, k // g, g)
+    amax = wf.abs().amax(-1)
+    expect_scale = torch.where(amax == 0, torch.ones_like(amax), amax / 7)
+    assert torch.equal(scales.cpu(), expect_scale)
+    q = int4_of(packed).reshape(n, k // g, g)
+    expect_q = torch.clamp(torch.round(wf / expect_scale.unsqueeze(-1)), -8, 7).to(torch.int64)
+    assert torch.equal(q, expect_q)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    deq = quant.dequantize_w4(packed, scales, group_size)
+    assert deq.dtype == torch.float32 and deq.shape == (n, k)
+    assert torch.equal(deq.cpu(), (q.float() * scales.cpu().unsqueeze(-1)).reshape(n, k))  # exact inverse map
+    err = (wf - deq.cpu().reshape(n, k // g, g)).abs()
+    assert bool((err <= expect_scale.unsqueeze(-1) / 2 * (1 + 1e-6)).all()), float((err / expect_scale.unsqueeze(-1)).max())
+    # the zero group quantizes to zeros with scale 1 (group_size -1 has no all-zero row here)
+    if group_size != -1:
+        assert torch.all(deq[2, :128] == 0) and float(scales[2, 0]) == 1.0
+
+
+def test_quantize_w4_bit_layout():
+    """Low nibble = even column, two's complement; hand-checked bytes, including negatives."""
+    # one group of 32 with absmax 7 -> scale 1, so q = round(w)
+    row = torch.zeros(32)
+    row[:8] = torch.tensor([1.0, -1.0, 7.0, -7.0, 3.0, 0.0, -2.0, 5.0])
+    row[8], row[9] = -6.5, 2.5  # round half to even: -6, 2
+    packed, scales = quant.quantize_w4(row.unsqueeze(0), 32)
+    assert float(scales[0, 0]) == 1.0
+    b = packed[0].tolist()
+    assert b[0] == 0xF1  # col0 = 1 -> 0x1 (low), col1 = -1 -> 0xF (high)
+    assert b[1] == 0x97  # col2 = 7 -> 0x7, col3 = -7 -> 0x9
+    assert b[2] == 0x03  # 3, 0
+    assert b[3] == 0x5E  # -2 -> 0xE, 5 -> 0x5
+    assert b[4] == 0x2A  # -6 -> 0xA, 2 -> 0x2
+    # scale = absmax / 7 keeps every code in [-7, 7] (-8 never comes out of quantize_w4; the
+    # kernels still decode it, see random_codes)
+    row2 = torch.zeros(32)
+    row2[0], row2[1] = -7.5, 7.0  # absmax 7.5 -> scale 7.5/7; -7.5/scale = -7 exactly
+    p2, s2 = quant.quantize_w4(row2.unsqueeze(0), 32)
+    assert p2[0, 0].item() == 0x79  # -7 -> 0x9 low, 7 * 7/7.5 = 6.53 -> 7 high
+    assert torch.equal(quant.unpack_int4(torch.tensor([[0x80, 0x08, 0xFF]], dtype=torch.uint8)),
+                       torch.tensor([[0, -8, -8, 0, -1, -1]], dtype=torch.int8))
+
+
+def test_quantize_w4_errors():
+    w = torch.randn(4, 96)
+    with pytest.raises(ValueError, match="group_size"):
+        quant.quantize_w4(w, 64)  # 96 % 64
+    with pytest.raises(ValueError, match="group_size"):
+        quant.quantize_w4(w, 48)
+    with pytest.raises(ValueError, match="even.*group_size"):
+        quant.quantize_w4(torch.randn(4, 33), -1)
+    with pytest.raises(ValueError, match="2-D"):
+        quant.quantize_w4(torch.randn(96), 32)
+    with pytest.raises(ValueError, match="float32"):
+        quant.quantize_w4(w.to(torch.int32), 32)
+    with pytest.raises(ValueError, match="finite"):
+        quant.quantize_w4(torch.full((2, 32), float("nan")), 32)
+    p, s = quant.quantize_w4(w, 32)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        quant.dequantize_w4(p, s[:, :2], 32)
+    with pytest.raises(ValueError, match="uint8"):
+        quant.dequantize_w4(p.to(torch.int8), s, 32)
+
+
+# ---- quantize_fp8 --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (2, 3, 200), (64,)], ids=_id)
+def test_quantize_fp8_bit_exact(device, dtype, shape):
+    x = (torch.randn(shape) * torch.logspace(-6, 6, shape[-1])).to(dtype).to(device)
+    if x.dim() > 1:
+        x.view(-1, shape[-1])[0] = 0  # a zero row
+    q, s = quant.quantize_fp8(x)
+    rq, rs = ref_quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.shape == x.shape[:-1]
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    if x.dim() > 1:
+        assert float(s.reshape(-1)[0]) == 1.0 and torch.all(q.view(-1, shape[-1])[0].float() == 0)
+
+
+def test_quantize_fp8_encoder_exhaustive():
+    """The e4m3 encoder on ~4M random fp32 bit patterns in the representable range, plus every
+    rounding boundary: a row with absmax exactly 448 has scale 1, so codes = e4m3(x)."""
+    bits = torch.randint(-(2**31), 2**31, (1 << 22,), dtype=torch.int64).to(torch.int32)
+    v = bits.view(torch.float32)
+    v = v[torch.isfinite(v)].clamp(-448, 448)
+    e4 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    e4 = e4[torch.isfinite(e4)].unique()
+    mids = (e4[1:] + e4[:-1]) / 2  # exact ties: round half to even
+    near = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    row = torch.cat([v, near.clamp(-448, 448), torch.tensor([448.0, 2.0**-9, 2.0**-10, 3 * 2.0**-11, -0.0])])
+    q, s = quant.quantize_fp8(row.unsqueeze(0))
+    assert float(s[0]) == 1.0
+    assert torch.equal(q.view(torch.uint8), row.unsqueeze(0).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_fp8_special_values(device):
+    x = torch.tensor([[1e30, -3e29, 1.0, 0.0], [float("inf"), 1.0, -2.0, 0.0], [1e-30, -2e-38, 5e-39, 0.0],
+                      [0.0, -0.0, 0.0, 0.0]], device=device)
+    q, s = quant.quantize_fp8(x)
+    rq, rs = ref_quantize_fp8(x)
+    assert torch.equal(s, rs)
+    # row 1 has scale inf: inf / inf = NaN, finite / inf = 0 (as torch computes it)
+    assert torch.equal(q.view(torch.uint8)[[0, 2, 3]], rq.view(torch.uint8)[[0, 2, 3]])
+    assert torch.isnan(q[1, 0].float()) and torch.isnan(rq[1, 0].float())
+    nan_row = torch.tensor([[1.0, float("nan"), 2.0]], device=device)
+    qn, sn = quant.quantize_fp8(nan_row)
+    assert torch.isnan(sn).all() and torch.isnan(qn.float()).all()  # NaN never passes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_fp8_noncontiguous(device):
+    base = torch.randn(12, 40, device=device)
+    x = base[::2, ::3]
+    before = base.clone()
+    q, s = quant.quantize_fp8(x)
+    rq, rs = ref_quantize_fp8(x)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    assert torch.equal(base, before)
+    xt = torch.randn(33, 8, device=device).t()  # transposed
+    assert torch.equal(quant.quantize_fp8(xt)[0].view(torch.uint8), ref_quantize_fp8(xt)[0].view(torch.uint8))
+
+
+def test_quantize_fp8_errors():
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        quant.quantize_fp8(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        quant.quantize_fp8(torch.tensor(1.0))
+    q, s = quant.quantize_fp8(torch.empty(0, 5))
+    assert q.shape == (0, 5) and s.shape == (0,)
+
+
+# ---- w4a8_gemm ------------------------------------------------------------------------------------
+
+
+def random_codes(n, k, group_size, device):
+    """Arbitrary packed bytes (every nibble value, -8 included) and positive scales."""
+    g = k if group_size == -1 else group_size
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+    scales = torch.rand(n, k // g, device=device) + 0.05
+    return packed, scales
+
+
+def _gemm_case(device, m, n, k, group_size, out_dtype, form):
+    packed, scales = random_codes(n, k, group_size, device)
+    x = torch.randn(m, k, device=device) * 3
+    xq, xs = quant.quantize_fp8(x)
+    if form == "packed":
+        y = slab.ops.w4a8_gemm(xq, xs, quant.prepack_w4(packed, scales, group_size), out_dtype=out_dtype)
+    else:
+        y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n) and y.device == x.device
+    assert_close(y, ref_gemm(xq, xs, packed, scales, group_size), name=f"y m={m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=_id)
+def test_gemm_matches_reference(device, m, group_size, out_dtype):
+    form = "packed" if (m + group_size) % 2 else "spec"
+    _gemm_case(device, m, 37, 256, group_size, out_dtype, form)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,group_size", [(1, 1, 32, 32), (3, 5, 96, 32), (2, 130, 192, 64), (9, 17, 384, 128),
+                                              (5, 3, 70, -1), (17, 33, 2, -1), (4096, 3, 64, 32), (8, 4101, 64, 64)],
+                         ids=_id)
+def test_gemm_odd_shapes(device, m, n, k, group_size):
+    _gemm_case(device, m, n, k, group_size, torch.float32, "spec")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_call_forms_agree_and_leading_dims(device):
+    _, packed, scales = make_weights(24, 128, 64, device)
+    x = torch.randn(2, 3, 128, device=device)
+    xq, xs = quant.quantize_fp8(x)
+    pw = quant.prepack_w4(packed, scales, 64, device)
+    y1 = slab.ops.w4a8_gemm(xq, xs, pw, out_dtype=torch.float32)
+    y2 = slab.ops.w4a8_gemm(xq, xs, packed, scales, 64, out_dtype=torch.float32)
+    assert torch.equal(slab.ops.w4a8_gemm(xq, xs, pw, torch.float32), y1)  # out_dtype positional
+    assert torch.equal(slab.ops.w4a8_gemm(xq, xs, packed, scales, 64, torch.float32), y1)
+    y3 = slab.ops.w4a8_gemm(xq, xs.unsqueeze(-1), packed, w_scales=scales, group_size=64, out_dtype=torch.float32)
+    assert y1.shape == (2, 3, 24)
+    assert torch.equal(y1, y2) and torch.equal(y1, y3)
+    assert slab.ops.w4a8_gemm(xq, xs, pw).dtype == torch.bfloat16  # the default out_dtype
+    assert_close(y1.reshape(6, 24), ref_gemm(xq.reshape(6, 128), xs.reshape(6), packed, scales, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_large_values_and_noncontiguous(device):
+    _, packed, scales = make_weights(16, 128, 32, device)
+    scales = scales * 1e20  # large weight scales: fp32 sums up to ~1e24
+    x = torch.randn(40, 256, device=device)[::5, ::2] * 1e10  # strided
+    xq, xs = quant.quantize_fp8(x)
+    xq_nc = xq.t().contiguous().t()  # a non-contiguous fp8 operand
+    assert not xq_nc.is_contiguous()
+    y = slab.ops.w4a8_gemm(xq_nc, xs, packed, scales, 32, out_dtype=torch.float32)
+    assert torch.isfinite(y).all()
+    assert_close(y, ref_gemm(xq, xs, packed, scales, 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_nan_propagates(device):
+    _, packed, scales = make_weights(8, 64, 32, device)
+    x = torch.randn(3, 64, device=device)
+    x[1, 5] = float("nan")
+    xq, xs = quant.quantize_fp8(x)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, 32, out_dtype=torch.float32)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+# ---- w4a8_linear ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
+@pytest.mark.parametrize("m", [1, 5, 16, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference(device, dtype, m, bias):
+    group_size = 64 if m % 2 else 128
+    _, packed, scales = make_weights(29, 256, group_size, device)
+    x = (torch.randn(m, 256) * 2).to(dtype).to(device)
+    b = torch.randn(29, device=device).to(dtype) if bias else None
+    y = slab.ops.w4a8_linear(x, packed, scales, group_size, bias=b)
+    assert y.dtype == dtype and y.shape == (m, 29)
+    xq, xs = quant.quantize_fp8(x)
+    assert_close(y, ref_gemm(xq, xs, packed, scales, group_size, b), name="y")
+    # the fused quantization is quantize_fp8 bit for bit: same result as the two-step path
+    y2 = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=torch.float32)
+    if b is not None:
+        y2 = y2 + b.float()
+    assert_close(y, y2.to(dtype), dtype, rtol=1e-6 if dtype == torch.float32 else None,
+                 atol=1e-6 if dtype == torch.float32 else None, name="linear vs quantize + gemm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_packed_form_and_leading_dims(device):
+    _, packed, scales = make_weights(20, 96, 32, device)
+    pw = quant.prepack_w4(packed, scales, 32, device)
+    x = torch.randn(2, 3, 96, device=device)
+    b = torch.randn(20, device=device)
+    y = slab.ops.w4a8_linear(x, pw, bias=b)
+    assert y.shape == (2, 3, 20)
+    assert torch.equal(y, slab.ops.w4a8_linear(x, packed, scales, 32, bias=b))
+    assert torch.equal(y, slab.ops.w4a8_linear(x, pw, b))  # bias positional
+    assert torch.equal(y, slab.ops.w4a8_linear(x, packed, scales, 32, b))
+    assert torch.equal(y, slab.ops.w4a8_linear(x, packed, w_scales=scales, group_size=32, bias=b))
+    xq, xs = quant.quantize_fp8(x.reshape(6, 96))
+    assert_close(y.reshape(6, 20), ref_gemm(xq, xs, packed, scales, 32, b))
+
+
+def test_inference_only():
+    _, packed, scales = make_weights(8, 64, 32, "cpu")
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.no_grad():
+        assert not slab.ops.w4a8_linear(x, packed, scales, 32).requires_grad
+    y = slab.ops.w4a8_linear(x, packed, scales, 32)
+    with pytest.raises(RuntimeError, match="inference only"):
+        y.sum().backward()
+    _, s = quant.quantize_fp8(x)
+    with pytest.raises(RuntimeError, match="inference only"):
+        s.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    _, packed, scales = make_weights(8, 64, 32, device)
+    x = torch.randn(0, 64, device=device)
+    assert slab.ops.w4a8_linear(x, packed, scales, 32).shape == (0, 8)
+    xq, xs = quant.quantize_fp8(x)
+    assert slab.ops.w4a8_gemm(xq, xs, packed, scales, 32).shape == (0, 8)
+    assert slab.ops.w4a8_linear(torch.randn(3, 64, device=device), packed[:0], scales[:0], 32).shape == (3, 0)
+
+
+# ---- prepack / layouts --------------------------------------------------------------------------
+
+
+def test_prepack_cpu_is_row_major():
+    _, packed, scales = make_weights(5, 64, 32, "cpu")
+    pw = quant.prepack_w4(packed, scales, 32, "cpu")
+    assert pw.layout == "rowmajor" and pw.n == 5 and pw.k == 64 and pw.group_size == 32
+    assert torch.equal(pw.packed, packed) and torch.equal(pw.scales, scales)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 130)], ids=_id)
+def test_tiled_layout(n, k):
+    """The CUDA tile layout, checked against the formula of w4a8.h written out independently:
+    lane l (g = l // 4, t = l % 4), nibble q of its 16 bytes -> row g + 8 * ((q // 4) % 2),
+    col 32 * (q // 16) + 16 * ((q // 8) % 2) + 4 t + q % 4, tiles row-tile-major."""
+    _, packed, scales = make_weights(n, k, -1, "cpu")
+    pw = quant.prepack_w4(packed, scales, -1, "cpu", layout="tiled")
+    n_pad, k_pad = (n + 15) // 16 * 16, (k + 63) // 64 * 64
+    assert pw.layout == "tiled" and pw.packed.shape == (n_pad, k_pad // 2)
+    vals = int4_of(packed)
+    full = torch.zeros(n_pad, k_pad, dtype=torch.int64)
+    full[:n, :k] = vals
+    tiles = int4_of(pw.packed.reshape(-1, 16)).reshape(-1, 32, 32)  # (tile, lane, nibble)
+    kt = k_pad // 64
+    lane = torch.arange(32).reshape(32, 1)
+    q = torch.arange(32).reshape(1, 32)
+    rows = lane // 4 + 8 * ((q // 4) % 2)
+    cols = 32 * (q // 16) + 16 * ((q // 8) % 2) + 4 * (lane % 4) + q % 4
+    for tile in range(tiles.shape[0]):
+        r0, c0 = tile // kt * 16, tile % kt * 64
+        assert torch.equal(tiles[tile], full[r0 + rows, c0 + cols]), tile
+    # each (row, col) of the tile appears exactly once
+    assert torch.unique(rows * 64 + cols).numel() == 16 * 64
+    with pytest.raises(RuntimeError, match="CUDA tile layout"):
+        slab.ops.w4a8_gemm(*quant.quantize_fp8(torch.randn(2, k)), pw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_to_e4m3_register_conversion(device):
+    """The CUDA GEMM's in-register int4 -> e4m3 conversion (three byte permutes per four nibbles,
+    w4a8_math.h) on every 16-bit input, against torch's own float8 cast of the int4 values."""
+    words = torch.arange(65536, dtype=torch.int32)
+    packed = torch.stack([words % 256, words // 256], -1).to(torch.uint8).reshape(-1).to(device)
+    got = OPS.w4a8_int4_to_e4m3(packed).cpu()
+    vals = int4_of(packed.reshape(1, -1)).reshape(-1).float()
+    assert torch.equal(got, vals.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+# ---- module swap ---------------------------------------------------------------------------------
+
+
+def _model():
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Sequential(nn.Linear(96, 32, bias=False)), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_w4a8_linear_module(device):
+    lin = nn.Linear(128, 40).to(device)
+    mod = slab.nn.W4A8Linear.from_linear(lin, group_size=64)
+    assert mod.in_features == 128 and mod.out_features == 40 and mod.bias is not None
+    assert "group_size=64" in repr(mod) and "in_features=128" in repr(mod)
+    x = torch.randn(2, 5, 128, device=device)
+    y = mod(x)
+    assert y.shape == (2, 5, 40) and y.dtype == x.dtype
+    packed, scales = quant.quantize_w4(lin.weight.detach(), 64)
+    assert torch.equal(mod.packed, packed) and torch.equal(mod.scales, scales)
+    assert torch.equal(mod.weight, quant.dequantize_w4(packed, scales, 64))
+    xq, xs = quant.quantize_fp8(x.reshape(10, 128))
+    assert_close(y.reshape(10, 40), ref_gemm(xq, xs, packed, scales, 64, lin.bias.detach()))
+    # close to the float layer (int4 weights: a few percent)
+    ref = lin(x).detach()
+    rel = float((y - ref).norm() / ref.norm())
+    assert rel < 0.15, rel
+    yb = mod(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    scales = mod.scales.clone()
+    mod.bfloat16()  # casts the bias, keeps the scales exact
+    assert mod.scales.dtype == torch.float32 and torch.equal(mod.scales, scales)
+    assert mod.bias.dtype == torch.bfloat16 and mod(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_and_state_dict_round_trip(device):
+    torch.manual_seed(1)
+    model = _model().to(device)
+    x = torch.randn(7, 64, device=device)
+    ref = model(x).detach()
+    out = quant.convert(model, skip=["3"], group_size=32)
+    assert out is model
+    assert isinstance(model[0], slab.nn.W4A8Linear) and isinstance(model[2][0], slab.nn.W4A8Linear)
+    assert type(model[3]) is nn.Linear  # skipped by name
+    assert model[2][0].bias is None
+    y = model(x).detach()
+    assert float((y - ref).norm() / ref.norm()) < 0.15
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = quant.convert(_model().to(device), skip=lambda name, mod: name == "3", group_size=32)
+    assert not torch.equal(fresh(x), y)  # a different random init before loading
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x), y)
+    assert set(model.state_dict()) == {"0.packed", "0.scales", "0.bias", "2.0.packed", "2.0.scales", "3.weight", "3.bias"}
+
+
+def test_convert_errors_and_skip_prefix():
+    model = nn.Sequential(nn.Linear(64, 48), nn.Sequential(nn.Linear(48, 8), nn.Linear(8, 8)))
+    with pytest.raises(ValueError, match="'1.0'.*group_size"):
+        quant.convert(model, group_size=32)  # 48 % 32
+    model = nn.Sequential(nn.Linear(64, 48), nn.Sequential(nn.Linear(48, 8), nn.Linear(8, 8)))
+    quant.convert(model, skip="1", group_size=32)  # a prefix skips the whole block
+    assert isinstance(model[0], slab.nn.W4A8Linear) and type(model[1][0]) is nn.Linear
+    # nn.MultiheadAttention reads its out_proj (a Linear subclass) directly: left alone
+    mha = nn.Sequential(nn.MultiheadAttention(64, 4, batch_first=True))
+    quant.convert(mha, group_size=32)
+    assert type(mha[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    single = quant.convert(nn.Linear(32, 4), group_size=32)
+    assert isinstance(single, slab.nn.W4A8Linear)
+    with pytest.raises(TypeError):
+        slab.nn.W4A8Linear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+# ---- opcheck / compile ------------------------------------------------------------------------------
+
+
+# torch's schema check (test_schema) compares the op's tensors with arithmetic that torch does not
+# implement for float8_e4m3fn on the CPU, so ops with an fp8 input or output skip that one check.
+NO_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck():
+    _, packed, scales = make_weights(12, 64, 32, "cpu")
+    x = torch.randn(3, 64)
+    xq, xs = quant.quantize_fp8(x)
+    torch.library.opcheck(OPS.quantize_fp8.default, (x,), test_utils=NO_SCHEMA)
+    torch.library.opcheck(OPS.quantize_fp8.default, (torch.randn(2, 3, 40, dtype=torch.bfloat16),),
+                          test_utils=NO_SCHEMA)
+    torch.library.opcheck(OPS.w4a8_tile_weights.default, (packed,))
+    torch.library.opcheck(OPS.w4a8_int4_to_e4m3.default, (packed,))
+    torch.library.opcheck(OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, 0, torch.bfloat16), test_utils=NO_SCHEMA)
+    torch.library.opcheck(OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, 0, torch.float32), test_utils=NO_SCHEMA)
+    torch.library.opcheck(OPS.w4a8_linear.default, (x, packed, scales, 32, 0, torch.randn(12)))
+    torch.library.opcheck(OPS.w4a8_linear.default, (x.half(), packed, scales, 32, 0, None))
+
+
+def test_compile_fullgraph():
+    _, packed, scales = make_weights(12, 64, 32, "cpu")
+    pw = quant.prepack_w4(packed, scales, 32)
+    b = torch.randn(12)
+
+    def f(x):
+        xq, xs = quant.quantize_fp8(x * 2)
+        y1 = slab.ops.w4a8_gemm(xq, xs, pw, out_dtype=torch.float32)
+        y2 = slab.ops.w4a8_linear(x * 2, packed, scales, 32, bias=b)
+        return y1 + b, y2
+
+    x = torch.randn(5, 64)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (a1, a2), (e1, e2) = cf(x), f(x)
+    assert torch.equal(a1, e1) and torch.equal(a2, e2)
+    # the module, prepacking lazily inside the compiled forward
+    mod = slab.nn.W4A8Linear.from_linear(nn.Linear(64, 12), group_size=32)
+    expected = mod(x)
+    mod._apply(lambda t: t)  # drop the cached kernel layout
+    assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), expected)
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------
+
+
+def test_gemm_errors():
+    _, packed, scales = make_weights(8, 64, 32, "cpu")
+    x = torch.randn(3, 64)
+    xq, xs = quant.quantize_fp8(x)
+    gemm = slab.ops.w4a8_gemm
+    with pytest.raises(RuntimeError, match="x_fp8 must be float8_e4m3fn"):
+        gemm(x, xs, packed, scales, 32)
+    with pytest.raises(RuntimeError, match="w_packed must be uint8"):
+        gemm(xq, xs, packed.to(torch.int8), scales, 32)
+    with pytest.raises(RuntimeError, match="w_scales must be float32"):
+        gemm(xq, xs, packed, scales.half(), 32)
+    with pytest.raises(RuntimeError, match="w_scales must have shape"):
+        gemm(xq, xs, packed, scales[:, :1], 32)
+    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+        gemm(xq, xs, packed[:7], scales, 32)
+    with pytest.raises(ValueError, match="x_scale"):
+        gemm(xq, xs[:2], packed, scales, 32)
+    with pytest.raises(RuntimeError, match="x_scale must be float32"):
+        gemm(xq, xs.double(), packed, scales, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        gemm(xq, xs, packed, scales, 48)
+    xq96, xs96 = quant.quantize_fp8(torch.randn(3, 96))
+    p96, s96 = quant.quantize_w4(torch.randn(8, 96), 32)
+    with pytest.raises(ValueError, match="group_size 64 must divide K = 96"):
+        gemm(xq96, xs96, p96, s96[:, :1], 64)
+    with pytest.raises(ValueError, match="out_dtype"):
+        gemm(xq, xs, packed, scales, 32, out_dtype=torch.float64)
+    with pytest.raises(TypeError, match="w_scales and group_size"):
+        gemm(xq, xs, packed)
+    with pytest.raises(TypeError, match="PackedW4"):
+        gemm(xq, xs, quant.prepack_w4(packed, scales, 32), scales, 32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        gemm(xq, xs, quant.prepack_w4(packed, scales, 32), scales)
+    with pytest.raises(TypeError, match="multiple values"):
+        gemm(xq, xs, packed, scales, 32, group_size=32)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        slab.ops.w4a8_linear(x.to(torch.int64), packed, scales, 32)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        slab.ops.w4a8_linear(x, packed, scales, 32, bias=torch.randn(7))
+    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+        slab.ops.w4a8_linear(torch.randn(3, 128), packed, scales[:, :1].repeat(1, 4), 32)
+
