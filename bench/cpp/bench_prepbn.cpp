@@ -1,6 +1,7 @@
 // C++ benchmark of the PRepBN kernels (slab::prep_bn_fwd / slab::prep_bn_bwd) through the
 // PyTorch dispatcher, against the ATen composite SLAB's modules compute (layer_norm + batch_norm)
-// and plain at::layer_norm. Google Benchmark drives the timing.
+// and plain at::layer_norm. Google Benchmark drives the timing; the shared machinery (flags,
+// verification, timing, counters, main's defaults) is bench_common.h.
 //
 //   bench_prepbn [--shapes=12544x384,4096x1024 | --rows=R1,R2 --channels=C1,C2]
 //                [--dtype=float32,bfloat16,float16] [--device=cpu,cuda] [--norm=layer|rms]
@@ -20,34 +21,18 @@
 // MEASURED copy bandwidth of the device), x_floor (time / time of one read of every input and one
 // write of every output at copy bandwidth). CPU timing is wall-clock (UseRealTime); CUDA timing is
 // per-iteration CUDA events (UseManualTime) with the L2 cache flushed before each iteration.
-#include <benchmark/benchmark.h>
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/Event.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/autograd.h>
-#include <torch/version.h>
 
-#include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <map>
-#include <optional>
-#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "bench_common.h"
+
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using namespace slab_bench;
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Signatures of the schemas in csrc/prepbn/prepbn_ops.cpp.
@@ -66,140 +51,65 @@ constexpr double kEps = 1e-5, kNormEps = 1e-6, kMomentum = 0.1;
 
 // ---- options ---------------------------------------------------------------------------------
 struct Options {
+  CommonFlags common;
   std::vector<std::pair<int64_t, int64_t>> shapes;  // (rows, channels), used when no --rows/--channels
   std::vector<int64_t> rows, channels;
-  std::vector<int64_t> dtypes{0, 1};
-  std::vector<int64_t> devices;
   std::string norm = "layer";
   double lam = 0.5;
-  bool verify = true;
 };
 Options g_opt;
 
-const at::ScalarType kDtypes[] = {at::kFloat, at::kBFloat16, at::kHalf};
-const char* const kDtypeNames[] = {"float32", "bfloat16", "float16"};
-const char* const kDeviceNames[] = {"cpu", "cuda"};
+const char kHelp[] =
+    "bench_prepbn: PRepBN kernels (slab) vs the ATen composite vs at::layer_norm\n"
+    "  --shapes=RxC,...     rows x channels (default 12544x384,4096x1024 = DeiT-S, LM 8x512x1024)\n"
+    "  --rows=R,... --channels=C,...   every combination (ArgsProduct) instead of --shapes\n"
+    "  --dtype=float32,bfloat16,float16 (default float32,bfloat16)\n"
+    "  --device=cpu,cuda    (default cpu, plus cuda when slab has CUDA kernels and a GPU is present)\n"
+    "  --norm=layer|rms --lam=0.5 --threads=N --no-verify\n"
+    "  plus Google Benchmark flags, e.g. --benchmark_filter=slab --benchmark_format=json\n"
+    "  --benchmark_repetitions=N --benchmark_min_time=T (see --help below)\n\n";
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, sep))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
-[[noreturn]] void usage_error(const std::string& msg) {
-  std::fprintf(stderr, "bench_prepbn: %s\n", msg.c_str());
-  std::exit(2);
-}
-
-int64_t to_int(const std::string& s, const char* flag) {
-  char* end = nullptr;
-  const long long v = std::strtoll(s.c_str(), &end, 10);
-  if (end == s.c_str() || *end != '\0' || v <= 0) usage_error(std::string(flag) + ": bad positive integer '" + s + "'");
-  return v;
-}
-
-int64_t dtype_index(const std::string& s) {
-  if (s == "float32" || s == "fp32" || s == "float") return 0;
-  if (s == "bfloat16" || s == "bf16") return 1;
-  if (s == "float16" || s == "fp16" || s == "half") return 2;
-  usage_error("--dtype: unknown dtype '" + s + "' (float32, bfloat16, float16)");
-}
-
-bool cuda_usable() {
-  static const bool ok = [] {
-    if (!at::hasCUDA()) return false;
-    auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slab::_compiled_with_cuda", "").typed<bool()>();
-    return op.call();
-  }();
-  return ok;
+// The PRepBN flags (the common ones are parse_flags'); true when `a` was one of them.
+bool own_flag(const std::string& a, std::string& shapes) {
+  if (auto v = flag_value(a, "--shapes")) {
+    shapes = *v;
+  } else if (auto v = flag_value(a, "--rows")) {
+    for (auto& s : split(*v, ',')) g_opt.rows.push_back(to_int(s, "--rows"));
+  } else if (auto v = flag_value(a, "--channels")) {
+    for (auto& s : split(*v, ',')) g_opt.channels.push_back(to_int(s, "--channels"));
+  } else if (auto v = flag_value(a, "--norm")) {
+    if (*v != "layer" && *v != "rms") usage_error("--norm must be layer or rms");
+    g_opt.norm = *v;
+  } else if (auto v = flag_value(a, "--lam")) {
+    g_opt.lam = std::atof(v->c_str());
+    if (!(g_opt.lam >= 0 && g_opt.lam <= 1)) usage_error("--lam must be in [0, 1]");
+  } else {
+    return false;
+  }
+  return true;
 }
 
 // Removes our flags from argv (Google Benchmark rejects unknown ones) and fills g_opt.
 void parse_own_flags(int* argc, char** argv) {
-  int out = 1;
-  bool devices_given = false;
   std::string shapes = "12544x384,4096x1024";  // DeiT-S (64 x 196 tokens, C 384), LM (8 x 512, C 1024)
-  for (int i = 1; i < *argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&](const char* name) -> std::optional<std::string> {
-      const std::string prefix = std::string(name) + "=";
-      if (a.rfind(prefix, 0) == 0) return a.substr(prefix.size());
-      return std::nullopt;
-    };
-    if (auto v = value("--shapes")) {
-      shapes = *v;
-    } else if (auto v = value("--rows")) {
-      for (auto& s : split(*v, ',')) g_opt.rows.push_back(to_int(s, "--rows"));
-    } else if (auto v = value("--channels")) {
-      for (auto& s : split(*v, ',')) g_opt.channels.push_back(to_int(s, "--channels"));
-    } else if (auto v = value("--dtype")) {
-      g_opt.dtypes.clear();
-      for (auto& s : split(*v, ',')) g_opt.dtypes.push_back(dtype_index(s));
-    } else if (auto v = value("--device")) {
-      devices_given = true;
-      for (auto& s : split(*v, ',')) {
-        if (s == "cpu") g_opt.devices.push_back(0);
-        else if (s == "cuda") g_opt.devices.push_back(1);
-        else usage_error("--device: unknown device '" + s + "' (cpu, cuda)");
-      }
-    } else if (auto v = value("--norm")) {
-      if (*v != "layer" && *v != "rms") usage_error("--norm must be layer or rms");
-      g_opt.norm = *v;
-    } else if (auto v = value("--lam")) {
-      g_opt.lam = std::atof(v->c_str());
-      if (!(g_opt.lam >= 0 && g_opt.lam <= 1)) usage_error("--lam must be in [0, 1]");
-    } else if (auto v = value("--threads")) {
-      at::set_num_threads(static_cast<int>(to_int(*v, "--threads")));
-    } else if (a == "--no-verify") {
-      g_opt.verify = false;
-    } else if (a == "--help" || a == "-h") {
-      std::printf(
-          "bench_prepbn: PRepBN kernels (slab) vs the ATen composite vs at::layer_norm\n"
-          "  --shapes=RxC,...     rows x channels (default 12544x384,4096x1024 = DeiT-S, LM 8x512x1024)\n"
-          "  --rows=R,... --channels=C,...   every combination (ArgsProduct) instead of --shapes\n"
-          "  --dtype=float32,bfloat16,float16 (default float32,bfloat16)\n"
-          "  --device=cpu,cuda    (default cpu, plus cuda when slab has CUDA kernels and a GPU is present)\n"
-          "  --norm=layer|rms --lam=0.5 --threads=N --no-verify\n"
-          "  plus Google Benchmark flags, e.g. --benchmark_filter=slab --benchmark_format=json\n"
-          "  --benchmark_repetitions=N --benchmark_min_time=T (see --help below)\n\n");
-      argv[out++] = argv[i];  // let Google Benchmark print its flags too
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  *argc = out;
+  parse_flags("bench_prepbn", argc, argv, g_opt.common, [&](const std::string& a) { return own_flag(a, shapes); },
+              kHelp);
   if (g_opt.rows.empty() != g_opt.channels.empty()) usage_error("give both --rows and --channels, or --shapes");
-  if (g_opt.rows.empty()) {
-    for (auto& s : split(shapes, ',')) {
-      const auto rc = split(s, 'x');
-      if (rc.size() != 2) usage_error("--shapes: expected ROWSxCHANNELS, got '" + s + "'");
-      g_opt.shapes.emplace_back(to_int(rc[0], "--shapes"), to_int(rc[1], "--shapes"));
-    }
-  }
-  if (!devices_given) {
-    g_opt.devices.push_back(0);
-    if (cuda_usable()) g_opt.devices.push_back(1);
-  }
-  for (auto d : g_opt.devices)
-    if (d == 1 && !cuda_usable())
-      usage_error("--device=cuda: no CUDA device, or this slab build has no CUDA kernels");
+  if (g_opt.rows.empty())
+    for (const auto& rc : parse_shapes(shapes, 2, "--shapes", "ROWSxCHANNELS")) g_opt.shapes.emplace_back(rc[0], rc[1]);
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
 const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slab::prep_bn_fwd", "").typed<FwdFn>();
+  static const auto op = find_op<FwdFn>("slab::prep_bn_fwd");
   return op;
 }
 const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slab::prep_bn_bwd", "").typed<BwdFn>();
+  static const auto op = find_op<BwdFn>("slab::prep_bn_bwd");
   return op;
 }
 const c10::TypedOperatorHandle<UpdateFn>& update_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("slab::bn_update_running_stats", "").typed<UpdateFn>();
+  static const auto op = find_op<UpdateFn>("slab::bn_update_running_stats");
   return op;
 }
 
@@ -252,46 +162,8 @@ Tensor aten_forward(const Tensor& x, const Tensor& nw, const Tensor& nb, const T
 }
 
 // ---- verification ------------------------------------------------------------------------------
-struct Tol {
-  double atol, rtol;
-};
-Tol tolerance(at::ScalarType t) {
-  if (t == at::kBFloat16) return {4e-3, 1.6e-2};
-  if (t == at::kHalf) return {5e-4, 2e-3};
-  return {1e-4, 1e-4};
-}
-
-// |got - ref| <= atol * max(1, max|ref|) + rtol * |ref|, in float64 on the CPU.
-bool close(const char* what, const Tensor& got_in, const Tensor& ref_in, Tol tol, std::string& report) {
-  const Tensor got = got_in.detach().to(at::kCPU, at::kDouble).reshape(-1);
-  const Tensor ref = ref_in.detach().to(at::kCPU, at::kDouble).reshape(-1);
-  char buf[256];
-  if (got.numel() != ref.numel()) {
-    std::snprintf(buf, sizeof buf, " %s: %lld elements, expected %lld;", what, (long long)got.numel(),
-                  (long long)ref.numel());
-    report += buf;
-    return false;
-  }
-  const double scale = std::max(1.0, ref.abs().max().item<double>());
-  const Tensor err = (got - ref).abs();
-  const Tensor bound = tol.atol * scale + tol.rtol * ref.abs();
-  const bool finite = at::isfinite(got).all().item<bool>();
-  const int64_t bad = (err > bound).sum().item<int64_t>();
-  const int64_t worst = (err - bound).argmax().item<int64_t>();
-  std::snprintf(buf, sizeof buf, " %s %.1e", what, err.max().item<double>());
-  report += buf;
-  if (!finite || bad > 0) {
-    std::snprintf(buf, sizeof buf, " [%s%lld beyond tol, worst at %lld: got %.6g expected %.6g]",
-                  finite ? "" : "non-finite values, ", (long long)bad, (long long)worst,
-                  got[worst].item<double>(), ref[worst].item<double>());
-    report += buf;
-    return false;
-  }
-  return true;
-}
-
 bool verify(int64_t rows, int64_t channels, int64_t dt, int64_t dev) {
-  const auto device = dev == 1 ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  const auto device = device_of(dev);
   const auto dtype = kDtypes[dt];
   Inputs in = make_inputs(rows, channels, dtype, device);
   const Tensor rm0 = in.running_mean.clone(), rv0 = in.running_var.clone();
@@ -331,50 +203,6 @@ bool verify(int64_t rows, int64_t channels, int64_t dt, int64_t dev) {
 }
 
 // ---- timing ------------------------------------------------------------------------------------
-// Times fn() on `device`: CPU wall clock, CUDA events. Seconds.
-template <class Fn>
-double time_once(at::Device device, Fn&& fn) {
-  if (device.is_cuda()) {
-    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-    const c10::Stream stream = impl->getStream(device);
-    c10::Event start(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
-    c10::Event end(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
-    start.record(stream);
-    fn();
-    end.record(stream);
-    end.synchronize();
-    return start.elapsedTime(end) * 1e-3;
-  }
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Measured copy bandwidth (bytes read + written per second) of a large tensor copy on `device`.
-double copy_bandwidth(at::Device device) {
-  static std::map<std::string, double> cache;
-  const std::string key = device.str();
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
-  const int64_t bytes = device.is_cuda() ? (int64_t{1} << 30) : (int64_t{256} << 20);
-  const Tensor src = at::ones({bytes / 4}, at::TensorOptions().dtype(at::kFloat).device(device));
-  Tensor dst = at::empty_like(src);
-  std::vector<double> t;
-  for (int i = 0; i < 13; ++i) {
-    const double s = time_once(device, [&] { dst.copy_(src); });
-    if (i >= 3) t.push_back(s);
-  }
-  // The limit is the best run (a median drops with every other process on a shared machine).
-  const double bw = 2.0 * static_cast<double>(bytes) / *std::min_element(t.begin(), t.end());
-  cache[key] = bw;
-  return bw;
-}
-
-Tensor& l2_flush_buffer(at::Device device) {
-  static Tensor buf;
-  if (!buf.defined()) buf = at::empty({256 << 20}, at::TensorOptions().dtype(at::kByte).device(device));
-  return buf;
-}
-
 enum class Provider { kSlab, kAten, kLayerNorm };
 
 // Bytes the algorithm moves and its absolute floor (one read of each input, one write of each
@@ -387,7 +215,7 @@ std::pair<double, double> passes(Provider p, bool backward) {
 
 void run_benchmark(benchmark::State& state, Provider provider, bool backward) {
   const int64_t rows = state.range(0), channels = state.range(1), dt = state.range(2), dev = state.range(3);
-  const auto device = dev == 1 ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  const auto device = device_of(dev);
   const auto dtype = kDtypes[dt];
   state.SetLabel(std::string(kDtypeNames[dt]) + " " + kDeviceNames[dev]);
   Inputs in = make_inputs(rows, channels, dtype, device);
@@ -441,32 +269,10 @@ void run_benchmark(benchmark::State& state, Provider provider, bool backward) {
       break;
   }
 
-  const double bw = copy_bandwidth(device);
-  for (int i = 0; i < 2; ++i) step();  // warm-up: allocator, thread pool
-  double seconds = 0;  // the timed total, for counters that need the time per iteration
-  if (device.is_cuda()) {
-    Tensor& flush = l2_flush_buffer(device);
-    for (auto _ : state) {
-      flush.zero_();  // outside the timed events: inputs come from DRAM, not L2
-      const double s = time_once(device, step);
-      state.SetIterationTime(s);
-      seconds += s;
-    }
-  } else {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (auto _ : state) step();
-    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-
-  // Plain per-repetition values (not Google Benchmark rates, which print a "/s" suffix); the
-  // repetition aggregates (median, ...) are taken over them like over the times.
+  // Bytes in tensor passes of rows x channels elements.
   const auto [moved, floor] = passes(provider, backward);
   const double tensor_bytes = static_cast<double>(rows * channels * in.x.element_size());
-  const double per_iter = seconds / static_cast<double>(std::max<int64_t>(1, state.iterations()));
-  state.SetBytesProcessed(static_cast<int64_t>(static_cast<double>(state.iterations()) * moved * tensor_bytes));
-  state.counters["GBps"] = moved * tensor_bytes / per_iter / 1e9;
-  state.counters["frac_bw"] = moved * tensor_bytes / per_iter / bw;
-  state.counters["x_floor"] = per_iter / (floor * tensor_bytes / bw);
+  timed_loop(state, device, step, {moved * tensor_bytes, floor * tensor_bytes});
 }
 
 void register_all() {
@@ -481,21 +287,13 @@ void register_all() {
       {"layer_norm_fwd", Provider::kLayerNorm, false}, {"layer_norm_fwd_bwd", Provider::kLayerNorm, true},
   };
   for (const auto& s : specs) {
-    for (int64_t dev : g_opt.devices) {
-      const std::string name = std::string(s.name) + (dev == 1 ? "/cuda" : "/cpu");
-      auto* b = benchmark::RegisterBenchmark(name.c_str(), [s](benchmark::State& st) {
-        run_benchmark(st, s.provider, s.backward);
-      });
+    for (int64_t dev : g_opt.common.devices) {
+      auto* b = register_on(s.name, dev, [s](benchmark::State& st) { run_benchmark(st, s.provider, s.backward); });
       b->ArgNames({"rows", "channels", "dtype", "device"});
       if (g_opt.rows.empty()) {
-        for (const auto& [r, c] : g_opt.shapes) b->ArgsProduct({{r}, {c}, g_opt.dtypes, {dev}});
+        for (const auto& [r, c] : g_opt.shapes) b->ArgsProduct({{r}, {c}, g_opt.common.dtypes, {dev}});
       } else {
-        b->ArgsProduct({g_opt.rows, g_opt.channels, g_opt.dtypes, {dev}});
-      }
-      if (dev == 1) {
-        b->UseManualTime()->Unit(benchmark::kMicrosecond);
-      } else {
-        b->UseRealTime()->Unit(benchmark::kMillisecond);
+        b->ArgsProduct({g_opt.rows, g_opt.channels, g_opt.common.dtypes, {dev}});
       }
     }
   }
@@ -515,46 +313,13 @@ std::vector<std::pair<int64_t, int64_t>> all_shapes() {
 
 int main(int argc, char** argv) {
   parse_own_flags(&argc, argv);
-
-  // Defaults in front of the user's flags (a later flag wins).
-  std::vector<char*> args{argv[0]};
-  static char reps[] = "--benchmark_repetitions=5";
-  static char aggr[] = "--benchmark_display_aggregates_only=true";
-  // Repetitions of all benchmarks in random order: a busy moment of a shared machine then lands on
-  // random repetitions of every benchmark instead of all repetitions of one.
-  static char interleave[] = "--benchmark_enable_random_interleaving=true";
-  args.push_back(reps);
-  args.push_back(aggr);
-  args.push_back(interleave);
-  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
-  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 2;
-
-  if (g_opt.verify) {
+  auto verify_all = [] {
     bool ok = true;
-    for (int64_t dev : g_opt.devices)
+    for (int64_t dev : g_opt.common.devices)
       for (const auto& [r, c] : all_shapes())
-        for (int64_t dt : g_opt.dtypes) ok &= verify(r, c, dt, dev);
-    if (!ok) {
-      std::fprintf(stderr, "bench_prepbn: verification FAILED; not timing\n");
-      return 1;
-    }
-  }
-
-  benchmark::AddCustomContext("torch", TORCH_VERSION);
-  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
-  benchmark::AddCustomContext("slab_cuda_kernels", cuda_usable() ? "yes" : "no");
-  benchmark::AddCustomContext("norm", g_opt.norm);
-  benchmark::AddCustomContext("lam", std::to_string(g_opt.lam));
-  for (int64_t dev : g_opt.devices) {
-    const auto device = dev == 1 ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%.1f", copy_bandwidth(device) / 1e9);
-    benchmark::AddCustomContext(std::string("copy_GBps_") + kDeviceNames[dev], buf);
-  }
-  register_all();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+        for (int64_t dt : g_opt.common.dtypes) ok &= verify(r, c, dt, dev);
+    return ok;
+  };
+  return run_main(argc, argv, g_opt.common, verify_all, register_all,
+                  {{"norm", g_opt.norm}, {"lam", std::to_string(g_opt.lam)}});
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "core/common.h"
+#include "sla/sla.h"  // RowStrides: channels contiguous, b/h/n strides arbitrary
 
 struct CUstream_st;
 
@@ -26,21 +27,15 @@ struct DwcGeometry {
   int64_t pad_top, pad_left;        // tap (i, j) of output (y, x) reads (y + i - pad_top, x + j - pad_left)
 };
 
-// Element (b, h, n, c) of a (B, H, N, C) tensor is at b * b + h * h + n * n + c: the channel
-// dimension is contiguous, the others may be strided (the v view of a fused qkv projection).
-struct TokenStrides {
-  int64_t b, h, n;
-};
-
 struct DwcParams {
   DType dtype;            // of v, residual and out
   DwcGeometry g;
   const void* v;
-  TokenStrides v_stride;
+  RowStrides v_stride;
   const void* residual;   // nullptr: none
-  TokenStrides residual_stride;
+  RowStrides residual_stride;
   void* out;
-  TokenStrides out_stride;
+  RowStrides out_stride;
   const void* weight;     // [taps, C] in the accumulation type, tap = i * kernel_w + j
   const void* bias;       // [C] in the accumulation type, or nullptr
 };
@@ -53,9 +48,9 @@ struct DwcWeightGradParams {
   DType dtype;
   DwcGeometry g;
   const void* grad;
-  TokenStrides grad_stride;
+  RowStrides grad_stride;
   const void* v;
-  TokenStrides v_stride;
+  RowStrides v_stride;
   void* partial;
   void* grad_weight;      // [taps, C]
   void* grad_bias;        // [C]

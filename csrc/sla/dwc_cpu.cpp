@@ -33,7 +33,7 @@ void store_at(T* p, int64_t c, int64_t channels, const AccVec<T>& v) {
 }
 
 template <typename T>
-const T* token_ptr(const void* base, const TokenStrides& s, int64_t b, int64_t h, int64_t n) {
+const T* token_ptr(const void* base, const RowStrides& s, int64_t b, int64_t h, int64_t n) {
   return static_cast<const T*>(base) + b * s.b + h * s.h + n * s.n;
 }
 

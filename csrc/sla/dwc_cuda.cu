@@ -16,7 +16,7 @@ constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
 template <typename T>
-__device__ __forceinline__ const T* token_ptr(const void* base, const TokenStrides& s, int64_t b, int64_t h,
+__device__ __forceinline__ const T* token_ptr(const void* base, const RowStrides& s, int64_t b, int64_t h,
                                               int64_t n) {
   return static_cast<const T*>(base) + b * s.b + h * s.h + n * s.n;
 }

@@ -14,7 +14,7 @@ namespace {
 
 using at::Tensor;
 
-TokenStrides token_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+RowStrides token_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Channels must be contiguous; other dimensions may be strided.
 Tensor channels_contiguous(const Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
@@ -61,7 +61,7 @@ Tensor run_dwc(const Tensor& v, const Tensor& taps, const std::optional<Tensor>&
   Tensor out = heads_interleaved_like(v);
   if (out.numel() == 0) return out;
   DwcParams p{kernel_dtype(v, "v"), g, v.data_ptr(), token_strides(v), data_or_null(residual),
-              residual ? token_strides(*residual) : TokenStrides{0, 0, 0}, out.data_ptr(), token_strides(out),
+              residual ? token_strides(*residual) : RowStrides{0, 0, 0}, out.data_ptr(), token_strides(out),
               taps.data_ptr(), data_or_null(bias)};
   launch(v, p, dwc_cpu, SLAB_CUDA_FN(dwc_cuda));
   return out;

@@ -431,6 +431,138 @@ register(Entry("cats_mlp", "CATS sparse gated MLP for decoding (library column: 
                _cats_mlp_check, _cats_mlp_bench))
 
 
+# ---- SLA: simplified linear attention ---------------------------------------------------------
+
+
+def _sla_reference(q, k, v, causal, eps=1e-6):
+    """SLAB's formula, quadratic form (causal: the lower-triangular scores)."""
+    q, k = torch.relu(q), torch.relu(k)
+    scores = q @ k.transpose(-1, -2)
+    if causal:
+        scores = torch.tril(scores)
+    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps)
+
+
+def _sla_check(device: torch.device) -> list[CheckResult]:
+    import slab.ops
+    results = []
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for causal in (False, True):
+            q, k = (torch.randn(2, 3, 131, 32, generator=gen).to(device, dtype) for _ in range(2))
+            v = torch.randn(2, 3, 131, 48, generator=gen).to(device, dtype)
+            grad = torch.randn(2, 3, 131, 48, generator=gen).to(device, dtype)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            out = slab.ops.sla(*leaves, causal=causal)
+            expected = _sla_reference(*refs, causal)
+            out.backward(grad)
+            expected.backward(grad.double())
+            case = f"{'causal' if causal else 'non-causal'} 2x3x131, D=32, Dv=48"
+            for name, got, ref in [("o", out, expected)] + [(f"d{n}", a.grad, b.grad)
+                                                             for n, a, b in zip("qkv", leaves, refs)]:
+                ok, detail = compare(got, ref, dtype)
+                results.append(CheckResult("sla", f"{case}: {name}", _bench.dtype_name(dtype), ok, detail))
+    return results
+
+
+def _sla_bench(ctx: BenchContext) -> list[dict]:
+    import slab.ops
+    rows = []
+    shapes = [(1, 4, 1024, 64)] if ctx.quick else [(4, 16, 1024, 64), (1, 16, 4096, 64)]
+    compiled = torch.compile(_sla_reference) if ctx.compile else None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for dtype in ctx.dtypes:
+        for b, h, n, d in shapes:
+            q, k, v, grad = (torch.randn(b, h, n, d, device=ctx.device, dtype=dtype) for _ in range(4))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+            def train(fn):
+                return lambda: fn().backward(grad)
+
+            providers = {
+                "slab": train(lambda: slab.ops.sla(q, k, v, causal=True)),
+                "eager": train(lambda: _sla_reference(q, k, v, True)),
+                "library": train(lambda: sdpa(q, k, v, is_causal=True)),  # softmax attention
+            }
+            if compiled is not None:
+                providers["compile"] = train(lambda: compiled(q, k, v, True))
+            times = ctx.time_many(providers)
+            elem = torch.finfo(dtype).bits // 8
+            floor = elem * b * h * n * d * 8  # read q, k, v, do; write o, dq, dk, dv
+            rows.append(speed_row(ctx, op="sla causal", pass_="fwd+bwd", shape=(b, h, n, d), dtype=dtype,
+                                  times=times, bytes_moved=floor, bytes_floor=floor))
+    return rows
+
+
+register(Entry("sla", "SLA causal linear attention, forward+backward (library column: SDPA causal softmax attention)",
+               _sla_check, _sla_bench))
+
+
+# ---- INT4 x FP8 GEMM ---------------------------------------------------------------------------
+
+
+def _w4a8_inputs(device, dtype, m, n, k, group_size):
+    import slab.quant
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    packed, scales = slab.quant.quantize_w4(w, group_size)
+    return x, w.to(device, dtype), packed, scales, slab.quant.prepack_w4(packed, scales, group_size, device)
+
+
+def _w4a8_check(device: torch.device) -> list[CheckResult]:
+    import slab.ops
+    import slab.quant
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 16, 67):
+            for group_size in (128, -1):
+                x, _w, packed, scales, weights = _w4a8_inputs(device, dtype, m, 257, 256, group_size)
+                x_fp8, x_scale = slab.quant.quantize_fp8(x)
+                w_ref = slab.quant.dequantize_w4(packed, scales, group_size).double()
+                expected = (x_fp8.double() * x_scale.double()[:, None]) @ w_ref.T.to(device)
+                ok, detail = compare(slab.ops.w4a8_linear(x, weights), expected, dtype)
+                results.append(CheckResult("w4a8_linear", f"M={m}, 257x256, group {group_size}",
+                                           _bench.dtype_name(dtype), ok, detail))
+    return results
+
+
+def _w4a8_bench(ctx: BenchContext) -> list[dict]:
+    import slab.ops
+    import slab.quant
+    rows = []
+    n = k = 2048 if ctx.quick else 4096
+    group_size = 128
+    for dtype in ctx.dtypes:
+        for m in (1, 16):
+            x, w, packed, scales, weights = _w4a8_inputs(ctx.device, dtype, m, n, k, group_size)
+
+            def dequant_matmul(x=x):  # the reference: dequantize, then a float matmul
+                x_fp8, x_scale = slab.quant.quantize_fp8(x)
+                w_deq = slab.quant.dequantize_w4(packed, scales, group_size).to(x.device, x.dtype)
+                return ((x_fp8.to(x.dtype) * x_scale[:, None].to(x.dtype)) @ w_deq.T)
+
+            providers = {
+                "slab": lambda: slab.ops.w4a8_linear(x, weights),
+                "eager": dequant_matmul,
+                "library": lambda: x @ w.T,  # torch matmul with float weights of x's dtype
+            }
+            if ctx.compile:
+                compiled = torch.compile(dequant_matmul)
+                providers["compile"] = lambda: compiled(x)
+            times = ctx.time_many(providers)
+            elem = torch.finfo(dtype).bits // 8
+            floor = n * k / 2 + n * (k // group_size) * 4 + (m * k + m * n) * elem
+            rows.append(speed_row(ctx, op="w4a8_linear", pass_=f"M={m}", shape=(m, n, k), dtype=dtype,
+                                  times=times, bytes_moved=floor, bytes_floor=floor))
+    return rows
+
+
+register(Entry("w4a8", "INT4 weights x FP8 activations linear (library column: torch matmul with float weights)",
+               _w4a8_check, _w4a8_bench))
+
+
 # ---- fused optimizers: DoG ---------------------------------------------------------------------
 
 
@@ -589,10 +721,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             SPEED_COLUMNS,
             title=f"\nSpeed on {device} (median ms; measured copy bandwidth {bw / 1e9:.1f} GB/s)",
             notes=[
-                "eager: SLAB's modules (slab.reference); compile: torch.compile(fullgraph) of the same; "
-                "library: nn.LayerNorm fwd+bwd for the norms, the dense MLP for cats_mlp, AdamW(fused=True) for DoG.",
-                "x eager / x compile: their time / slab's. GB/s: bytes slab's passes move (fwd 3, bwd 5 "
-                "tensor passes) / time; of copy BW: that rate / measured copy bandwidth.",
+                "eager: the plain-PyTorch reference (SLAB's modules, the quadratic SLA formula, "
+                "dequantize-then-matmul for w4a8); compile: torch.compile of the same; library: nn.LayerNorm "
+                "fwd+bwd for the norms, SDPA causal softmax attention for sla, the dense MLP for cats_mlp, torch "
+                "matmul with float weights for w4a8, AdamW(fused=True) for DoG.",
+                "x eager / x compile: their time / slab's. GB/s: bytes slab's passes move (PRepBN: fwd 3, bwd 5 "
+                "tensor passes; others: the floor's bytes) / time; of copy BW: that rate / measured copy bandwidth.",
                 "x floor: slab's time / (one read of every input + one write of every output at copy "
                 f"bandwidth). Took {time.perf_counter() - t0:.0f} s.",
             ],

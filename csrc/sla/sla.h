@@ -1,0 +1,108 @@
+// SLA (simplified linear attention, SLAB) kernels: parameter structs and launchers. No torch
+// headers; the binding layer (sla_ops.cpp) checks inputs, allocates outputs and fills these.
+//
+// Per (batch, head) slice, with phi = ReLU and masked-out keys (mask false) zeroed:
+//   o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps),  S_i = sum_j phi(k_j) v_j^T,  z_i = sum_j phi(k_j)
+// where j runs over every token (non-causal) or over j <= i (causal).
+//
+//   forward:  causal -> chunks of kChunkCpu / kChunkCuda tokens: masked quadratic inside a chunk,
+//             fp32 running state (S, z) between chunks; non-causal -> the quadratic form when
+//             use_quadratic(N, D, Dv) (one chunk of N tokens), else two passes (reduce S, z; apply).
+//             Writes o, den_i (the denominator, for backward) and the final state (S, z over
+//             all tokens) -- the state a decode continues from.
+//   backward: from grad_o, o and den: g_i = grad_o_i / den_i, gden_i = -(grad_o_i . o_i) / den_i;
+//             dphi(q_i) = S_i g_i + z_i gden_i, dphi(k_j) = dS_j v_j + dz_j, dv_j = dS_j^T phi(k_j),
+//             with dS_j = sum_{i >= j} phi(q_i) g_i^T, dz_j = sum_{i >= j} phi(q_i) gden_i (all i
+//             for non-causal). Causal runs the chunks twice: backwards for dk, dv (reverse running
+//             dS, dz), forwards for dq (running S, z recomputed, never stored).
+//   step:     one decode token: S += phi(k) v^T, z += phi(k) (in place), then o as above.
+#pragma once
+#include <cstdint>
+
+#include "core/common.h"
+
+struct CUstream_st;
+
+namespace slab::sla {
+
+// Element (b, h, n, d) of a (B, H, N, D) tensor sits at b * b + h * h + n * n + d: the last
+// dimension is contiguous, the others arbitrary (e.g. the q/k/v views of a fused qkv Linear).
+struct RowStrides {
+  int64_t b, h, n;
+};
+
+struct SlaShape {
+  int64_t batch, heads, len, dim, vdim;  // B, H, N, D, Dv
+};
+
+struct SlaFwdParams {
+  DType dtype;  // of q, k, v, o
+  SlaShape s;
+  bool causal;
+  double eps;
+  const void* q;
+  RowStrides q_stride;
+  const void* k;
+  RowStrides k_stride;
+  const void* v;
+  RowStrides v_stride;
+  const bool* mask;  // [B, N] contiguous, true = real token; nullptr: every token
+  void* o;           // [B, H, N, Dv] contiguous
+  void* den;         // [B, H, N] accumulation type
+  void* state;       // [B, H, D, Dv] accumulation type: S over all (kept) tokens
+  void* z;           // [B, H, D] accumulation type
+};
+
+struct SlaBwdParams {
+  DType dtype;
+  SlaShape s;
+  bool causal;
+  const void* q;
+  RowStrides q_stride;
+  const void* k;
+  RowStrides k_stride;
+  const void* v;
+  RowStrides v_stride;
+  const void* o;  // forward output
+  RowStrides o_stride;
+  const void* grad_o;
+  RowStrides grad_o_stride;
+  const void* den;   // [B, H, N] accumulation type, from the forward
+  const bool* mask;  // as in SlaFwdParams
+  void* dq;          // [B, H, N, D] contiguous
+  void* dk;          // [B, H, N, D] contiguous
+  void* dv;          // [B, H, N, Dv] contiguous
+  void* workspace;   // CUDA only: [B, H, N] accumulation type (gden); unused on CPU
+};
+
+// Decode: q, k (B, H, D), v (B, H, Dv) with strides (b, h) (the n stride unused), state and z
+// contiguous accumulation type, o (B, H, Dv) contiguous.
+struct SlaStepParams {
+  DType dtype;
+  int64_t batch, heads, dim, vdim;
+  double eps;
+  const void* q;
+  RowStrides q_stride;
+  const void* k;
+  RowStrides k_stride;
+  const void* v;
+  RowStrides v_stride;
+  void* state;  // [B, H, D, Dv], updated in place
+  void* z;      // [B, H, D], updated in place
+  void* o;      // [B, H, Dv]
+};
+
+// The CUDA kernels keep one head dimension (D or Dv) in registers and shared memory: both must be
+// at most this on CUDA (the binding checks); float64 inputs (gradcheck) at most the second.
+constexpr int kMaxHeadDimCuda = 256;
+constexpr int kMaxHeadDimCudaFp64 = 128;
+
+void sla_fwd_cpu(const SlaFwdParams& p);
+void sla_bwd_cpu(const SlaBwdParams& p);
+void sla_step_cpu(const SlaStepParams& p);
+
+void sla_fwd_cuda(const SlaFwdParams& p, CUstream_st* stream);
+void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream);
+void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream);
+
+}  // namespace slab::sla
