@@ -46,6 +46,15 @@ TOLERANCES = {
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def param_id(v) -> str:
+    """Readable pytest ids: dtypes without the ``torch.`` prefix, shapes as ``2x3x5``."""
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, tuple):
+        return "x".join(map(str, v))
+    return str(v)
+
+
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES[dtype]
 

@@ -11,18 +11,10 @@ import torch.nn.functional as F
 import slab
 import slab.ops
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy, param_id
 
 OPS = torch.ops.slab
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
-
-
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
 
 
 # ---- float64 references ------------------------------------------------------------------------
@@ -67,8 +59,8 @@ SHAPES = [(1,), (7,), (3, 5, 37), (2, 129), (4, 1, 1000)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
 @pytest.mark.parametrize("t", [0.0, 0.1, 0.5, 2.0])
 def test_cats_forward_backward(device, dtype, shape, t):
     x = make_x(shape, dtype, device, t).requires_grad_()
@@ -86,7 +78,7 @@ def test_cats_forward_backward(device, dtype, shape, t):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=param_id)
 def test_cats_ties_at_threshold(device, dtype):
     """|silu(x)| == threshold is dropped (strict test); just above is kept; negatives too."""
     x = torch.tensor([-3.0, -1.5, -0.7, -0.2, 0.0, 0.2, 0.7, 1.5, 3.0], dtype=dtype, device=device)
@@ -215,7 +207,7 @@ def snap_gates_away(x, wg, t, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_cats_mlp_matches_dense(device, dtype, m, sparsity):
@@ -232,7 +224,7 @@ def test_cats_mlp_matches_dense(device, dtype, m, sparsity):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 def test_cats_mlp_all_and_none_masked(device, dtype):
     x, wg, wu, wd_t = make_mlp(4, 33, 70, dtype, device)
     y = slab.ops.cats_mlp(x, wg, wu, wd_t, 1e9)  # nothing passes

@@ -14,7 +14,7 @@ import torch
 import slab
 from slab import reference as ref
 
-from conftest import CUDA_OK, DEVICES, assert_close, ref_copy
+from conftest import CUDA_OK, DEVICES, assert_close, ref_copy, param_id
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(2, 7, 37), (5, 123, 123), (4, 9, 3), (3, 5, 1), (6, 129), (2, 3, 4, 16)]
@@ -25,14 +25,6 @@ LAMS = [0.0, 0.3, 1.0]
 PARAM_NAMES = ("norm_weight", "norm_bias", "bn_weight", "bn_bias", "alpha")
 
 OPS = torch.ops.slab
-
-
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -204,8 +196,8 @@ def check_results(got, want, x, p, *, training, ctx=""):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("alpha_shape", [(1,), ()], ids=["alpha1", "alpha0d"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
 def test_rep_bn(dtype, shape, alpha_shape, training, device):
     x = make_x(shape, dtype, device)
     p = make_params(shape[-1], dtype, device, norm="none", alpha_shape=alpha_shape)
@@ -215,10 +207,10 @@ def test_rep_bn(dtype, shape, alpha_shape, training, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("lam", LAMS, ids=_id)
+@pytest.mark.parametrize("lam", LAMS, ids=param_id)
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
 def test_prep_bn(dtype, shape, norm, lam, training, device):
     x = make_x(shape, dtype, device)
     p = make_params(shape[-1], dtype, device, norm=norm)
@@ -229,7 +221,7 @@ def test_prep_bn(dtype, shape, norm, lam, training, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
 def test_prep_bn_5x123x123(dtype, norm, training, device):
     """The "weird" shape (5 x 123 x 123: 615 tokens, C not a multiple of any vector width)."""
     x = make_x(BIG, dtype, device)
@@ -240,7 +232,7 @@ def test_prep_bn_5x123x123(dtype, norm, training, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 def test_prep_bn_fp32_params_with_half_x(dtype, training, device):
     """Mixed precision as under autocast: float32 parameters and running stats, 16-bit tokens."""
     x = make_x((4, 33, 48), dtype, device)
@@ -278,7 +270,7 @@ def test_one_token_eval(c, device):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["random", "all_true", "few_masked"])
 @pytest.mark.parametrize("op", ["rep_bn", "prep_bn_layer", "prep_bn_rms"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=param_id)
 def test_masked(dtype, op, kind, training, device):
     shape = (3, 21, 37)
     x = make_x(shape, dtype, device)
@@ -348,7 +340,7 @@ def _strided_x(kind, b, n, c, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["transposed_tokens", "channel_stride", "sliced", "expanded"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 def test_noncontiguous_x(dtype, kind, training, device):
     x = _strided_x(kind, 3, 17, 37, dtype, device)
     assert not x.is_contiguous()
@@ -584,7 +576,7 @@ def test_compile_fullgraph_inductor():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("norm", ["none", "layer", "rms"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 def test_stages_match_fused(dtype, norm, masked, training, device):
     shape = (4, 19, 45)
     c = shape[-1]

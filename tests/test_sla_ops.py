@@ -11,19 +11,11 @@ import torch
 import slab
 import slab.ops
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy, param_id
 
 OPS = torch.ops.slab
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 CHUNK = 64  # the CPU kernels' causal chunk
-
-
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
 
 
 # ---- float64 references ------------------------------------------------------------------------
@@ -123,8 +115,8 @@ SHAPES = [(1, 1, 1, 8, 8), (2, 3, 37, 16, 24), (1, 2, 20, 32, 32), (1, 2, 130, 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sla_forward_backward(device, dtype, shape, causal):
     q, k, v = make_qkv(shape, dtype, device)
@@ -132,8 +124,8 @@ def test_sla_forward_backward(device, dtype, shape, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
-@pytest.mark.parametrize("shape", [(2, 2, 20, 32, 32), (2, 2, 150, 16, 24)], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=param_id)
+@pytest.mark.parametrize("shape", [(2, 2, 20, 32, 32), (2, 2, 150, 16, 24)], ids=param_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sla_mask(device, dtype, shape, causal):
     q, k, v = make_qkv(shape, dtype, device)
@@ -204,7 +196,7 @@ def test_sla_quadratic_switch(device, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sla_qkv_permute_view(device, dtype, causal):
     """The q/k/v views of a fused qkv Linear output are read in place (no copy, not written)."""
@@ -238,7 +230,7 @@ def test_sla_strided_last_dim_and_grad(device, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sla_large_values_16bit(device, dtype, causal):
     """phi(q) . phi(k) of 16-bit inputs of size ~100 is ~1e6 (past float16's range): sums stay in
@@ -253,7 +245,7 @@ def test_sla_large_values_16bit(device, dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [(1, 2, 5, 3, 4), (1, 1, 70, 3, 2)], ids=_id)
+@pytest.mark.parametrize("shape", [(1, 2, 5, 3, 4), (1, 1, 70, 3, 2)], ids=param_id)
 def test_sla_gradcheck(causal, shape):
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, "cpu"))
     mask = make_mask(shape[0], shape[2], "cpu")
@@ -263,7 +255,7 @@ def test_sla_gradcheck(causal, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=param_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_sla_return_state(device, dtype, causal, masked):
@@ -292,7 +284,7 @@ def test_sla_state_not_differentiable():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=param_id)
 @pytest.mark.parametrize("prefill", [0, 1, 70])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_sla_prefill_then_decode(device, dtype, prefill, masked):

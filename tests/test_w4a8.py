@@ -15,19 +15,11 @@ import slab.nn
 import slab.ops
 from slab import quant
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, param_id
 
 OPS = torch.ops.slab
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 GROUPS = [32, 64, 128, -1]
-
-
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
 
 
 # ---- float64 references ------------------------------------------------------------------------
@@ -75,7 +67,7 @@ def make_weights(n, k, group_size, device, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=param_id)
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_quantize_w4_round_trip(device, dtype, group_size):
     n, k = 7, 256
@@ -152,8 +144,8 @@ def test_quantize_w4_errors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (2, 3, 200), (64,)], ids=_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=param_id)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (2, 3, 200), (64,)], ids=param_id)
 def test_quantize_fp8_bit_exact(device, dtype, shape):
     x = (torch.randn(shape) * torch.logspace(-6, 6, shape[-1])).to(dtype).to(device)
     if x.dim() > 1:
@@ -246,7 +238,7 @@ def _gemm_case(device, m, n, k, group_size, out_dtype, form):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=_id)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=param_id)
 def test_gemm_matches_reference(device, m, group_size, out_dtype):
     form = "packed" if (m + group_size) % 2 else "spec"
     _gemm_case(device, m, 37, 256, group_size, out_dtype, form)
@@ -255,7 +247,7 @@ def test_gemm_matches_reference(device, m, group_size, out_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 1, 32, 32), (3, 5, 96, 32), (2, 130, 192, 64), (9, 17, 384, 128),
                                               (5, 3, 70, -1), (17, 33, 2, -1), (4096, 3, 64, 32), (8, 4101, 64, 64)],
-                         ids=_id)
+                         ids=param_id)
 def test_gemm_odd_shapes(device, m, n, k, group_size):
     _gemm_case(device, m, n, k, group_size, torch.float32, "spec")
 
@@ -304,7 +296,7 @@ def test_gemm_nan_propagates(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=param_id)
 @pytest.mark.parametrize("m", [1, 5, 16, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_reference(device, dtype, m, bias):
@@ -373,7 +365,7 @@ def test_prepack_cpu_is_row_major():
     assert torch.equal(pw.packed, packed) and torch.equal(pw.scales, scales)
 
 
-@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 130)], ids=_id)
+@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 130)], ids=param_id)
 def test_tiled_layout(n, k):
     """The CUDA tile layout, checked against the formula of w4a8.h written out independently:
     lane l (g = l // 4, t = l % 4), nibble q of its 16 bytes -> row g + 8 * ((q // 4) % 2),
