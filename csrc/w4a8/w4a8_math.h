@@ -88,6 +88,13 @@ SLAB_HD float e4m3_to_float(uint8_t b) {
   return bits_float(sign | ((mag + (120u << 3)) << 20));
 }
 
+// |e4m3 value| * 512 (a multiple of 2^-9, the smallest subnormal) as an exact integer below 2^18;
+// the code must not be NaN. Subnormals m * 2^-9 -> m; normals (8 + m) * 2^(e - 7 - 3) -> (8 + m) << (e - 1).
+SLAB_HD uint32_t e4m3_magnitude_units(uint8_t b) {
+  const uint32_t mag = b & 0x7F;
+  return mag < 8 ? mag : (8u + (mag & 7u)) << ((mag >> 3) - 1u);
+}
+
 // fp32 -> e4m3 with round-to-nearest-even, the way torch's `.to(torch.float8_e4m3fn)` does it:
 // NaN -> NaN (0x7F with the sign), |f| at or beyond the rounding boundary of 448 (and +-inf)
 // saturate to +-448, values below the normal range round to the nearest subnormal.
