@@ -20,8 +20,6 @@ constexpr int64_t kElemGrain = 16384;  // elements per elementwise task
 constexpr int64_t kRowGrain = 16;      // neurons per gate/up task
 constexpr int64_t kPrefetchBytes = 512;  // distance of the software prefetch in weight streams
 
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
 template <typename T>
 AccVec<T> load_at(const T* p, int64_t i, int64_t n) {
   return n - i >= kVecWidth<T> ? load_vec(p + i) : load_vec_n(p + i, n - i);
@@ -255,8 +253,8 @@ void down(const MlpParams& p, const std::vector<int64_t>& kept) {
   constexpr int64_t vw = kVecWidth<T>;
   const int64_t M = p.tokens, D = p.dim, nkept = static_cast<int64_t>(kept.size());
   const int64_t width = round_up(D, 4 * vw);  // whole steps of down_tokens
-  const int64_t chunks = std::clamp<int64_t>((nkept + kMinRowsPerChunk - 1) / kMinRowsPerChunk, 1, kMaxChunks);
-  const int64_t per = (nkept + chunks - 1) / chunks;
+  const int64_t chunks = std::clamp<int64_t>(ceil_div(nkept, kMinRowsPerChunk), 1, kMaxChunks);
+  const int64_t per = ceil_div(nkept, chunks);
   std::vector<A> partial(chunks * M * width);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

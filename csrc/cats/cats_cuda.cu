@@ -26,7 +26,7 @@ constexpr int kTargetBlocks = 1024;   // down: enough blocks to fill any current
 __device__ __forceinline__ float exp_acc(float v) { return __expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 
-int elem_blocks(int64_t n) { return std::max(1, std::min(ceil_div(n, kElemThreads), 65535)); }
+int elem_blocks(int64_t n) { return grid_stride_blocks(n, kElemThreads); }
 
 // ---- elementwise ---------------------------------------------------------------------------------
 
@@ -112,8 +112,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gate_up_kernel(MlpParams 
 }
 
 int down_splits(int64_t features, int64_t dim) {
-  const int by_blocks = std::max(1, ceil_div(kTargetBlocks, ceil_div(dim, kDownThreads)));
-  return std::max(1, std::min(ceil_div(features, kRowsPerSplit), by_blocks));
+  const int64_t by_blocks = std::max<int64_t>(1, ceil_div(kTargetBlocks, ceil_div(dim, kDownThreads)));
+  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(features, kRowsPerSplit), by_blocks)));
 }
 
 template <typename T>
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kDownThreads) down_partial_kernel(MlpParams p,
   using A = acc_t<T>;
   const int64_t d = static_cast<int64_t>(blockIdx.x) * kDownThreads + threadIdx.x;
   const int M = static_cast<int>(p.tokens);
-  const int64_t per = (p.features + splits - 1) / splits;
+  const int64_t per = ceil_div(p.features, splits);
   const int64_t f0 = blockIdx.y * per, f1 = min(p.features, f0 + per);
   const T* wd = static_cast<const T*>(p.w_down_t);
   const A* act = static_cast<const A*>(p.act);

@@ -10,6 +10,10 @@
 
 namespace slab {
 
+// a / b rounded up, and a rounded up to a multiple of b (a >= 0, b > 0): tile, chunk and block counts.
+SLAB_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+SLAB_HD constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 // Element types a kernel may be asked for; the binding layer maps torch dtypes onto these.
 enum class DType : int8_t { kFloat32, kFloat16, kBFloat16, kFloat64 };
 

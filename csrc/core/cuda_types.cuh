@@ -47,7 +47,13 @@ template <typename A> __device__ __forceinline__ A block_sum(A v, A* scratch) {
   return total;
 }
 
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Blocks of a grid-stride loop over n items, `threads` per block: one item per thread up to the
+// 65535 blocks every grid dimension allows, the loop covering the rest.
+inline int grid_stride_blocks(int64_t n, int threads) {
+  const int64_t blocks = ceil_div(n, threads);
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
 
 }  // namespace slab
 

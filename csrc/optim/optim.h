@@ -148,12 +148,10 @@ void momentum_cuda(const MomentumParams& p, CUstream_st* stream);
 void adamp_stage1_cuda(const AdamPParams& p, CUstream_st* stream);
 void adamp_stage2_cuda(const AdamPParams& p, CUstream_st* stream);
 
-inline int64_t chunks_of(int64_t numel, int64_t chunk) { return (numel + chunk - 1) / chunk; }
-
 // Number of partial sums (one per CUDA chunk) the CUDA reductions over `list` need.
 inline int64_t workspace_floats(const TensorList& list) {
   int64_t n = 0;
-  for (int64_t i = 0; i < list.count; ++i) n += chunks_of(list.numel[i], kCudaChunk);
+  for (int64_t i = 0; i < list.count; ++i) n += ceil_div(list.numel[i], kCudaChunk);
   return n;
 }
 

@@ -333,7 +333,7 @@ void for_each_launch(const TensorList* lists, int nlists, const Fill& fill, cons
       t.numel[k] = first.numel[i];
       t.first_chunk[k] = blocks;
       t.index[k] = static_cast<int>(i);
-      blocks += static_cast<int>(chunks_of(first.numel[i], kCudaChunk));
+      blocks += static_cast<int>(ceil_div(first.numel[i], kCudaChunk));
       for (int l = 0; l < nlists; ++l) t.data[l][k] = lists[l].count ? lists[l].data[i] : nullptr;
       fill(t, k, i);
     }
@@ -446,7 +446,7 @@ void for_each_row_launch(const AdamPParams& p, const Launch& launch) {
       t.row_base[k] = row_base;
       t.first_chunk[k] = blocks;
       t.index[k] = static_cast<int>(i);
-      blocks += static_cast<int>((rows + per - 1) / per);
+      blocks += static_cast<int>(ceil_div(rows, per));
       for (int l = 0; l < 4; ++l) t.data[l][k] = lists[l].data[i];
       row_base += rows;
     }

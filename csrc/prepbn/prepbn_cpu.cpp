@@ -17,7 +17,6 @@ namespace {
 constexpr int64_t kRowBlock = 256;     // rows per partial of a column reduction
 constexpr int64_t kChannelTile = 512;  // channels per task: the tile's accumulators stay in L1
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 AccVec<T> load_at(const T* row, int64_t c, int64_t channels) {
@@ -50,7 +49,7 @@ void for_each_tile(int64_t rows, int64_t channels, const Fn& fn) {
 template <typename A>
 std::vector<A> padded(int64_t channels) {
   constexpr int64_t w = at::vec::Vectorized<A>::size();
-  return std::vector<A>(ceil_div(channels, w) * w, A(0));
+  return std::vector<A>(round_up(channels, w), A(0));
 }
 
 // ---- forward: per-channel moments ---------------------------------------------------------

@@ -19,9 +19,9 @@ constexpr int kTargetBlocks = 1024;  // enough column-reduction blocks to fill a
 
 // Row splits of a column reduction: enough blocks to fill the GPU, at least 64 rows each.
 int row_splits(int64_t rows, int64_t channels) {
-  const int tiles = ceil_div(channels, kTileC);
-  const int by_rows = std::max(1, ceil_div(rows, kMinRowsPerSplit));
-  return std::max(1, std::min(by_rows, ceil_div(kTargetBlocks, tiles)));
+  const int64_t tiles = ceil_div(channels, kTileC);
+  const int64_t by_rows = std::max<int64_t>(1, ceil_div(rows, kMinRowsPerSplit));
+  return static_cast<int>(std::max<int64_t>(1, std::min(by_rows, ceil_div(kTargetBlocks, tiles))));
 }
 
 // Workspace of a column reduction: [splits][3][channels] partial values, then [splits] counts.
@@ -37,7 +37,7 @@ __device__ __forceinline__ bool is_kept(const bool* mask, int64_t row) { return 
 
 // Rows [begin, end) of split `s`.
 __device__ __forceinline__ void split_rows(int64_t rows, int splits, int s, int64_t& begin, int64_t& end) {
-  const int64_t per = (rows + splits - 1) / splits;
+  const int64_t per = ceil_div(rows, splits);
   begin = min(rows, s * per);
   end = min(rows, begin + per);
 }

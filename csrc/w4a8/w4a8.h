@@ -32,8 +32,6 @@ constexpr int64_t kTileRows = 16;  // kTiled: rows of one tile (mma M of the wei
 constexpr int64_t kTileCols = 64;  // kTiled: columns of one tile (two mma k32 steps)
 constexpr int64_t kTileBytes = kTileRows * kTileCols / 2;
 
-constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
 struct QuantFp8Params {
   DType dtype;
   int64_t rows, cols;  // x contiguous (rows, cols)

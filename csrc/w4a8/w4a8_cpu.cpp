@@ -472,7 +472,7 @@ void panel_micro(const float* panel, const float* scales, const float* x, int64_
 void blocked(const GemmParams& p) {
   const Activations a = decode_activations(p, /*gemv_order=*/false);
   const int64_t groups = p.k / p.group;
-  const int64_t blocks = (p.n + kBlockRows - 1) / kBlockRows;
+  const int64_t blocks = ceil_div(p.n, kBlockRows);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(static_cast<size_t>(p.k * kBlockRows));
     std::vector<float> scales(static_cast<size_t>(groups * kBlockRows));
@@ -515,8 +515,8 @@ void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {
 }
 
 void tile_weights_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst) {
-  const int64_t kt_count = round_up(k, kTileCols) / kTileCols;
-  const int64_t tiles = round_up(n, kTileRows) / kTileRows * kt_count;
+  const int64_t kt_count = ceil_div(k, kTileCols);
+  const int64_t tiles = ceil_div(n, kTileRows) * kt_count;
   at::parallel_for(0, tiles, 64, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t row0 = tile / kt_count * kTileRows, col0 = tile % kt_count * kTileCols;

@@ -96,7 +96,7 @@ __global__ void int4_to_e4m3_kernel(const uint16_t* in, int64_t words, uint32_t*
 // ---- weight tiles --------------------------------------------------------------------------------
 
 __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, int64_t total) {
-  const int64_t kt_count = round_up(k, kTileCols) / kTileCols;
+  const int64_t kt_count = ceil_div(k, kTileCols);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t tile = i / kTileBytes;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_
 // decode GEMM needs many loads in flight), each split at least one 64-column tile, none empty.
 template <int MT>
 Split plan_split_for(int64_t m, int64_t n, int64_t k) {
-  const int64_t k_tiles = round_up(k, kTileCols) / kTileCols;
+  const int64_t k_tiles = ceil_div(k, kTileCols);
   const int64_t blocks = ceil_div(round_up(n, kTileRows), kTileRows * kWarps) * ceil_div(m, 8 * MT);
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm_kernel<MT, float>, kThreads, 0) != cudaSuccess) {
@@ -216,8 +216,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_
   constexpr int kTokens = 8 * MT;
   __shared__ __align__(16) uint8_t xs[kTokens * kXRowBytes];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t k_tiles = round_up(p.k, kTileCols) / kTileCols;
-  const int64_t row_tiles = round_up(p.n, kTileRows) / kTileRows;
+  const int64_t k_tiles = ceil_div(p.k, kTileCols);
+  const int64_t row_tiles = ceil_div(p.n, kTileRows);
   const int64_t groups = p.k / p.group;  // scales per weight row
   const int64_t rt = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // this warp's row tile
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTokens;
@@ -355,13 +355,13 @@ void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
 }
 
 void int4_to_e4m3_cuda(const uint16_t* in, int64_t words, uint32_t* out, CUstream_st* stream) {
-  const int blocks = std::max(1, std::min(ceil_div(words, 256), 65535));
+  const int blocks = grid_stride_blocks(words, 256);
   int4_to_e4m3_kernel<<<blocks, 256, 0, stream>>>(in, words, out);
 }
 
 void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, CUstream_st* stream) {
   const int64_t total = round_up(n, kTileRows) * round_up(k, kTileCols) / 2;
-  const int blocks = std::max(1, std::min(ceil_div(total, 256), 65535));
+  const int blocks = grid_stride_blocks(total, 256);
   tile_kernel<<<blocks, 256, 0, stream>>>(src, n, k, dst, total);
 }
 
@@ -373,7 +373,7 @@ void gemm_cuda(const GemmParams& p, CUstream_st* stream) {
   else if (tokens == 32) launch_gemm<4>(p, sp, stream);
   else launch_gemm<8>(p, sp, stream);
   if (sp.splits == 1) return;  // the GEMM wrote y itself
-  const int blocks = std::max(1, std::min(ceil_div(p.m * p.n, 256), 65535));
+  const int blocks = grid_stride_blocks(p.m * p.n, 256);
   SLAB_DTYPE_SWITCH(p.out_dtype, CudaScalar, O, [&] { reduce_kernel<O><<<blocks, 256, 0, stream>>>(p, sp.splits); });
 }
 
