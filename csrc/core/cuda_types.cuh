@@ -35,7 +35,8 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds one value per warp.
+// Sum over a 1-D block (blockDim.y == blockDim.z == 1: warps are numbered by threadIdx.x); every
+// thread gets the result. `scratch` holds one value per warp.
 template <typename A> __device__ __forceinline__ A block_sum(A v, A* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
   v = warp_sum(v);
