@@ -165,12 +165,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = B.pick_device(args.device)
-    warn = B.busy_warning(device)
-    if warn:
-        print(warn, file=sys.stderr)
+    device = B.start(args.threads, args.device)
     sp = args.sparsity or ("0,0.5,0.9" if args.quick else "0,0.3,0.5,0.7,0.9")
     args.warmup, args.reps, args.max_reps, args.budget = (2, 5, 20, 0.3) if args.quick else (3, 10, 100, 1.0)
     cfgs = B.grid(Config, shape=args.shapes.split(","), dtype=[B.parse_dtype(s) for s in args.dtype.split(",")],

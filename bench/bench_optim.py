@@ -170,12 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = B.pick_device(args.device)
-    warn = B.busy_warning(device)
-    if warn:
-        print(warn, file=sys.stderr)
+    device = B.start(args.threads, args.device)
     bw = B.copy_bandwidth(device)
     print(f"device: {B.device_description(device)}; threads {torch.get_num_threads()}; "
           f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")

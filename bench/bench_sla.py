@@ -306,12 +306,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = B.pick_device(args.device)
-    warn = B.busy_warning(device)
-    if warn:
-        print(warn, file=sys.stderr)
+    device = B.start(args.threads, args.device)
     args.dtypes = [B.parse_dtype(s) for s in args.dtype.split(",")]
     modes = ["fwdbwd"] if args.quick and args.mode == "fwd,fwdbwd" else args.mode.split(",")
     args.warmup, args.reps, args.max_reps, args.budget = (1, 3, 10, 0.5) if args.quick else (2, 5, 30, 1.0)

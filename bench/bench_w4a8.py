@@ -177,12 +177,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = B.pick_device(args.device)
-    warn = B.busy_warning(device)
-    if warn:
-        print(warn, file=sys.stderr)
+    device = B.start(args.threads, args.device)
     if args.m is None:
         args.m = "1,4,16,64" + (",256,4096" if device.type == "cuda" else "")
     args.warmup, args.reps, args.max_reps, args.budget = (2, 5, 20, 0.3) if args.quick else (3, 10, 100, 1.0)

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -50,6 +51,7 @@ __all__ = [
     "profile_table",
     "fmt_bytes",
     "busy_warning",
+    "start",
 ]
 
 
@@ -129,6 +131,18 @@ def busy_warning(device: torch.device | str = "cpu") -> Optional[str]:
                 f"{where} will be unreliable (torch.set_num_threads(1) / --threads 1 suffers less)")
     return None
 
+
+
+def start(threads: Optional[int], requested_device: Optional[str]) -> torch.device:
+    """The common start of a benchmark script: torch's CPU thread count (when given), the device
+    (:func:`pick_device`), and the :func:`busy_warning` on stderr when the machine is loaded."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(requested_device)
+    warn = busy_warning(device)
+    if warn:
+        print(warn, file=sys.stderr)
+    return device
 
 def synchronize(device: torch.device) -> None:
     device = torch.device(device)
