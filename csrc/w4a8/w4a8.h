@@ -14,7 +14,7 @@
 //   kTiled     the CUDA layout: rows padded to a multiple of 16 and columns to a multiple of 64;
 //              tile (nt, kt) of 16 rows x 64 columns is 512 contiguous bytes, 16 per lane of a
 //              warp, holding exactly the nibbles of that lane's mma A fragments for two k32 steps
-//              (see tiled_source() in w4a8_math.h), so every lane issues one 16-byte load per tile
+//              (see tile_position() and tiled_byte() in w4a8_math.h), so every lane issues one 16-byte load per tile
 //              and converts its nibbles to e4m3 in registers without shuffles.
 #pragma once
 #include <cstddef>

@@ -515,25 +515,9 @@ void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {
 }
 
 void tile_weights_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst) {
-  const int64_t kt_count = ceil_div(k, kTileCols);
-  const int64_t tiles = ceil_div(n, kTileRows) * kt_count;
-  at::parallel_for(0, tiles, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row0 = tile / kt_count * kTileRows, col0 = tile % kt_count * kTileCols;
-      uint8_t* out = dst + tile * kTileBytes;
-      for (int lane = 0; lane < 32; ++lane) {
-        for (int byte = 0; byte < 16; ++byte) {
-          uint8_t v = 0;
-          for (int half = 0; half < 2; ++half) {
-            const TilePos pos = tile_position(lane, 2 * byte + half);
-            const int64_t r = row0 + pos.row, c = col0 + pos.col;
-            const int nib = (r < n && c < k) ? (src[r * (k / 2) + c / 2] >> (4 * (c & 1))) & 15 : 0;
-            v |= static_cast<uint8_t>(nib << (4 * half));
-          }
-          out[lane * 16 + byte] = v;
-        }
-      }
-    }
+  const int64_t total = round_up(n, kTileRows) * round_up(k, kTileCols) / 2;
+  at::parallel_for(0, total, 64 * kTileBytes, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = tiled_byte(src, n, k, i);
   });
 }
 

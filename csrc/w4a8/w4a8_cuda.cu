@@ -96,21 +96,9 @@ __global__ void int4_to_e4m3_kernel(const uint16_t* in, int64_t words, uint32_t*
 // ---- weight tiles --------------------------------------------------------------------------------
 
 __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, int64_t total) {
-  const int64_t kt_count = ceil_div(k, kTileCols);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t tile = i / kTileBytes;
-    const int lane = static_cast<int>(i % kTileBytes) / 16, byte = static_cast<int>(i % 16);
-    const int64_t row0 = tile / kt_count * kTileRows, col0 = tile % kt_count * kTileCols;
-    uint8_t v = 0;
-    for (int half = 0; half < 2; ++half) {
-      const TilePos pos = tile_position(lane, 2 * byte + half);
-      const int64_t r = row0 + pos.row, c = col0 + pos.col;
-      const int nib = (r < n && c < k) ? (src[r * (k / 2) + c / 2] >> (4 * (c & 1))) & 15 : 0;
-      v |= static_cast<uint8_t>(nib << (4 * half));
-    }
-    dst[i] = v;
-  }
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = tiled_byte(src, n, k, i);
 }
 
 // ---- mma ----------------------------------------------------------------------------------------

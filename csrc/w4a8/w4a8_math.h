@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "w4a8/w4a8.h"  // the tile constants
 
 namespace slab::w4a8 {
 
@@ -145,6 +146,23 @@ SLAB_HD TilePos tile_position(int lane, int q) {
   const int g = lane >> 2, t = lane & 3;
   const int w = q >> 3, h = (q >> 2) & 1, j = q & 3;
   return {g + 8 * h, 32 * (w >> 1) + 16 * (w & 1) + 4 * t + j};
+}
+
+// Byte i of the tiled layout of row-major packed weights src (n, k / 2): tile i / kTileBytes
+// (row-major over (ceil(n / 16), ceil(k / 64)) tiles), lane (i % kTileBytes) / 16, byte i % 16;
+// its two nibbles come from the (row, col) tile_position gives, zero outside the matrix.
+SLAB_HD uint8_t tiled_byte(const uint8_t* src, int64_t n, int64_t k, int64_t i) {
+  const int64_t tile = i / kTileBytes, kt_count = ceil_div(k, kTileCols);
+  const int64_t row0 = tile / kt_count * kTileRows, col0 = tile % kt_count * kTileCols;
+  const int lane = static_cast<int>(i % kTileBytes) / 16, byte = static_cast<int>(i % 16);
+  uint8_t v = 0;
+  for (int half = 0; half < 2; ++half) {
+    const TilePos pos = tile_position(lane, 2 * byte + half);
+    const int64_t r = row0 + pos.row, c = col0 + pos.col;
+    const int nib = (r < n && c < k) ? (src[r * (k / 2) + c / 2] >> (4 * (c & 1))) & 15 : 0;
+    v |= static_cast<uint8_t>(nib << (4 * half));
+  }
+  return v;
 }
 
 }  // namespace slab::w4a8
