@@ -20,17 +20,6 @@ constexpr int64_t kElemGrain = 16384;  // elements per elementwise task
 constexpr int64_t kRowGrain = 16;      // neurons per gate/up task
 constexpr int64_t kPrefetchBytes = 512;  // distance of the software prefetch in weight streams
 
-template <typename T>
-AccVec<T> load_at(const T* p, int64_t i, int64_t n) {
-  return n - i >= kVecWidth<T> ? load_vec(p + i) : load_vec_n(p + i, n - i);
-}
-
-template <typename T>
-void store_at(T* p, int64_t i, int64_t n, const AccVec<T>& v) {
-  if (n - i >= kVecWidth<T>) store_vec(p + i, v);
-  else store_vec_n(p + i, n - i, v);
-}
-
 // ---- elementwise cats and its backward ---------------------------------------------------------
 
 template <typename T>

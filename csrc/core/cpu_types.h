@@ -61,6 +61,18 @@ inline void store_vec_n(T* p, int64_t n, const AccVec<T>& v) {
   for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
 }
 
+// The vector at p[i] of a row that ends at `end`: a full load/store, or the shorter tail piece.
+template <typename T>
+inline AccVec<T> load_at(const T* p, int64_t i, int64_t end) {
+  return end - i >= kVecWidth<T> ? load_vec(p + i) : load_vec_n(p + i, end - i);
+}
+
+template <typename T>
+inline void store_at(T* p, int64_t i, int64_t end, const AccVec<T>& v) {
+  if (end - i >= kVecWidth<T>) store_vec(p + i, v);
+  else store_vec_n(p + i, end - i, v);
+}
+
 // Zeroes the lanes at and past n, so padded lanes add nothing to a reduction.
 template <typename V>
 inline V keep_first_n(const V& v, int64_t n) {

@@ -44,16 +44,6 @@ const T* in(const TensorList& l, int64_t t) { return static_cast<const T*>(l.dat
 template <typename T>
 T* out(const TensorList& l, int64_t t) { return static_cast<T*>(l.data[t]); }
 
-template <typename T>
-AccVec<T> load_at(const T* p, int64_t i, int64_t end) {
-  return end - i >= kVecWidth<T> ? load_vec(p + i) : load_vec_n(p + i, end - i);
-}
-template <typename T>
-void store_at(T* p, int64_t i, int64_t end, const AccVec<T>& v) {
-  if (end - i >= kVecWidth<T>) store_vec(p + i, v);
-  else store_vec_n(p + i, end - i, v);
-}
-
 // Reciprocal gradient scale (GradScaler's scale), negated for maximize.
 float grad_factor(const float* grad_scale, bool maximize) {
   const float s = grad_scale ? 1.0f / *grad_scale : 1.0f;

@@ -18,19 +18,6 @@ constexpr int64_t kRowBlock = 256;     // rows per partial of a column reduction
 constexpr int64_t kChannelTile = 512;  // channels per task: the tile's accumulators stay in L1
 
 
-template <typename T>
-AccVec<T> load_at(const T* row, int64_t c, int64_t channels) {
-  const int64_t n = channels - c;
-  return n >= kVecWidth<T> ? load_vec(row + c) : load_vec_n(row + c, n);
-}
-
-template <typename T>
-void store_at(T* row, int64_t c, int64_t channels, const AccVec<T>& v) {
-  const int64_t n = channels - c;
-  if (n >= kVecWidth<T>) store_vec(row + c, v);
-  else store_vec_n(row + c, n, v);
-}
-
 bool is_kept(const bool* mask, int64_t row) { return mask == nullptr || mask[row]; }
 
 // Runs fn(row_block, c_begin, c_end) for every (row block, channel tile) pair, in parallel.

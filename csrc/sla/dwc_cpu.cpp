@@ -17,22 +17,6 @@ namespace {
 constexpr int64_t kTaskElems = 4096;  // output elements per parallel task (at least one row)
 
 template <typename T>
-AccVec<T> load_at(const T* p, int64_t c, int64_t channels) {
-  return channels - c >= kVecWidth<T> ? load_vec(p + c) : load_vec_n(p + c, channels - c);
-}
-
-template <typename A, typename V>
-V load_acc_at(const A* p, int64_t c, int64_t channels) {
-  return channels - c >= V::size() ? V::loadu(p + c) : V::loadu(p + c, channels - c);
-}
-
-template <typename T>
-void store_at(T* p, int64_t c, int64_t channels, const AccVec<T>& v) {
-  if (channels - c >= kVecWidth<T>) store_vec(p + c, v);
-  else store_vec_n(p + c, channels - c, v);
-}
-
-template <typename T>
 const T* token_ptr(const void* base, const RowStrides& s, int64_t b, int64_t h, int64_t n) {
   return static_cast<const T*>(base) + b * s.b + h * s.h + n * s.n;
 }
@@ -58,12 +42,12 @@ void dwc_forward(const DwcParams& p) {
         const int64_t n = y * W + x;
         T* out = static_cast<T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + n * p.out_stride.n;
         for (int64_t c = 0; c < C; c += kVecWidth<T>) {
-          V acc = bias ? load_acc_at<A, V>(bias, c, C) : V(0);
+          V acc = bias ? load_at(bias, c, C) : V(0);
           if (p.residual) acc = acc + load_at(token_ptr<T>(p.residual, p.residual_stride, b, h, n), c, C);
           for (int64_t i = ilo; i < ihi; ++i) {
             for (int64_t j = jlo; j < jhi; ++j) {
               const T* src = token_ptr<T>(p.v, p.v_stride, b, h, tap_source(g, y, x, i, j));
-              acc = tap_fma(acc, load_acc_at<A, V>(weight + (i * g.kernel_w + j) * C, c, C), load_at(src, c, C));
+              acc = tap_fma(acc, load_at(weight + (i * g.kernel_w + j) * C, c, C), load_at(src, c, C));
             }
           }
           store_at(out, c, C, acc);
@@ -91,13 +75,13 @@ void weight_grad_slice(const DwcWeightGradParams& p, int64_t b, int64_t h, acc_t
       const T* grad = token_ptr<T>(p.grad, p.grad_stride, b, h, y * g.grid_w + x);
       for (int64_t c = 0; c < C; c += kVecWidth<T>) {
         const V gv = load_at(grad, c, C);
-        A* bias_row = sums + taps * C + c;
-        store_at(bias_row, 0, C - c, load_acc_at<A, V>(bias_row, 0, C - c) + gv);
+        A* bias_row = sums + taps * C;
+        store_at(bias_row, c, C, load_at(bias_row, c, C) + gv);
         for (int64_t i = ilo; i < ihi; ++i) {
           for (int64_t j = jlo; j < jhi; ++j) {
             const T* src = token_ptr<T>(p.v, p.v_stride, b, h, tap_source(g, y, x, i, j));
-            A* row = sums + (i * g.kernel_w + j) * C + c;
-            store_at(row, 0, C - c, tap_fma(load_acc_at<A, V>(row, 0, C - c), gv, load_at(src, c, C)));
+            A* row = sums + (i * g.kernel_w + j) * C;
+            store_at(row, c, C, tap_fma(load_at(row, c, C), gv, load_at(src, c, C)));
           }
         }
       }
@@ -140,11 +124,11 @@ void dwc_step(const DwcStepParams& p) {
       T* cache = static_cast<T*>(p.cache) + bh * (K - 1) * C;
       T* out = static_cast<T*>(p.out) + bh * C;
       for (int64_t c = 0; c < C; c += kVecWidth<T>) {
-        V acc = bias ? load_acc_at<A, V>(bias, c, C) : V(0);
+        V acc = bias ? load_at(bias, c, C) : V(0);
         if (p.residual) acc = acc + load_at(static_cast<const T*>(p.residual) + bh * C, c, C);
         for (int64_t t = 0; t < K; ++t) {
           const T* src = history_from_cache(t, K) ? cache + t * C : v;
-          acc = tap_fma(acc, load_acc_at<A, V>(weight + t * C, c, C), load_at(src, c, C));
+          acc = tap_fma(acc, load_at(weight + t * C, c, C), load_at(src, c, C));
         }
         store_at(out, c, C, acc);
       }
