@@ -160,7 +160,7 @@ inline void parse_flags(const char* name, int* argc, char** argv, CommonFlags& f
     if (d == 1 && !cuda_usable()) usage_error("--device=cuda: no CUDA device, or this slab build has no CUDA kernels");
 }
 
-// The typed handle of a slab op; callers keep it in a function-local static.
+// The typed handle of a slab op; each benchmark looks its ops up once (a static Ops struct).
 template <class Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();

@@ -100,17 +100,15 @@ void parse_own_flags(int* argc, char** argv) {
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
-const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
-  static const auto op = find_op<FwdFn>("slab::prep_bn_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
-  static const auto op = find_op<BwdFn>("slab::prep_bn_bwd");
-  return op;
-}
-const c10::TypedOperatorHandle<UpdateFn>& update_op() {
-  static const auto op = find_op<UpdateFn>("slab::bn_update_running_stats");
-  return op;
+// Typed handles of the benchmarked ops, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::prep_bn_fwd");
+  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::prep_bn_bwd");
+  c10::TypedOperatorHandle<UpdateFn> update = find_op<UpdateFn>("slab::bn_update_running_stats");
+};
+const Ops& ops() {
+  static const Ops handles;
+  return handles;
 }
 
 // Inputs of one configuration. Parameters and running stats are float32 (as the modules keep
@@ -138,14 +136,14 @@ Inputs make_inputs(int64_t rows, int64_t channels, at::ScalarType dtype, at::Dev
 
 // slab: training forward (statistics + output, then the running-stat update).
 Tensors6 slab_forward(Inputs& in) {
-  auto out = fwd_op().call(in.x, in.norm_weight, in.nb(), in.bn_weight, in.bn_bias, in.alpha, in.running_mean,
+  auto out = ops().fwd.call(in.x, in.norm_weight, in.nb(), in.bn_weight, in.bn_bias, in.alpha, in.running_mean,
                            in.running_var, g_opt.lam, true, kEps, kNormEps, g_opt.norm, std::nullopt);
-  update_op().call(in.running_mean, in.running_var, std::get<3>(out), std::get<5>(out), kMomentum);
+  ops().update.call(in.running_mean, in.running_var, std::get<3>(out), std::get<5>(out), kMomentum);
   return out;
 }
 
 Tensors6 slab_backward(const Inputs& in, const Tensors6& f) {
-  return bwd_op().call(in.dy, in.x, in.norm_weight, in.bn_weight, in.alpha, std::get<1>(f), std::get<2>(f),
+  return ops().bwd.call(in.dy, in.x, in.norm_weight, in.bn_weight, in.alpha, std::get<1>(f), std::get<2>(f),
                        std::get<3>(f), std::get<4>(f), g_opt.lam, true, g_opt.norm, std::nullopt);
 }
 

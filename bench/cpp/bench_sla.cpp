@@ -90,17 +90,15 @@ void parse_own_flags(int* argc, char** argv) {
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
-const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
-  static const auto op = find_op<FwdFn>("slab::sla_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
-  static const auto op = find_op<BwdFn>("slab::sla_bwd");
-  return op;
-}
-const c10::TypedOperatorHandle<StepFn>& step_op() {
-  static const auto op = find_op<StepFn>("slab::sla_step");
-  return op;
+// Typed handles of the benchmarked ops, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::sla_fwd");
+  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::sla_bwd");
+  c10::TypedOperatorHandle<StepFn> step = find_op<StepFn>("slab::sla_step");
+};
+const Ops& ops() {
+  static const Ops handles;
+  return handles;
 }
 
 // Causal composite: masked scores normalised by their row sums (the eager form of SLAB's causal
@@ -187,11 +185,11 @@ bool verify(const std::vector<int64_t>& shape, int64_t dt, int64_t dev) {
   const auto dtype = kDtypes[dt];
   Inputs in = make_inputs(shape, dtype, device_of(dev));
   c10::InferenceMode guard;  // slab's ops only; the autograd reference is built below without it
-  const auto [o, den, state, z] = fwd_op().call(in.q, in.k, in.v, true, kEps, std::nullopt);
-  const auto [dq, dk, dv] = bwd_op().call(in.dout, in.q, in.k, in.v, o, den, true, std::nullopt);
-  const Tensor o_nc = std::get<0>(fwd_op().call(in.q, in.k, in.v, false, kEps, std::nullopt));
+  const auto [o, den, state, z] = ops().fwd.call(in.q, in.k, in.v, true, kEps, std::nullopt);
+  const auto [dq, dk, dv] = ops().bwd.call(in.dout, in.q, in.k, in.v, o, den, true, std::nullopt);
+  const Tensor o_nc = std::get<0>(ops().fwd.call(in.q, in.k, in.v, false, kEps, std::nullopt));
   Tensor state1 = in.state.clone(), z1 = in.z.clone();
-  const Tensor o_step = step_op().call(in.q1, in.k1, in.v1, state1, z1, kEps);
+  const Tensor o_step = ops().step.call(in.q1, in.k1, in.v1, state1, z1, kEps);
 
   auto d64 = [](const Tensor& t) { return t.detach().to(at::kCPU, at::kDouble); };
   CausalRef ref;
@@ -269,13 +267,13 @@ std::function<void()> slab_call(Kind kind, Inputs& in) {
   return [&in, kind] {
     c10::InferenceMode guard;  // the ops' autograd lives in Python; the raw ops are timed here
     if (kind == Kind::kStep) {
-      benchmark::DoNotOptimize(step_op().call(in.q1, in.k1, in.v1, in.state, in.z, kEps).data_ptr());
+      benchmark::DoNotOptimize(ops().step.call(in.q1, in.k1, in.v1, in.state, in.z, kEps).data_ptr());
       return;
     }
     const bool causal = kind != Kind::kFwd;
-    const auto f = fwd_op().call(in.q, in.k, in.v, causal, kEps, std::nullopt);
+    const auto f = ops().fwd.call(in.q, in.k, in.v, causal, kEps, std::nullopt);
     if (kind == Kind::kCausalFwdBwd)
-      benchmark::DoNotOptimize(std::get<0>(bwd_op().call(in.dout, in.q, in.k, in.v, std::get<0>(f), std::get<1>(f),
+      benchmark::DoNotOptimize(std::get<0>(ops().bwd.call(in.dout, in.q, in.k, in.v, std::get<0>(f), std::get<1>(f),
                                                           causal, std::nullopt))
                                    .data_ptr());
     benchmark::DoNotOptimize(std::get<0>(f).data_ptr());

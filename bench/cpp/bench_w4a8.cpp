@@ -99,21 +99,16 @@ void parse_own_flags(int* argc, char** argv) {
 int64_t group_columns(int64_t k) { return g_opt.group == -1 ? k : g_opt.group; }
 
 // ---- the ops -----------------------------------------------------------------------------------
-const c10::TypedOperatorHandle<QuantFn>& quant_op() {
-  static const auto op = find_op<QuantFn>("slab::quantize_fp8");
-  return op;
-}
-const c10::TypedOperatorHandle<TileFn>& tile_op() {
-  static const auto op = find_op<TileFn>("slab::w4a8_tile_weights");
-  return op;
-}
-const c10::TypedOperatorHandle<GemmFn>& gemm_op() {
-  static const auto op = find_op<GemmFn>("slab::w4a8_gemm");
-  return op;
-}
-const c10::TypedOperatorHandle<LinearFn>& linear_op() {
-  static const auto op = find_op<LinearFn>("slab::w4a8_linear");
-  return op;
+// Typed handles of the benchmarked ops, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<QuantFn> quant = find_op<QuantFn>("slab::quantize_fp8");
+  c10::TypedOperatorHandle<TileFn> tile = find_op<TileFn>("slab::w4a8_tile_weights");
+  c10::TypedOperatorHandle<GemmFn> gemm = find_op<GemmFn>("slab::w4a8_gemm");
+  c10::TypedOperatorHandle<LinearFn> linear = find_op<LinearFn>("slab::w4a8_linear");
+};
+const Ops& ops() {
+  static const Ops handles;
+  return handles;
 }
 
 // ---- SPEC section 4 in ATen ops ----------------------------------------------------------------
@@ -174,7 +169,7 @@ const Weights& weights(int64_t n, int64_t k, int64_t dt, int64_t dev) {
   Weights out;
   std::tie(out.packed, out.scales) = quantize_w4(w, group_columns(k));
   out.layout = device.is_cuda() ? 1 : 0;
-  out.kernel = device.is_cuda() ? tile_op().call(out.packed) : out.packed;
+  out.kernel = device.is_cuda() ? ops().tile.call(out.packed) : out.packed;
   out.dense = w.to(kDtypes[dt]);
   return cache.emplace(key, std::move(out)).first->second;
 }
@@ -199,9 +194,9 @@ bool verify(const std::vector<int64_t>& shape, int64_t dt, int64_t dev) {
   const Weights& w = weights(n, k, dt, dev);
   const Activations a = make_activations(m, k, dt, dev);
   c10::InferenceMode guard;
-  const auto [q, qs] = quant_op().call(a.x);
-  const Tensor y_gemm = gemm_op().call(a.x_fp8, a.x_scale, w.kernel, w.scales, g_opt.group, w.layout, dtype);
-  const Tensor y_lin = linear_op().call(a.x, w.kernel, w.scales, g_opt.group, w.layout, std::nullopt);
+  const auto [q, qs] = ops().quant.call(a.x);
+  const Tensor y_gemm = ops().gemm.call(a.x_fp8, a.x_scale, w.kernel, w.scales, g_opt.group, w.layout, dtype);
+  const Tensor y_lin = ops().linear.call(a.x, w.kernel, w.scales, g_opt.group, w.layout, std::nullopt);
 
   // float64 product of the dequantized operands, on the CPU.
   auto cpu64 = [](const Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
@@ -249,10 +244,10 @@ void run_benchmark(benchmark::State& state, Provider provider) {
   std::function<Tensor()> call;
   switch (provider) {
     case Provider::kSlabLinear:
-      call = [&] { return linear_op().call(a.x, w.kernel, w.scales, g, w.layout, std::nullopt); };
+      call = [&] { return ops().linear.call(a.x, w.kernel, w.scales, g, w.layout, std::nullopt); };
       break;
     case Provider::kSlabGemm:
-      call = [&] { return gemm_op().call(a.x_fp8, a.x_scale, w.kernel, w.scales, g, w.layout, dtype); };
+      call = [&] { return ops().gemm.call(a.x_fp8, a.x_scale, w.kernel, w.scales, g, w.layout, dtype); };
       break;
     case Provider::kAtenMatmul:
       call = [&] { return at::matmul(a.x, w.dense.t()); };
