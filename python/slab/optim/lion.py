@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..ops import optim as _ops
 from ._base import FusedOptimizer, acc_dtype, buckets, check_number, local, on, params_with_grad
+from .lamb import check_betas
 
 __all__ = ["Lion"]
 
@@ -39,12 +40,7 @@ class Lion(FusedOptimizer):
                  maximize: bool = False):
         check_number("lr", lr, allow_tensor=True)
         check_number("weight_decay", weight_decay)
-        if len(betas) != 2:
-            raise ValueError(f"betas must hold two values, got {betas}")
-        for i, b in enumerate(betas):
-            check_number(f"betas[{i}]", b)
-            if b >= 1:
-                raise ValueError(f"Invalid betas[{i}]: {b} (expected a value in [0, 1))")
+        check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
 
     @torch.no_grad()
