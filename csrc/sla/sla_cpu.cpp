@@ -235,6 +235,25 @@ void write_state(const Scratch<A>& w, int64_t dim, int64_t vdim, A* state, A* z)
 
 // ---- forward ----------------------------------------------------------------------------------------
 
+// The views of one slice the forward reads and writes.
+template <typename T>
+struct FwdSlice {
+  const T *q, *k, *v;
+  const bool* keep;
+  T* o;
+  acc_t<T>* den;
+
+  FwdSlice(const SlaFwdParams& p, int64_t b, int64_t h) {
+    const int64_t bh = b * p.s.heads + h, N = p.s.len;
+    q = slice<T>(p.q, p.q_stride, b, h);
+    k = slice<T>(p.k, p.k_stride, b, h);
+    v = slice<T>(p.v, p.v_stride, b, h);
+    keep = p.mask != nullptr ? p.mask + b * N : nullptr;
+    o = static_cast<T*>(p.o) + bh * N * p.s.vdim;
+    den = static_cast<acc_t<T>*>(p.den) + bh * N;
+  }
+};
+
 // Chunked forward of one slice. kCausal: chunks of `chunk` tokens with the running state;
 // otherwise (the quadratic non-causal order) one chunk holding the whole sequence.
 template <typename T, bool kCausal>
@@ -242,11 +261,7 @@ void fwd_chunked(const SlaFwdParams& p, int64_t b, int64_t h, int64_t chunk, Scr
   using A = acc_t<T>;
   const auto [B, H, N, D, Dv] = p.s;
   const int64_t cp = w.cp, dp = w.dp, vp = w.vp, bh = b * H + h;
-  const T *q = slice<T>(p.q, p.q_stride, b, h), *k = slice<T>(p.k, p.k_stride, b, h);
-  const T* v = slice<T>(p.v, p.v_stride, b, h);
-  const bool* keep = p.mask != nullptr ? p.mask + b * N : nullptr;
-  T* o = static_cast<T*>(p.o) + bh * N * Dv;
-  A* den_out = static_cast<A*>(p.den) + bh * N;
+  const auto [q, k, v, keep, o, den_out] = FwdSlice<T>(p, b, h);
   const A eps = static_cast<A>(p.eps);
   constexpr Tri lower_c = kCausal ? Tri::kLowerC : Tri::kNone, lower_a = kCausal ? Tri::kLowerA : Tri::kNone;
   w.zero_state();
@@ -279,11 +294,7 @@ void fwd_linear(const SlaFwdParams& p, int64_t b, int64_t h, int64_t chunk, Scra
   using A = acc_t<T>;
   const auto [B, H, N, D, Dv] = p.s;
   const int64_t cp = w.cp, dp = w.dp, vp = w.vp, bh = b * H + h;
-  const T *q = slice<T>(p.q, p.q_stride, b, h), *k = slice<T>(p.k, p.k_stride, b, h);
-  const T* v = slice<T>(p.v, p.v_stride, b, h);
-  const bool* keep = p.mask != nullptr ? p.mask + b * N : nullptr;
-  T* o = static_cast<T*>(p.o) + bh * N * Dv;
-  A* den_out = static_cast<A*>(p.den) + bh * N;
+  const auto [q, k, v, keep, o, den_out] = FwdSlice<T>(p, b, h);
   const A eps = static_cast<A>(p.eps);
   w.zero_state();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
