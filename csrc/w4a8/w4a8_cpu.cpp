@@ -146,18 +146,18 @@ Activations decode_activations(const GemmParams& p, bool gemv_order) {
 // ---- output ------------------------------------------------------------------------------------
 
 template <typename O>
-void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, const Activations& a) {
-  float v = a.scale[row] * acc;
+void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
+  float v = x_scale[row] * acc;
   if (p.bias != nullptr) v += p.bias[col];
   static_cast<O*>(p.y)[row * p.n + col] = static_cast<O>(v);
 }
 
-void store(const GemmParams& p, int64_t row, int64_t col, float acc, const Activations& a) {
+void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
   switch (p.out_dtype) {
-    case DType::kFloat32: store_output<float>(p, row, col, acc, a); break;
-    case DType::kBFloat16: store_output<c10::BFloat16>(p, row, col, acc, a); break;
-    case DType::kFloat16: store_output<c10::Half>(p, row, col, acc, a); break;
-    case DType::kFloat64: store_output<double>(p, row, col, acc, a); break;
+    case DType::kFloat32: store_output<float>(p, row, col, acc, x_scale); break;
+    case DType::kBFloat16: store_output<c10::BFloat16>(p, row, col, acc, x_scale); break;
+    case DType::kFloat16: store_output<c10::Half>(p, row, col, acc, x_scale); break;
+    case DType::kFloat64: store_output<double>(p, row, col, acc, x_scale); break;
   }
 }
 
@@ -318,10 +318,9 @@ float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, in
 
 void gemv_int(const GemmParams& p, const IntActivations& a) {
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
-  const Activations scales{{}, a.scale};
   at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), scales);
+      store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), a.scale);
   });
 }
 #endif
@@ -357,7 +356,7 @@ void gemv(const GemmParams& p) {
         if (mt == 4) row_dot<4>(w, ws, x, p.k, p.group, out);
         else if (mt == 2) row_dot<2>(w, ws, x, p.k, p.group, out);
         else row_dot<1>(w, ws, x, p.k, p.group, out);
-        for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], a);
+        for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], a.scale);
         m0 += mt;
       }
     }
@@ -491,7 +490,7 @@ void blocked(const GemmParams& p) {
           default: panel_micro<1>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
         }
         for (int64_t t = 0; t < mb; ++t)
-          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], a);
+          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], a.scale);
       }
     }
   });
