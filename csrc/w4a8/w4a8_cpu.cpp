@@ -100,11 +100,13 @@ void quantize_fp8_impl(const QuantFp8Params& p) {
 
 // ---- activation prologue -----------------------------------------------------------------------
 
-// The activations as fp32 (decoded e4m3 values), one row of k per x row, in GEMV order when
-// `gemv_order`; plus the per-row scale. For w4a8_linear the rows are quantized here first, with
-// the same functions as quantize_fp8, so linear == quantize_fp8 + gemm bit for bit.
-struct Activations {
-  std::vector<float> values;  // (m, k)
+// The e4m3 codes of x and their per-row scales: w4a8_gemm's inputs as given, or for w4a8_linear
+// the rows quantized here with the same functions as quantize_fp8 (so linear == quantize_fp8 +
+// gemm bit for bit).
+struct Fp8Rows {
+  std::vector<uint8_t> own;   // (m, k) when quantized here
+  const uint8_t* codes;       // row r at codes + r * stride
+  int64_t stride;
   std::vector<float> scale;   // (m)
 };
 
@@ -116,31 +118,32 @@ void quantize_rows_into(const GemmParams& p, std::vector<uint8_t>& codes, std::v
   });
 }
 
-Activations decode_activations(const GemmParams& p, bool gemv_order) {
-  Activations a;
-  a.values.resize(static_cast<size_t>(p.m * p.k));
-  a.scale.resize(static_cast<size_t>(p.m));
-  const uint8_t* codes = p.x_fp8;
-  int64_t stride = p.x_stride;
-  std::vector<uint8_t> own;
+Fp8Rows fp8_rows(const GemmParams& p) {
+  Fp8Rows x{{}, p.x_fp8, p.x_stride, std::vector<float>(static_cast<size_t>(p.m))};
   if (p.x != nullptr) {
-    own.resize(static_cast<size_t>(p.m * p.k));
-    SLAB_DTYPE_SWITCH(p.x_dtype, CpuScalar, T, [&] { quantize_rows_into<T>(p, own, a.scale); });
-    codes = own.data();
-    stride = p.k;
+    x.own.resize(static_cast<size_t>(p.m * p.k));
+    SLAB_DTYPE_SWITCH(p.x_dtype, CpuScalar, T, [&] { quantize_rows_into<T>(p, x.own, x.scale); });
+    x.codes = x.own.data();
+    x.stride = p.k;
   } else {
-    std::copy(p.x_scale, p.x_scale + p.m, a.scale.begin());
+    std::copy(p.x_scale, p.x_scale + p.m, x.scale.begin());
   }
+  return x;
+}
+
+// The activations as fp32 (decoded e4m3 values), (m, k), each row in GEMV order when `gemv_order`.
+std::vector<float> decode_activations(const GemmParams& p, const Fp8Rows& x, bool gemv_order) {
+  std::vector<float> values(static_cast<size_t>(p.m * p.k));
   const auto& table = e4m3_table();
   const int64_t full = p.k / kVecCols * kVecCols;
   at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float* out = a.values.data() + r * p.k;
-      const uint8_t* in = codes + r * stride;
+      float* out = values.data() + r * p.k;
+      const uint8_t* in = x.codes + r * x.stride;
       for (int64_t k = 0; k < p.k; ++k) out[gemv_order ? gemv_position(k, full) : k] = table[in[k]];
     }
   });
-  return a;
+  return values;
 }
 
 // ---- output ------------------------------------------------------------------------------------
@@ -253,22 +256,12 @@ inline int64_t int_position(int64_t k) { return (k & ~int64_t(63)) + ((k & 1) <<
 struct IntActivations {
   std::vector<uint8_t> planes;  // (kPlanes, k) in int_position order
   std::vector<int8_t> signs;    // (k): +1, -1 or 0
-  std::vector<float> scale;     // (1)
 };
 
 // The one row of x as planes and signs; none when some x code is NaN.
-std::optional<IntActivations> int_activations(const GemmParams& p) {
+std::optional<IntActivations> int_activations(const GemmParams& p, const Fp8Rows& x) {
   IntActivations a;
-  a.scale.resize(static_cast<size_t>(p.m));
-  const uint8_t* codes = p.x_fp8;
-  std::vector<uint8_t> own;
-  if (p.x != nullptr) {
-    own.resize(static_cast<size_t>(p.m * p.k));
-    SLAB_DTYPE_SWITCH(p.x_dtype, CpuScalar, T, [&] { quantize_rows_into<T>(p, own, a.scale); });
-    codes = own.data();
-  } else {
-    std::copy(p.x_scale, p.x_scale + p.m, a.scale.begin());
-  }
+  const uint8_t* codes = x.codes;
   a.planes.resize(static_cast<size_t>(kPlanes * p.k));
   a.signs.resize(static_cast<size_t>(p.k));
   for (int64_t k = 0; k < p.k; ++k) {
@@ -316,27 +309,28 @@ float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, in
   return r;
 }
 
-void gemv_int(const GemmParams& p, const IntActivations& a) {
+void gemv_int(const GemmParams& p, const IntActivations& a, const std::vector<float>& x_scale) {
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
   at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), a.scale);
+      store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), x_scale);
   });
 }
 #endif
 
 void gemv(const GemmParams& p) {
+  const Fp8Rows rows = fp8_rows(p);
 #ifdef SLAB_W4A8_AVX2
   // One row only: with more rows the float path shares each weight conversion between them,
   // while the integer path's cost (three planes) grows with every row.
   if (p.m == 1 && p.group % kIntBlock == 0) {
-    if (const auto a = int_activations(p)) {
-      gemv_int(p, *a);
+    if (const auto a = int_activations(p, rows)) {
+      gemv_int(p, *a, rows.scale);
       return;
     }
   }
 #endif
-  const Activations a = decode_activations(p, /*gemv_order=*/
+  const std::vector<float> x = decode_activations(p, rows, /*gemv_order=*/
 #ifdef SLAB_W4A8_AVX2
                                            true
 #else
@@ -350,13 +344,13 @@ void gemv(const GemmParams& p) {
       const uint8_t* w = p.w + n * row_bytes;
       const float* ws = p.w_scales + n * groups;
       for (int64_t m0 = 0; m0 < p.m;) {
-        const float* x = a.values.data() + m0 * p.k;
+        const float* xr = x.data() + m0 * p.k;
         const int64_t left = p.m - m0;
         const int mt = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
-        if (mt == 4) row_dot<4>(w, ws, x, p.k, p.group, out);
-        else if (mt == 2) row_dot<2>(w, ws, x, p.k, p.group, out);
-        else row_dot<1>(w, ws, x, p.k, p.group, out);
-        for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], a.scale);
+        if (mt == 4) row_dot<4>(w, ws, xr, p.k, p.group, out);
+        else if (mt == 2) row_dot<2>(w, ws, xr, p.k, p.group, out);
+        else row_dot<1>(w, ws, xr, p.k, p.group, out);
+        for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], rows.scale);
         m0 += mt;
       }
     }
@@ -469,7 +463,8 @@ void panel_micro(const float* panel, const float* scales, const float* x, int64_
 }
 
 void blocked(const GemmParams& p) {
-  const Activations a = decode_activations(p, /*gemv_order=*/false);
+  const Fp8Rows x_rows = fp8_rows(p);
+  const std::vector<float> x = decode_activations(p, x_rows, /*gemv_order=*/false);
   const int64_t groups = p.k / p.group;
   const int64_t blocks = ceil_div(p.n, kBlockRows);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -482,15 +477,15 @@ void blocked(const GemmParams& p) {
       for (int64_t m0 = 0; m0 < p.m; m0 += kTokenBlock) {
         const int64_t mb = std::min(kTokenBlock, p.m - m0);
         std::fill(tot, tot + kTokenBlock * kBlockRows, 0.0f);
-        const float* x = a.values.data() + m0 * p.k;
+        const float* xr = x.data() + m0 * p.k;
         switch (mb) {
-          case 4: panel_micro<4>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
-          case 3: panel_micro<3>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
-          case 2: panel_micro<2>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
-          default: panel_micro<1>(panel.data(), scales.data(), x, p.k, p.group, tot); break;
+          case 4: panel_micro<4>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
+          case 3: panel_micro<3>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
+          case 2: panel_micro<2>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
+          default: panel_micro<1>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
         }
         for (int64_t t = 0; t < mb; ++t)
-          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], a.scale);
+          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], x_rows.scale);
       }
     }
   });
