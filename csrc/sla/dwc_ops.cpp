@@ -67,14 +67,19 @@ Tensor run_dwc(const Tensor& v, const Tensor& taps, const std::optional<Tensor>&
   return out;
 }
 
-std::optional<Tensor> checked_residual(const std::optional<Tensor>& residual, const Tensor& v) {
+// The optional residual, checked against v (same shape, dtype and device) and laid out by
+// `layout` (channels_contiguous for the token kernels, contiguous for the decode step).
+std::optional<Tensor> checked_residual(const std::optional<Tensor>& residual, const Tensor& v,
+                                       Tensor (*layout)(const Tensor&)) {
   if (!residual) return std::nullopt;
   check_same_device(*residual, v, "residual");
   TORCH_CHECK(residual->sizes() == v.sizes() && residual->scalar_type() == v.scalar_type(),
               "residual must have the shape ", v.sizes(), " and dtype ", v.scalar_type(), " of v, got ",
               residual->sizes(), " ", residual->scalar_type());
-  return channels_contiguous(*residual);
+  return layout(*residual);
 }
+
+Tensor contiguous(const Tensor& t) { return t.contiguous(); }
 
 std::optional<Tensor> checked_bias(const std::optional<Tensor>& bias, const Tensor& v) {
   if (!bias) return std::nullopt;
@@ -94,7 +99,7 @@ Tensor dwc_op(const Tensor& v, const Tensor& weight, const std::optional<Tensor>
   const DwcGeometry g = geometry(v, k, grid_h, grid_w, pad_top, pad_left);
   const auto acc = acc_dtype(v.scalar_type());
   return run_dwc(channels_contiguous(v), tap_major(weight, acc, false), checked_bias(bias, v),
-                 checked_residual(residual, v), g);
+                 checked_residual(residual, v, channels_contiguous), g);
 }
 
 // Gradients of sla_dwc: grad_v is the same convolution of grad with the taps flipped and the
@@ -145,14 +150,7 @@ Tensor dwc_step_op(const Tensor& v, Tensor& cache, const Tensor& weight, const s
   TORCH_CHECK(cache.scalar_type() == v.scalar_type() && cache.is_contiguous(), "cache must be a contiguous ",
               v.scalar_type(), " tensor (it is updated in place), got ", cache.scalar_type(),
               cache.is_contiguous() ? "" : " (non-contiguous)");
-  std::optional<Tensor> res;
-  if (residual) {
-    check_same_device(*residual, v, "residual");
-    TORCH_CHECK(residual->sizes() == v.sizes() && residual->scalar_type() == v.scalar_type(),
-                "residual must have the shape ", v.sizes(), " and dtype ", v.scalar_type(), " of v, got ",
-                residual->sizes(), " ", residual->scalar_type());
-    res = residual->contiguous();
-  }
+  const std::optional<Tensor> res = checked_residual(residual, v, contiguous);
   const auto acc = acc_dtype(v.scalar_type());
   const Tensor vc = v.contiguous(), taps = tap_major(weight, acc, false);
   const std::optional<Tensor> b = checked_bias(bias, v4);
