@@ -4,12 +4,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "core/common.h"
 
@@ -25,7 +27,13 @@ struct CUstream_st;
 
 namespace slab {
 
+// A tensor argument the schema requires: None reaches the kernel as an undefined tensor.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+}
+
 inline DType kernel_dtype(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
@@ -52,6 +60,7 @@ inline void check_unit_interval(double v, const char* name) {
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but x is on ", ref.device(),
               "; all tensors must be on one device");
 }
@@ -79,6 +88,40 @@ inline std::optional<at::Tensor> channel_vector(const std::optional<at::Tensor>&
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
+
+// a * b for sizes that feed an allocation or a loop bound (int64 products of user integers can
+// wrap and then pass a shape check): a ValueError naming `what` when it overflows.
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t out = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(a, b, &out), what, " overflows int64: ", a, " * ", b);
+  return out;
+}
+
+// In-place ops: every written tensor must own its elements (no stride-0 / expanded view) and share
+// no memory with any other argument, as torch's own in-place and out= ops require. Checked before
+// anything is written, e.g.
+//   AliasCheck().written(state, "state").read(q, "q").read(k, "k").check();
+class AliasCheck {
+ public:
+  AliasCheck& written(const at::Tensor& t, std::string name) { return add(t, std::move(name), true); }
+  AliasCheck& read(const at::Tensor& t, std::string name) { return add(t, std::move(name), false); }
+  AliasCheck& read(const std::optional<at::Tensor>& t, std::string name) {
+    return t.has_value() ? add(*t, std::move(name), false) : *this;
+  }
+  AliasCheck& written(at::TensorList ts, const char* name) { return add(ts, name, true); }  // name[i]
+  AliasCheck& read(at::TensorList ts, const char* name) { return add(ts, name, false); }
+  void check() const;
+
+ private:
+  struct Entry {
+    at::Tensor t;
+    std::string name;
+    bool written;
+  };
+  AliasCheck& add(const at::Tensor& t, std::string name, bool written);
+  AliasCheck& add(at::TensorList ts, const char* name, bool written);
+  std::vector<Entry> entries_;
+};
 
 // Runs the CPU or the CUDA launcher of a kernel on the device of `like`, on the current stream.
 template <typename Params>

@@ -16,6 +16,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = ["cats", "cats_mlp", "token_select", "token_scatter", "MAX_DECODE_TOKENS"]
 
 _lib = torch.ops.slab
@@ -115,18 +117,18 @@ def token_scatter(x: Tensor, y: Tensor, index: Tensor) -> Tensor:
 # ---- fake tensors ------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("slab::cats")
+@register_fake("cats")
 def _(x, threshold):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("slab::cats_backward")
+@register_fake("cats_backward")
 def _(grad, x, threshold):
     torch._check(grad.shape == x.shape, lambda: f"grad must have the shape of x {tuple(x.shape)}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("slab::cats_mlp")
+@register_fake("cats_mlp")
 def _(x, w_gate, w_up, w_down_t, threshold):
     torch._check(x.dim() == 2, lambda: "x must have shape (tokens, dim)")
     torch._check(w_gate.dim() == 2 and w_up.shape == w_gate.shape and w_down_t.shape == w_gate.shape,
@@ -137,21 +139,21 @@ def _(x, w_gate, w_up, w_down_t, threshold):
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("slab::token_select_index")
+@register_fake("token_select_index")
 def _(scores, keep):
     torch._check(scores.dim() == 2, lambda: "scores must have shape (batch, tokens)")
     torch._check(1 <= keep <= scores.shape[1], lambda: "keep must be in [1, tokens]")
     return scores.new_empty((scores.shape[0], keep), dtype=torch.int64)
 
 
-@torch.library.register_fake("slab::token_gather")
+@register_fake("token_gather")
 def _(x, index):
     torch._check(x.dim() == 3 and index.dim() == 2 and index.shape[0] == x.shape[0],
                  lambda: "x must be (batch, tokens, channels) and index (batch, keep)")
     return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
 
 
-@torch.library.register_fake("slab::token_scatter")
+@register_fake("token_scatter")
 def _(x, y, index):
     torch._check(y.shape == (x.shape[0], index.shape[1], x.shape[2]),
                  lambda: "y must have shape (batch, keep, channels)")

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = ["dwc2d", "causal_dwc1d", "causal_dwc1d_step"]
 
 _lib = torch.ops.slab
@@ -103,7 +105,7 @@ def _check_geometry(v, weight, grid_h, grid_w, pad_top, pad_left):
     torch._check(grid_h * grid_w == v.shape[2], lambda: "grid must hold the tokens of v")
 
 
-@torch.library.register_fake("slab::sla_dwc")
+@register_fake("sla_dwc")
 def _(v, weight, bias, residual, grid_h, grid_w, pad_top, pad_left):
     _check_geometry(v, weight, grid_h, grid_w, pad_top, pad_left)
     if residual is not None:
@@ -111,14 +113,14 @@ def _(v, weight, bias, residual, grid_h, grid_w, pad_top, pad_left):
     return _heads_interleaved(v)
 
 
-@torch.library.register_fake("slab::sla_dwc_backward")
+@register_fake("sla_dwc_backward")
 def _(grad, v, weight, grid_h, grid_w, pad_top, pad_left):
     _check_geometry(v, weight, grid_h, grid_w, pad_top, pad_left)
     torch._check(grad.shape == v.shape, lambda: "grad must have the shape of v")
     return _heads_interleaved(v), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
-@torch.library.register_fake("slab::sla_dwc_step")
+@register_fake("sla_dwc_step")
 def _(v, cache, weight, bias, residual):
     torch._check(v.dim() == 3, lambda: "v must have shape (batch, heads, channels)")
     return v.new_empty(v.shape)

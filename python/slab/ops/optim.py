@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = [
     "multi_tensor_sq_norm",
     "dog_update_",
@@ -192,19 +194,19 @@ def _rows(params) -> int:
 # ---- fake tensors -------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("slab::multi_tensor_sq_norm")
+@register_fake("multi_tensor_sq_norm")
 def _sq_norm_fake(tensors, others=None, weight_decay=0.0, grad_scale=None):
     torch._check(len(tensors) > 0, lambda: "tensors must hold at least one tensor")
     return tensors[0].new_empty((len(tensors),), dtype=_acc(tensors[0].dtype))
 
 
-@torch.library.register_fake("slab::dog_update_")
+@register_fake("dog_update_")
 def _dog_update_fake(params, grads, x0, eta, dist2, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None):
     torch._check(len(grads) == len(params) and len(x0) == len(params) and len(dist2) == len(params))
     return None
 
 
-@torch.library.register_fake("slab::lion_update_")
+@register_fake("lion_update_")
 def _lion_update_fake(
     params, grads, exp_avgs, lr, beta1, beta2, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None
 ):
@@ -212,41 +214,41 @@ def _lion_update_fake(
     return None
 
 
-@torch.library.register_fake("slab::multi_tensor_lerp_")
+@register_fake("multi_tensor_lerp_")
 def _lerp_fake(avg, x, weight):
     torch._check(len(avg) == len(x))
     return None
 
 
-@torch.library.register_fake("slab::lamb_stage1_")
+@register_fake("lamb_stage1_")
 def _lamb_stage1_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, weight_decay,
                       maximize=False, grad_scale=None, found_inf=None):
     torch._check(len(params) > 0 and len(grads) == len(params) and len(exp_avgs) == len(params))
     return params[0].new_empty((len(params), 2), dtype=_acc(params[0].dtype))
 
 
-@torch.library.register_fake("slab::lamb_stage2_")
+@register_fake("lamb_stage2_")
 def _lamb_stage2_fake(params, exp_avgs, exp_avg_sqs, bias_corr, lr, beta1, beta2, eps, weight_decay,
                       found_inf=None):
     torch._check(len(exp_avgs) == len(params) and len(exp_avg_sqs) == len(params))
     return None
 
 
-@torch.library.register_fake("slab::momentum_update_")
+@register_fake("momentum_update_")
 def _momentum_update_fake(params, grads, momentum_buffers, scale, lr, momentum, weight_decay=0.0, maximize=False,
                           grad_scale=None, found_inf=None):
     torch._check(len(grads) == len(params) and len(momentum_buffers) == len(params))
     return None
 
 
-@torch.library.register_fake("slab::adamp_stage1_")
+@register_fake("adamp_stage1_")
 def _adamp_stage1_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, nesterov=False,
                        maximize=False, grad_scale=None, found_inf=None):
     torch._check(len(params) > 0 and len(grads) == len(params) and len(exp_avgs) == len(params))
     return params[0].new_empty((_rows(params), 4), dtype=_acc(params[0].dtype))
 
 
-@torch.library.register_fake("slab::adamp_stage2_")
+@register_fake("adamp_stage2_")
 def _adamp_stage2_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, coef, decay, lr, beta1, beta2, eps,
                        nesterov=False, maximize=False, grad_scale=None, found_inf=None):
     torch._check(len(grads) == len(params) and len(exp_avgs) == len(params))

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = ["rep_bn", "prep_bn"]
 
 _lib = torch.ops.slab
@@ -79,7 +81,7 @@ def _row_stat_len(x: Tensor, norm: str) -> int:
     return 0 if norm == "none" else x.numel() // x.shape[-1]
 
 
-@torch.library.register_fake("slab::prep_bn_fwd")
+@register_fake("prep_bn_fwd")
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training,
       eps, norm_eps, norm, mask):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
@@ -91,7 +93,7 @@ def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, runnin
             stat(c), stat(c), stat(c))
 
 
-@torch.library.register_fake("slab::prep_bn_bwd")
+@register_fake("prep_bn_bwd")
 def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm,
       mask):
     c, acc = x.shape[-1], _acc_dtype(x)
@@ -100,26 +102,26 @@ def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd
             stat(c), stat(1))
 
 
-@torch.library.register_fake("slab::prep_bn_stats")
+@register_fake("prep_bn_stats")
 def _(x, mask):
     c, acc = x.shape[-1], _acc_dtype(x)
     return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((1,), dtype=acc)
 
 
-@torch.library.register_fake("slab::prep_bn_apply")
+@register_fake("prep_bn_apply")
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd, lam, norm_eps, norm):
     rows, acc = _row_stat_len(x, norm), _acc_dtype(x)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc))
 
 
-@torch.library.register_fake("slab::prep_bn_bwd_reduce")
+@register_fake("prep_bn_bwd_reduce")
 def _(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask):
     c, acc = x.shape[-1], _acc_dtype(x)
     return x.new_empty((3, c), dtype=acc), x.new_empty((1,), dtype=acc)
 
 
-@torch.library.register_fake("slab::prep_bn_bwd_apply")
+@register_fake("prep_bn_bwd_apply")
 def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam,
       training, norm, mask):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -156,6 +158,6 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.register_fake("slab::bn_update_running_stats")
+@register_fake("bn_update_running_stats")
 def _(running_mean, running_var, mean, var, momentum):
     return None

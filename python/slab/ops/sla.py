@@ -17,6 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = ["sla", "sla_step"]
 
 _lib = torch.ops.slab
@@ -88,7 +90,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 # ---- fake tensors ------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("slab::sla_fwd")
+@register_fake("sla_fwd")
 def _(q, k, v, causal, eps, mask):
     torch._check(q.dim() == 4, lambda: "q must have shape (B, H, N, D)")
     torch._check(k.shape == q.shape, lambda: "k must have the shape of q")
@@ -99,14 +101,14 @@ def _(q, k, v, causal, eps, mask):
             q.new_empty((b, h, d), dtype=acc))
 
 
-@torch.library.register_fake("slab::sla_bwd")
+@register_fake("sla_bwd")
 def _(grad_o, q, k, v, o, den, causal, mask):
     torch._check(q.dim() == 4 and k.shape == q.shape and grad_o.shape == v.shape,
                  lambda: "q, k must be (B, H, N, D) and grad_o (B, H, N, Dv)")
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
-@torch.library.register_fake("slab::sla_step")
+@register_fake("sla_step")
 def _(q, k, v, state, z, eps):
     torch._check(q.dim() in (3, 4), lambda: "q must have shape (B, H, D) or (B, H, 1, D)")
     torch._check(state.dim() == 4, lambda: "state must have shape (B, H, D, Dv)")

@@ -20,6 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._fake import register_fake
+
 __all__ = ["w4a8_gemm", "w4a8_linear", "PackedW4", "GROUP_SIZES"]
 
 _lib = torch.ops.slab
@@ -159,26 +161,26 @@ def _fake_n(w_packed, w_scales, k, group_size, layout):
     return n
 
 
-@torch.library.register_fake("slab::quantize_fp8")
+@register_fake("quantize_fp8")
 def _(x):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("slab::w4a8_tile_weights")
+@register_fake("w4a8_tile_weights")
 def _(packed):
     torch._check(packed.dim() == 2, lambda: "packed must have shape (N, K / 2)")
     n, kh = packed.shape
     return packed.new_empty(((n + 15) // 16 * 16, (2 * kh + 63) // 64 * 32))
 
 
-@torch.library.register_fake("slab::w4a8_int4_to_e4m3")
+@register_fake("w4a8_int4_to_e4m3")
 def _(packed):
     torch._check(packed.dim() >= 1, lambda: "packed must have an even last dimension")
     return packed.new_empty((*packed.shape[:-1], 2 * packed.shape[-1]))
 
 
-@torch.library.register_fake("slab::w4a8_gemm")
+@register_fake("w4a8_gemm")
 def _(x_fp8, x_scale, w_packed, w_scales, group_size, layout, out_dtype):
     torch._check(x_fp8.dim() == 2, lambda: "x_fp8 must have shape (M, K)")
     torch._check(x_fp8.dtype == torch.float8_e4m3fn, lambda: "x_fp8 must be float8_e4m3fn")
@@ -186,7 +188,7 @@ def _(x_fp8, x_scale, w_packed, w_scales, group_size, layout, out_dtype):
     return x_fp8.new_empty((x_fp8.shape[0], n), dtype=out_dtype)
 
 
-@torch.library.register_fake("slab::w4a8_linear")
+@register_fake("w4a8_linear")
 def _(x, w_packed, w_scales, group_size, layout, bias):
     torch._check(x.dim() == 2, lambda: "x must have shape (M, K)")
     n = _fake_n(w_packed, w_scales, x.shape[1], group_size, layout)
