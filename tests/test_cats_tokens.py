@@ -11,7 +11,7 @@ import slab
 import slab.nn
 import slab.ops
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, param_id, ref_copy
 
 OPS = torch.ops.slab
 
@@ -169,3 +169,28 @@ def test_token_sparse_block():
     assert scored(x).shape == x.shape
     with pytest.raises(ValueError):
         slab.nn.TokenSparseBlock(block, keep=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float8_e4m3fn, torch.bfloat16, torch.float32],
+                         ids=param_id)
+@pytest.mark.parametrize("channels", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_token_rows_any_row_bytes_and_alignment(device, dtype, channels, offset):
+    """token_gather / token_scatter copy rows in the widest word the row size and both base
+    pointers allow, down to single bytes: odd byte counts and views at odd storage offsets."""
+    b, n = 2, 7
+    top = 2 if dtype == torch.bool else 256  # a bool byte holds 0 or 1
+    base = torch.randint(0, top, (b * n * channels + offset,), dtype=torch.uint8, device=device)
+    x = base.view(dtype)[offset:].view(b, n, channels) if dtype.itemsize == 1 else (
+        torch.randn(b * n * channels + offset, device=device).to(dtype)[offset:].view(b, n, channels))
+    index = torch.tensor([[6, 0, 3], [1, 2, 5]], device=device)
+    raw = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731  (bitwise: NaN payloads, bool)
+    expect = torch.stack([x[i][index[i]] for i in range(b)])
+    assert torch.equal(raw(OPS.token_gather(x, index)), raw(expect))
+    y = x[:, :3].clone()
+    expect_scatter = x.clone()
+    for i in range(b):
+        expect_scatter[i][index[i]] = y[i]
+    assert torch.equal(raw(OPS.token_scatter(x, y, index)), raw(expect_scatter))
+

@@ -49,11 +49,15 @@ def ref_gemm(x_fp8, x_scale, packed, scales, group_size, bias=None):
     return y
 
 
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
 def ref_quantize_fp8(x):
-    """The SPEC activation quantization with torch's own float8 cast."""
+    """The SPEC activation quantization with torch's own float8 cast; a nonzero scale below the
+    smallest normal float is raised to it (absmax / 448 would underflow to 0 below ~6e-43)."""
     xf = x.float()
     amax = xf.abs().amax(-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448)
+    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / 448).clamp(min=FLT_MIN))
     return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
 
 
@@ -117,6 +121,16 @@ def test_quantize_w4_bit_layout():
     assert p2[0, 0].item() == 0x79  # -7 -> 0x9 low, 7 * 7/7.5 = 6.53 -> 7 high
     assert torch.equal(quant.unpack_int4(torch.tensor([[0x80, 0x08, 0xFF]], dtype=torch.uint8)),
                        torch.tensor([[0, -8, -8, 0, -1, -1]], dtype=torch.int8))
+
+
+def test_quantize_w4_tiny_groups():
+    """Groups of tiny weights (absmax / 7 subnormal or 0 in float32) get the smallest normal scale:
+    codes in [-8, 7], no NaN, and dequantizing stays within half a step."""
+    w = torch.tensor([[1e-44, -5e-45, 0.0, 3e-45] * 8, [2e-40, -1e-40, 7e-41, 0.0] * 8])
+    packed, scales = quant.quantize_w4(w, 32)
+    assert bool((scales == FLT_MIN).all())
+    deq = quant.dequantize_w4(packed, scales, 32)
+    assert bool(torch.isfinite(deq).all()) and bool(((deq - w).abs() <= FLT_MIN / 2).all())
 
 
 def test_quantize_w4_errors():
@@ -201,6 +215,35 @@ def test_quantize_fp8_noncontiguous(device):
     assert torch.equal(base, before)
     xt = torch.randn(33, 8, device=device).t()  # transposed
     assert torch.equal(quant.quantize_fp8(xt)[0].view(torch.uint8), ref_quantize_fp8(xt)[0].view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_fp8_tiny_rows(device):
+    """Finite rows with 0 < absmax < 448 * FLT_MIN (absmax / 448 subnormal or 0 in float32) get the
+    smallest normal scale: codes within +-448, never a NaN row, on every W4A8 path."""
+    x = torch.tensor([[1e-44, -3e-45, 0.0, 2e-45], [3e-42, -1e-42, 5e-43, 0.0], [1e-39, 4e-40, -1e-40, 0.0],
+                      [5e-36, 1e-36, -2e-36, 0.0]], device=device)
+    q, s = quant.quantize_fp8(x)
+    rq, rs = ref_quantize_fp8(x)
+    assert torch.equal(s, rs) and bool((s > 0).all())
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    assert not torch.isnan(q.float()).any()
+    _, packed, scales = make_weights(8, 64, 32, device)
+    for m in (1, 4, 16, 64):  # the GEMV paths and the blocked path
+        rows = x[torch.arange(m, device=device) % 4].repeat(1, 16)
+        y = slab.ops.w4a8_linear(rows, packed, scales, 32)
+        assert bool(torch.isfinite(y).all()), f"m={m}"
+        xq, xs = quant.quantize_fp8(rows)
+        assert bool(torch.isfinite(slab.ops.w4a8_gemm(xq, xs, packed, scales, 32, out_dtype=torch.float32)).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 0), (2, 3, 0), (0,)], ids=param_id)
+def test_quantize_fp8_empty_rows(device, shape):
+    """An empty last dimension: every row is a zero row, so its scale is 1 (never uninitialised)."""
+    q, s = quant.quantize_fp8(torch.empty(shape, device=device))
+    assert q.shape == shape and s.shape == shape[:-1]
+    assert torch.equal(s, torch.ones(shape[:-1], device=device))
 
 
 def test_quantize_fp8_errors():
@@ -401,6 +444,9 @@ def test_int4_to_e4m3_register_conversion(device):
     got = OPS.w4a8_int4_to_e4m3(packed).cpu()
     vals = int4_of(packed.reshape(1, -1)).reshape(-1).float()
     assert torch.equal(got, vals.to(torch.float8_e4m3fn).view(torch.uint8))
+    # a view at an odd byte offset (read as 16-bit words: copied to an aligned buffer first)
+    base = torch.cat([torch.zeros(1, dtype=torch.uint8, device=device), packed[:4096]])
+    assert torch.equal(OPS.w4a8_int4_to_e4m3(base[1:]).cpu(), got[:8192])
 
 
 # ---- module swap ---------------------------------------------------------------------------------

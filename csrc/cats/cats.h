@@ -71,8 +71,12 @@ struct TokenIndexParams {
 // Row moves between a full (batch, tokens, channels) tensor and its kept rows (batch, keep,
 // channels): gather dst[b, j] = src[b, index[b, j]]; scatter dst[b, index[b, j]] = src[b, j].
 // Rows are moved as raw bytes; an index outside [0, tokens) moves nothing.
+// Rows of row_bytes bytes moved between the full (batch, tokens) layout and the kept (batch, keep)
+// layout: gather copies full row index[i] to kept row i, scatter the other way. Copied in words of
+// word_bytes (core/common.h copy_word_bytes of the row size and both base pointers).
 struct TokenRowsParams {
   int64_t batch, tokens, keep, row_bytes;
+  int word_bytes;
   const int64_t* index;
   const void* src;
   void* dst;

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "cats/cats.h"
@@ -311,18 +310,21 @@ void token_index_cpu(const TokenIndexParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { token_index<T>(p); });
 }
 
+// The same word choice and row map as the CUDA kernel, so CPU tests exercise them.
 void token_rows_cpu(const TokenRowsParams& p) {
-  const auto* src = static_cast<const char*>(p.src);
-  auto* dst = static_cast<char*>(p.dst);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.row_bytes));
-  at::parallel_for(0, p.batch * p.keep, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / p.keep, t = p.index[i];
-      if (t < 0 || t >= p.tokens) continue;
-      const int64_t full = (b * p.tokens + t) * p.row_bytes, kept = i * p.row_bytes;
-      if (p.gather) std::memcpy(dst + kept, src + full, p.row_bytes);
-      else std::memcpy(dst + full, src + kept, p.row_bytes);
-    }
+  SLAB_WORD_SWITCH(p.word_bytes, W, [&] {
+    const int64_t words = p.row_bytes / static_cast<int64_t>(sizeof(W));
+    const W* src = static_cast<const W*>(p.src);
+    W* dst = static_cast<W*>(p.dst);
+    at::parallel_for(0, p.batch * p.keep, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t full = full_row(p.index, i, p.keep, p.tokens);
+        if (full < 0) continue;
+        const int64_t from = (p.gather ? full : i) * words, to = (p.gather ? i : full) * words;
+        std::copy(src + from, src + from + words, dst + to);
+      }
+    });
   });
 }
 

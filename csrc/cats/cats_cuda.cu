@@ -217,11 +217,11 @@ __global__ void __launch_bounds__(kElemThreads) token_rows_kernel(TokenRowsParam
   const int64_t n = p.batch * p.keep * words;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / words, w = e % words, b = i / p.keep, t = p.index[i];
-    if (t < 0 || t >= p.tokens) continue;
-    const int64_t full = (b * p.tokens + t) * words + w, kept = i * words + w;
-    if (p.gather) static_cast<W*>(p.dst)[kept] = static_cast<const W*>(p.src)[full];
-    else static_cast<W*>(p.dst)[full] = static_cast<const W*>(p.src)[kept];
+    const int64_t i = e / words, w = e % words;
+    const int64_t full = full_row(p.index, i, p.keep, p.tokens);
+    if (full < 0) continue;
+    const int64_t from = (p.gather ? full : i) * words + w, to = (p.gather ? i : full) * words + w;
+    static_cast<W*>(p.dst)[to] = static_cast<const W*>(p.src)[from];
   }
 }
 
@@ -233,12 +233,10 @@ void token_index_cuda(const TokenIndexParams& p, CUstream_st* stream) {
 }
 
 void token_rows_cuda(const TokenRowsParams& p, CUstream_st* stream) {
-  const int64_t total = p.batch * p.keep * p.row_bytes;
-  if (p.row_bytes % 4 == 0) {
-    token_rows_kernel<uint32_t><<<elem_blocks(total / 4), kElemThreads, 0, stream>>>(p);
-  } else {
-    token_rows_kernel<uint16_t><<<elem_blocks(total / 2), kElemThreads, 0, stream>>>(p);
-  }
+  SLAB_WORD_SWITCH(p.word_bytes, W, [&] {
+    const int64_t words = p.batch * p.keep * (p.row_bytes / static_cast<int64_t>(sizeof(W)));
+    token_rows_kernel<W><<<elem_blocks(words), kElemThreads, 0, stream>>>(p);
+  });
 }
 
 int64_t workspace_elems_cuda(int64_t tokens, int64_t dim, int64_t features) {

@@ -42,4 +42,12 @@ SLAB_HD bool token_kept(A s, A kth, int64_t ties_before, int64_t ties_allowed) {
   return s > kth || (s == kth && ties_before < ties_allowed);
 }
 
+// Token rows (gather / scatter): the row of the full (batch, tokens) layout that kept row i
+// (= b * keep + j) maps to, or -1 when its index lies outside [0, tokens) (skipped, never a write
+// out of bounds: the CPU binding rejects such indices, a CUDA kernel cannot raise).
+SLAB_HD int64_t full_row(const int64_t* index, int64_t i, int64_t keep, int64_t tokens) {
+  const int64_t t = index[i];
+  return t < 0 || t >= tokens ? -1 : (i / keep) * tokens + t;
+}
+
 }  // namespace slab::cats

@@ -54,6 +54,7 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
   TORCH_CHECK_VALUE(M >= 1 && M <= kMaxTokens, "x must hold 1 to ", kMaxTokens,
                     " tokens (cats_mlp is the decoding kernel; use the dense path for more), got ", M);
   TORCH_CHECK(D >= 1, "x must have a non-empty dim, got shape ", x.sizes());
+  check_same_device(w_gate, x, "w_gate");
   TORCH_CHECK(w_gate.dim() == 2, "w_gate must have shape (features, ", D, "), got ", w_gate.sizes());
   const int64_t F = w_gate.size(0);
   TORCH_CHECK(F >= 1, "w_gate must have at least one row (feature), got shape ", w_gate.sizes());
@@ -99,6 +100,7 @@ Tensor token_select_index_op(const Tensor& scores, int64_t keep) {
 
 // x (batch, tokens, channels), index (batch, keep) int64 in [0, tokens).
 void check_rows(const Tensor& x, const Tensor& index, const char* x_name) {
+  check_defined(x, x_name);
   TORCH_CHECK(x.dim() == 3, x_name, " must have shape (batch, tokens, channels), got ", x.sizes());
   check_same_device(index, x, "index");
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
@@ -114,8 +116,11 @@ void check_rows(const Tensor& x, const Tensor& index, const char* x_name) {
 // Moves rows between `full` (batch, tokens, channels) and its kept rows; src/dst are contiguous.
 void move_rows(const Tensor& full, const Tensor& index, const Tensor& src, Tensor& dst, bool gather) {
   if (index.numel() == 0 || full.size(2) == 0) return;
-  TokenRowsParams p{full.size(0), full.size(1), index.size(1), full.size(2) * static_cast<int64_t>(full.element_size()),
-                    index.data_ptr<int64_t>(), src.data_ptr(), dst.data_ptr(), gather};
+  const int64_t row_bytes = full.size(2) * static_cast<int64_t>(full.element_size());
+  const int word = copy_word_bytes(row_bytes, reinterpret_cast<uintptr_t>(src.data_ptr()),
+                                   reinterpret_cast<uintptr_t>(dst.data_ptr()));
+  TokenRowsParams p{full.size(0), full.size(1), index.size(1), row_bytes, word, index.data_ptr<int64_t>(),
+                    src.data_ptr(), dst.data_ptr(), gather};
   launch(full, p, token_rows_cpu, SLAB_CUDA_FN(token_rows_cuda));
 }
 

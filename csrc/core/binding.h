@@ -59,9 +59,10 @@ inline void check_unit_interval(double v, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0 && v <= 1, name, " must be in [0, 1], got ", v);
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name = "x") {
   check_defined(t, name);
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but x is on ", ref.device(),
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
               "; all tensors must be on one device");
 }
 
@@ -74,8 +75,12 @@ inline at::Tensor channel_vector(const at::Tensor& t, const at::Tensor& x, int64
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels,
               ",) to match the last dimension of x, got ", t.sizes());
   const auto acc = acc_dtype(x.scalar_type());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, name, " must be ",
-              x.scalar_type(), " or ", acc, " to match x, got ", t.scalar_type());
+  if (x.scalar_type() == acc) {
+    TORCH_CHECK(t.scalar_type() == acc, name, " must be ", acc, " to match x, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, name, " must be ", x.scalar_type(),
+                " or ", acc, " to match x, got ", t.scalar_type());
+  }
   return t.to(acc).contiguous();
 }
 
@@ -85,8 +90,25 @@ inline std::optional<at::Tensor> channel_vector(const std::optional<at::Tensor>&
   return channel_vector(*t, x, channels, name);
 }
 
+// `t` contiguous with its data aligned to `bytes`, for kernels that read it in words of that size:
+// a view with a misaligned storage offset is copied into a fresh (aligned) allocation.
+inline at::Tensor aligned_contiguous(const at::Tensor& t, int64_t bytes) {
+  at::Tensor c = t.contiguous();
+  if (c.numel() > 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % bytes != 0) c = c.clone();
+  return c;
+}
+
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+// A plain tensor with concrete sizes and real memory, not one of the fake, functional or symbolic
+// tensors a composite kernel sees under torch.compile / opcheck tracing (whose fakes check shapes):
+// only such tensors get a composite kernel's own size and memory checks.
+inline bool is_concrete(const at::Tensor& t) {
+  const auto keys = t.key_set();
+  return t.defined() && !t.is_meta() && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+         !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize);
 }
 
 // a * b for sizes that feed an allocation or a loop bound (int64 products of user integers can
@@ -103,10 +125,10 @@ inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
 //   AliasCheck().written(state, "state").read(q, "q").read(k, "k").check();
 class AliasCheck {
  public:
-  AliasCheck& written(const at::Tensor& t, std::string name) { return add(t, std::move(name), true); }
-  AliasCheck& read(const at::Tensor& t, std::string name) { return add(t, std::move(name), false); }
-  AliasCheck& read(const std::optional<at::Tensor>& t, std::string name) {
-    return t.has_value() ? add(*t, std::move(name), false) : *this;
+  AliasCheck& written(const at::Tensor& t, const char* name) { return add(t, std::string(name), true); }
+  AliasCheck& read(const at::Tensor& t, const char* name) { return add(t, std::string(name), false); }
+  AliasCheck& read(const std::optional<at::Tensor>& t, const char* name) {
+    return t.has_value() ? add(*t, std::string(name), false) : *this;
   }
   AliasCheck& written(at::TensorList ts, const char* name) { return add(ts, name, true); }  // name[i]
   AliasCheck& read(at::TensorList ts, const char* name) { return add(ts, name, false); }

@@ -14,6 +14,18 @@ namespace slab {
 SLAB_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 SLAB_HD constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Raw copies of rows in words as wide as the data allows: the widest of 16, 8, 4, 2 and 1 bytes
+// that divides the row size and to which both base addresses are aligned (a view with an odd
+// storage offset, or rows of an odd number of bytes, fall back to narrower words, down to bytes).
+struct alignas(16) Word16 {
+  uint32_t w[4];
+};
+SLAB_HD constexpr int copy_word_bytes(int64_t row_bytes, uint64_t src_addr, uint64_t dst_addr) {
+  int w = 16;
+  while (w > 1 && (row_bytes % w != 0 || src_addr % w != 0 || dst_addr % w != 0)) w /= 2;
+  return w;
+}
+
 // Element types a kernel may be asked for; the binding layer maps torch dtypes onto these.
 enum class DType : int8_t { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
@@ -36,6 +48,19 @@ template <typename T> using acc_t = typename AccOf<T>::type;
       case ::slab::DType::kBFloat16: { using T = MAP<::slab::DType::kBFloat16>; return __VA_ARGS__(); } \
       case ::slab::DType::kFloat64: { using T = MAP<::slab::DType::kFloat64>; return __VA_ARGS__(); } \
     }                                                                                     \
+  }()
+
+// Runs the trailing lambda body with `W` bound to the unsigned word type of `BYTES` (1, 2, 4, 8 or
+// 16, from copy_word_bytes).
+#define SLAB_WORD_SWITCH(BYTES, W, ...)                             \
+  [&] {                                                             \
+    switch (BYTES) {                                                \
+      case 16: { using W = ::slab::Word16; return __VA_ARGS__(); }  \
+      case 8: { using W = uint64_t; return __VA_ARGS__(); }         \
+      case 4: { using W = uint32_t; return __VA_ARGS__(); }         \
+      case 2: { using W = uint16_t; return __VA_ARGS__(); }         \
+      default: { using W = uint8_t; return __VA_ARGS__(); }         \
+    }                                                               \
   }()
 
 // Binds a runtime bool to a compile-time constant.

@@ -62,6 +62,8 @@ const bool* mask_ptr(const OptTensor& mask) { return mask.has_value() ? mask->da
 Tensor alpha_scalar(const Tensor& alpha, const Tensor& x) {
   check_same_device(alpha, x, "alpha");
   TORCH_CHECK(alpha.numel() == 1, "alpha must hold one element (shape (1,) or ()), got shape ", alpha.sizes());
+  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), "alpha must be a floating-point (real) tensor, got ",
+              alpha.scalar_type());
   return alpha.reshape({1}).to(acc_dtype(x.scalar_type())).contiguous();
 }
 
@@ -162,6 +164,7 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
   check_same_shape(dy, x, "dy");
   const Norm norm = parse_norm(norm_name);
   check_norm_weight(norm, norm_weight, norm_name);
+  check_finite(lam, "lam", /*non_negative=*/false);
   const int64_t row_stats = norm == Norm::kNone ? 0 : rows;
   const auto nw = channel_vector(norm_weight, x, channels, "norm_weight");
   const Tensor bw = channel_vector(bn_weight, x, channels, "bn_weight");
@@ -188,6 +191,14 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
 }
 
 // ---- fused ops -------------------------------------------------------------------------------
+
+// The running statistics are written in place: they must own their elements and share memory with
+// no other argument.
+AliasCheck running_stats_alias_check(const Tensor& running_mean, const Tensor& running_var) {
+  AliasCheck c;
+  c.written(running_mean, "running_mean").written(running_var, "running_var");
+  return c;
+}
 
 void check_training_count(const Tensor& x, int64_t rows, const OptTensor& mask, const Tensor& count) {
   // Like torch's batch norm: the unbiased running variance needs two values per channel.
@@ -228,6 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
     const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight, const Tensor& alpha,
     const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd, double lam,
     bool training, c10::string_view norm, const OptTensor& mask) {
+  check_finite(lam, "lam", /*non_negative=*/false);
   auto [sums, count] = bwd_reduce_op(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask);
   Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums,
                            count, lam, training, norm, mask);
@@ -237,26 +249,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
   return {dx, lam * s_norm, lam * s_dy, one_m * s_bn, one_m * s_dy, d_alpha};
 }
 
+// A running statistic (updated in place) or a batch statistic: a real floating tensor shaped like `ref`.
+void check_stat(const Tensor& t, const Tensor& ref, const char* name) {
+  check_same_device(t, ref, name, "running_mean");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point (real) tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the shape ", ref.sizes(), " of running_mean, got ",
+              t.sizes());
+}
+
 void update_running_stats_op(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
                              double momentum) {
   check_unit_interval(momentum, "momentum");
-  TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == var.sizes(),
-              "running_mean/running_var must match the batch statistics' shape ", mean.sizes());
+  check_stat(running_mean, running_mean, "running_mean");  // the module's buffers set the shape
+  check_stat(running_var, running_mean, "running_var");
+  check_stat(mean, running_mean, "mean");
+  check_stat(var, running_mean, "var");
+  running_stats_alias_check(running_mean, running_var).read(mean, "mean").read(var, "var").check();
   running_mean.lerp_(mean.to(running_mean.scalar_type()), momentum);
   running_var.lerp_(var.to(running_var.scalar_type()), momentum);
 }
 
 // ---- the public composites: forward with autograd + the in-place running-stat update -------
 
+// What the public op calls the BatchNorm affine: rep_bn's weight / bias are prep_bn's bn_weight / bn_bias.
+struct AffineNames {
+  const char* weight;
+  const char* bias;
+};
+
 Tensor prep_bn_composite(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
                          const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha, Tensor& running_mean,
                          Tensor& running_var, double lam, bool training, double momentum, double eps,
-                         double norm_eps, c10::string_view norm, const OptTensor& mask) {
+                         double norm_eps, c10::string_view norm, const OptTensor& mask, AffineNames names) {
   static auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("slab::prep_bn_fwd", "").typed<decltype(fwd_op)>();
   static auto update = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("slab::bn_update_running_stats", "")
                            .typed<decltype(update_running_stats_op)>();
   check_unit_interval(momentum, "momentum");
+  if (is_concrete(x)) {
+    // The stage ops name the affine bn_weight / bn_bias; check it here under the caller's names.
+    const int64_t channels = check_x(x).channels;
+    channel_vector(bn_weight, x, channels, names.weight);
+    channel_vector(bn_bias, x, channels, names.bias);
+    if (training) {
+      running_stats_alias_check(running_mean, running_var)
+          .read(x, "x").read(norm_weight, "norm_weight").read(norm_bias, "norm_bias").read(bn_weight, names.weight)
+          .read(bn_bias, names.bias).read(alpha, "alpha").read(mask, "mask").check();
+    }
+  }
   auto outs = fwd.call(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
                        training, eps, norm_eps, norm, mask);
   if (training) update.call(running_mean, running_var, std::get<3>(outs), std::get<5>(outs), momentum);
@@ -269,13 +310,13 @@ Tensor prep_bn(const Tensor& x, const Tensor& norm_weight, const OptTensor& norm
                const OptTensor& mask) {
   TORCH_CHECK_VALUE(norm == "layer" || norm == "rms", "norm must be \"layer\" or \"rms\", got \"", norm, "\"");
   return prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
-                           training, momentum, eps, norm_eps, norm, mask);
+                           training, momentum, eps, norm_eps, norm, mask, {"bn_weight", "bn_bias"});
 }
 
 Tensor rep_bn(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& alpha, Tensor& running_mean,
               Tensor& running_var, bool training, double momentum, double eps, const OptTensor& mask) {
   return prep_bn_composite(x, std::nullopt, std::nullopt, weight, bias, alpha, running_mean, running_var, 0.0,
-                           training, momentum, eps, 0.0, "none", mask);
+                           training, momentum, eps, 0.0, "none", mask, {"weight", "bias"});
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ struct Kernel {
 
 // A depthwise Conv2d weight (C, 1, kh, kw) or Conv1d weight (C, 1, k) (kernel k x 1).
 Kernel check_weight(const Tensor& weight, const Tensor& v) {
-  check_same_device(weight, v, "weight");
+  check_same_device(weight, v, "weight", "v");
   const int64_t C = v.size(3);
   TORCH_CHECK((weight.dim() == 4 || weight.dim() == 3) && weight.size(0) == C && weight.size(1) == 1,
               "weight must be a depthwise convolution weight of shape (", C, ", 1, kh, kw) or (", C,
@@ -45,8 +45,8 @@ Tensor tap_major(const Tensor& weight, at::ScalarType acc, bool flip) {
 
 DwcGeometry geometry(const Tensor& v, Kernel k, int64_t grid_h, int64_t grid_w, int64_t pad_top, int64_t pad_left) {
   TORCH_CHECK(v.dim() == 4, "v must have shape (batch, heads, tokens, channels), got ", v.sizes());
-  TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1 && grid_h * grid_w == v.size(2), "grid (", grid_h, ", ", grid_w,
-                    ") must hold the ", v.size(2), " tokens of v");
+  TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1 && checked_mul(grid_h, grid_w, "grid_h * grid_w") == v.size(2),
+                    "grid (", grid_h, ", ", grid_w, ") must hold the ", v.size(2), " tokens of v");
   TORCH_CHECK_VALUE(pad_top >= 0 && pad_top < k.h && pad_left >= 0 && pad_left < k.w, "padding (", pad_top, ", ",
                     pad_left, ") must lie inside the kernel (", k.h, ", ", k.w, ")");
   return {v.size(0), v.size(1), v.size(3), grid_h, grid_w, k.h, k.w, pad_top, pad_left};
@@ -72,7 +72,7 @@ Tensor run_dwc(const Tensor& v, const Tensor& taps, const std::optional<Tensor>&
 std::optional<Tensor> checked_residual(const std::optional<Tensor>& residual, const Tensor& v,
                                        Tensor (*layout)(const Tensor&)) {
   if (!residual) return std::nullopt;
-  check_same_device(*residual, v, "residual");
+  check_same_device(*residual, v, "residual", "v");
   TORCH_CHECK(residual->sizes() == v.sizes() && residual->scalar_type() == v.scalar_type(),
               "residual must have the shape ", v.sizes(), " and dtype ", v.scalar_type(), " of v, got ",
               residual->sizes(), " ", residual->scalar_type());
@@ -83,7 +83,7 @@ Tensor contiguous(const Tensor& t) { return t.contiguous(); }
 
 std::optional<Tensor> checked_bias(const std::optional<Tensor>& bias, const Tensor& v) {
   if (!bias) return std::nullopt;
-  check_same_device(*bias, v, "bias");
+  check_same_device(*bias, v, "bias", "v");
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == v.size(3) && at::isFloatingType(bias->scalar_type()),
               "bias must be a floating-point vector of the ", v.size(3), " channels of v, got ", bias->sizes(), " ",
               bias->scalar_type());
@@ -109,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Ten
                                                    int64_t pad_left) {
   const DType dtype = kernel_dtype(v, "v");
   TORCH_CHECK(v.dim() == 4, "v must have shape (batch, heads, tokens, channels), got ", v.sizes());
-  check_same_device(grad, v, "grad");
+  check_same_device(grad, v, "grad", "v");
   TORCH_CHECK(grad.sizes() == v.sizes() && grad.scalar_type() == v.scalar_type(), "grad must have the shape ",
               v.sizes(), " and dtype ", v.scalar_type(), " of v, got ", grad.sizes(), " ", grad.scalar_type());
   const Kernel k = check_weight(weight, v);
@@ -142,7 +142,7 @@ Tensor dwc_step_op(const Tensor& v, Tensor& cache, const Tensor& weight, const s
   const Kernel k = check_weight(weight, v4);
   TORCH_CHECK_VALUE(weight.dim() == 3, "weight must be a Conv1d weight (C, 1, k) for the causal 1-D branch, got ",
                     weight.sizes());
-  check_same_device(cache, v, "cache");
+  check_same_device(cache, v, "cache", "v");
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == v.size(0) && cache.size(1) == v.size(1) &&
                   cache.size(2) == k.h - 1 && cache.size(3) == v.size(2),
               "cache must have shape (", v.size(0), ", ", v.size(1), ", ", k.h - 1, ", ", v.size(2),
@@ -150,6 +150,8 @@ Tensor dwc_step_op(const Tensor& v, Tensor& cache, const Tensor& weight, const s
   TORCH_CHECK(cache.scalar_type() == v.scalar_type() && cache.is_contiguous(), "cache must be a contiguous ",
               v.scalar_type(), " tensor (it is updated in place), got ", cache.scalar_type(),
               cache.is_contiguous() ? "" : " (non-contiguous)");
+  AliasCheck().written(cache, "cache").read(v, "v").read(weight, "weight").read(bias, "bias").read(residual, "residual")
+      .check();
   const std::optional<Tensor> res = checked_residual(residual, v, contiguous);
   const auto acc = acc_dtype(v.scalar_type());
   const Tensor vc = v.contiguous(), taps = tap_major(weight, acc, false);

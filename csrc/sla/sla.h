@@ -97,6 +97,18 @@ struct SlaStepParams {
 constexpr int kMaxHeadDimCuda = 256;
 constexpr int kMaxHeadDimCudaFp64 = 128;
 
+// CUDA launch geometry: one block per (b, h, tile of kCudaColumnTile state columns), flattened into
+// gridDim.x (up to 2^31 - 1 blocks; gridDim.y and z stop at 65535, below real batch x heads counts).
+constexpr int kCudaColumnTile = 32;
+constexpr int64_t kMaxCudaBlocks = 2147483647;
+struct SlaBlock {
+  int64_t b, h, tile;
+};
+SLAB_HD SlaBlock sla_block(int64_t block, int64_t heads, int64_t tiles) {
+  const int64_t bh = block / tiles;
+  return {bh / heads, bh % heads, block % tiles};
+}
+
 void sla_fwd_cpu(const SlaFwdParams& p);
 void sla_bwd_cpu(const SlaBwdParams& p);
 void sla_step_cpu(const SlaStepParams& p);

@@ -23,7 +23,7 @@
 namespace slab::sla {
 namespace {
 
-constexpr int kTile = 32;                   // state columns per block (threadIdx.x)
+constexpr int kTile = kCudaColumnTile;      // state columns per block (threadIdx.x)
 constexpr int kGroups = 8;                  // threadIdx.y: the held dimension is split over them
 constexpr int kThreads = kTile * kGroups;
 
@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kThreads, 1) recurrence_kernel(RecArgs p) {
   __shared__ A zs[kZ ? kMaxHeadDimCuda : 1];
   __shared__ A den_at[TG];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
-  const int64_t bb = blockIdx.z, hh = blockIdx.y, t0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const SlaBlock blk = sla_block(blockIdx.x, p.s.heads, ceil_div(p.cols, kTile));
+  const int64_t bb = blk.b, hh = blk.h, t0 = blk.tile * kTile;
   const int64_t N = p.s.len, bh = bb * p.s.heads + hh;
   A X[kPer], y = 0;
 #pragma unroll
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) recurrence_kernel(RecArgs p) {
     for (int g = 0; g < kGroups; ++g) s += part[i][g][tx];
     if constexpr (kZ) {
       s /= den_at[i];
-      if (blockIdx.x == 0 && tx == 0) static_cast<A*>(p.den_out)[bh * N + n] = den_at[i];
+      if (t0 == 0 && tx == 0) static_cast<A*>(p.den_out)[bh * N + n] = den_at[i];
     }
     if constexpr (kY) s = (s + y_at[i][tx] * st.gamma[i]) * st.gate[i][tx];
     if (c < p.cols) static_cast<T*>(p.out)[(bh * N + n) * p.cols + c] = from_acc<T>(s);
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) recurrence_kernel(RecArgs p) {
       const int64_t d = ty + kGroups * j;
       if (d < D && c < Dv) static_cast<A*>(p.state)[(bh * D + d) * Dv + c] = X[j];
     }
-    if (blockIdx.x == 0) {
+    if (t0 == 0) {  // the first column tile
       for (int d = tid; d < D; d += kThreads) static_cast<A*>(p.z)[bh * D + d] = zs[d];
     }
   }
@@ -276,7 +277,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(SlaStepParams p) {
   __shared__ A scratch[kGroups];
   __shared__ A inv_den;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
-  const int64_t b = blockIdx.y, h = blockIdx.x, bh = b * p.heads + h, D = p.dim, Dv = p.vdim;
+  const SlaBlock blk = sla_block(blockIdx.x, p.heads, 1);
+  const int64_t b = blk.b, h = blk.h, bh = b * p.heads + h, D = p.dim, Dv = p.vdim;
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + h * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + h * p.v_stride.h;
@@ -320,7 +322,7 @@ Operand operand(const void* ptr, const RowStrides& s) { return {ptr, s}; }
 
 template <typename T, Mode M>
 void run(const RecArgs& a, bool causal, CUstream_st* stream) {
-  const dim3 grid(ceil_div(a.cols, kTile), static_cast<unsigned>(a.s.heads), static_cast<unsigned>(a.s.batch));
+  const auto grid = static_cast<unsigned>(a.s.batch * a.s.heads * ceil_div(a.cols, kTile));  // sla_block
   const dim3 block(kTile, kGroups);
   if (causal) recurrence_kernel<T, M, true><<<grid, block, 0, stream>>>(a);
   else recurrence_kernel<T, M, false><<<grid, block, 0, stream>>>(a);
@@ -354,8 +356,7 @@ void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream) {
 
 void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    step_kernel<T><<<dim3(static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), dim3(kTile, kGroups), 0,
-                     stream>>>(p);
+    step_kernel<T><<<static_cast<unsigned>(p.batch * p.heads), dim3(kTile, kGroups), 0, stream>>>(p);
   });
 }
 

@@ -18,6 +18,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 void check_device(const Tensor& t, const Tensor& q, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
               "; all tensors must be on one device");
 }
@@ -31,6 +32,14 @@ void check_dtype(const Tensor& t, const Tensor& q, const char* name) {
 // it already is (any strides elsewhere, e.g. a view of a fused qkv projection), else a copy.
 Tensor rows_view(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 RowStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The CUDA kernels launch one block per (b, h, column tile) (sla_block): at most 2^31 - 1.
+void check_cuda_blocks(int64_t batch, int64_t heads, int64_t cols) {
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(cols, kCudaColumnTile));
+  TORCH_CHECK_VALUE(checked_mul(checked_mul(batch, heads, "batch * heads"), tiles, "CUDA blocks") <= kMaxCudaBlocks,
+                    "batch * heads = ", batch, " * ", heads, " is too large for the CUDA kernels (at most ",
+                    kMaxCudaBlocks / tiles, " (batch, head) slices at this head dimension); split the batch");
+}
 
 // q (B, H, N, D), k like q, v (B, H, N, Dv): one dtype, one device.
 SlaShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -48,6 +57,7 @@ SlaShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(!q.is_cuda() || (q.size(3) <= max_dim && v.size(3) <= max_dim),
               "the CUDA kernels take head dimensions D and Dv up to ", max_dim, " for ", q.scalar_type(),
               ", got D = ", q.size(3), " (q), Dv = ", v.size(3), " (v)");
+  if (q.is_cuda()) check_cuda_blocks(q.size(0), q.size(1), std::max(q.size(3), v.size(3)));
   return {q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
 }
 
@@ -154,8 +164,10 @@ Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, T
   TORCH_CHECK(v_in.dim() == q_in.dim() && v.size(0) == q.size(0) && v.size(1) == q.size(1), "v must have shape (",
               q.size(0), ", ", q.size(1), q_in.dim() == 4 ? ", 1" : "", ", Dv) to match q, got ", v_in.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Dv = v.size(2);
+  if (q.is_cuda()) check_cuda_blocks(B, H, 1);
   check_state(state, q_in, {B, H, D, Dv}, "state");
   check_state(z, q_in, {B, H, D}, "z");
+  AliasCheck().written(state, "state").written(z, "z").read(q_in, "q").read(k_in, "k").read(v_in, "v").check();
   Tensor o = at::empty(q_in.dim() == 4 ? std::vector<int64_t>{B, H, 1, Dv} : std::vector<int64_t>{B, H, Dv},
                        q_in.options());
   if (B * H * Dv == 0) return o;

@@ -56,7 +56,16 @@ struct GemmParams {
   const float* bias;      // (n) or nullptr
   void* y;                // (m, n) contiguous, out_dtype
   DType out_dtype;
-  float* workspace;       // CUDA: split-K partial sums (workspace_floats_cuda elements)
+  // CUDA: the split-K plan (plan_gemm_cuda), made once by the binding for both the workspace size and
+  // the launch, and the partial sums of splits > 1 (splits * m * n floats).
+  int splits, tiles_per_split;
+  float* workspace;
+};
+
+// How gemm_cuda splits the k range (on the current device), or the CUDA error of the occupancy query.
+struct GemmPlan {
+  int splits, tiles_per_split;
+  int cuda_error;  // cudaError_t; 0 = success
 };
 
 // The in-register int4 -> e4m3 conversion of the CUDA GEMM (int4x4_to_e4m3x4), exposed for tests:
@@ -72,7 +81,8 @@ void tile_weights_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst);
 void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream);
 void gemm_cuda(const GemmParams& p, CUstream_st* stream);
 void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, CUstream_st* stream);
-// fp32 elements of GemmParams::workspace that gemm_cuda needs for this shape.
-int64_t workspace_floats_cuda(int64_t m, int64_t n, int64_t k, int64_t group);
+GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k);
+// Rows of x one CUDA GEMM launch takes: tiles of up to 64 tokens over gridDim.y (at most 65535).
+constexpr int64_t kMaxCudaRows = 65535 * 64;
 
 }  // namespace slab::w4a8

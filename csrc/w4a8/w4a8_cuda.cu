@@ -156,10 +156,6 @@ __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* d
 
 // ---- GEMM ----------------------------------------------------------------------------------------
 
-struct Split {
-  int splits, tiles_per_split;
-};
-
 int sm_count() {
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
@@ -170,37 +166,26 @@ int sm_count() {
 int tokens_per_block(int64_t m) { return m <= 8 ? 8 : (m <= 16 ? 16 : (m <= 32 ? 32 : 64)); }
 
 template <int MT, typename O>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_per_split);
+__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p);
 
 // Splits of the k range: enough blocks to fill every SM to its occupancy limit (a memory-bound
 // decode GEMM needs many loads in flight), each split at least one 64-column tile, none empty.
 template <int MT>
-Split plan_split_for(int64_t m, int64_t n, int64_t k) {
+GemmPlan plan_for(int64_t m, int64_t n, int64_t k) {
   const int64_t k_tiles = ceil_div(k, kTileCols);
   const int64_t blocks = ceil_div(round_up(n, kTileRows), kTileRows * kWarps) * ceil_div(m, 8 * MT);
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm_kernel<MT, float>, kThreads, 0) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it; fall back to a modest target
-    per_sm = 2;
-  }
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm_kernel<MT, float>, kThreads, 0);
+  if (err != cudaSuccess) return {0, 0, static_cast<int>(err)};
   const int64_t target = static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
   int64_t splits = blocks >= target ? 1 : std::min<int64_t>(k_tiles, ceil_div(target, blocks));
   const int64_t per = ceil_div(k_tiles, splits);
   splits = ceil_div(k_tiles, per);
-  return {static_cast<int>(splits), static_cast<int>(per)};
-}
-
-Split plan_split(int64_t m, int64_t n, int64_t k) {
-  switch (tokens_per_block(m)) {
-    case 8: return plan_split_for<1>(m, n, k);
-    case 16: return plan_split_for<2>(m, n, k);
-    case 32: return plan_split_for<4>(m, n, k);
-    default: return plan_split_for<8>(m, n, k);
-  }
+  return {static_cast<int>(splits), static_cast<int>(per), 0};
 }
 
 template <int MT, typename O>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_per_split) {
+__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   constexpr int kTokens = 8 * MT;
   __shared__ __align__(16) uint8_t xs[kTokens * kXRowBytes];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -209,8 +194,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_
   const int64_t groups = p.k / p.group;  // scales per weight row
   const int64_t rt = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // this warp's row tile
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTokens;
-  const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
-  const int64_t kt1 = std::min<int64_t>(k_tiles, kt0 + tiles_per_split);
+  const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * p.tiles_per_split;
+  const int64_t kt1 = std::min<int64_t>(k_tiles, kt0 + p.tiles_per_split);
   const bool active = rt < row_tiles;
   const int64_t n_lo = rt * kTileRows + g, n_hi = n_lo + 8;
 
@@ -305,12 +290,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p, int tiles_
 
 // y[m, n] = x_scale[m] * sum over splits (in order) + bias[n].
 template <typename O>
-__global__ void reduce_kernel(GemmParams p, int splits) {
+__global__ void reduce_kernel(GemmParams p) {
   const int64_t total = p.m * p.n;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = 0.0f;
-    for (int z = 0; z < splits; ++z) s += p.workspace[z * total + i];
+    for (int z = 0; z < p.splits; ++z) s += p.workspace[z * total + i];
     const int64_t m = i / p.n, n = i % p.n;
     float v = p.x_scale[m] * s;
     if (p.bias != nullptr) v += p.bias[n];
@@ -319,20 +304,24 @@ __global__ void reduce_kernel(GemmParams p, int splits) {
 }
 
 template <int MT>
-void launch_gemm(const GemmParams& p, const Split& sp, cudaStream_t stream) {
-  const dim3 grid(ceil_div(round_up(p.n, kTileRows), kTileRows * kWarps), ceil_div(p.m, 8 * MT), sp.splits);
+void launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(round_up(p.n, kTileRows), kTileRows * kWarps), ceil_div(p.m, 8 * MT), p.splits);
   switch (p.out_dtype) {  // float32 / bfloat16 / float16 (the binding allows no other)
-    case DType::kBFloat16: gemm_kernel<MT, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, sp.tiles_per_split); break;
-    case DType::kFloat16: gemm_kernel<MT, __half><<<grid, kThreads, 0, stream>>>(p, sp.tiles_per_split); break;
-    default: gemm_kernel<MT, float><<<grid, kThreads, 0, stream>>>(p, sp.tiles_per_split); break;
+    case DType::kBFloat16: gemm_kernel<MT, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: gemm_kernel<MT, __half><<<grid, kThreads, 0, stream>>>(p); break;
+    default: gemm_kernel<MT, float><<<grid, kThreads, 0, stream>>>(p); break;
   }
 }
 
 }  // namespace
 
-int64_t workspace_floats_cuda(int64_t m, int64_t n, int64_t k, int64_t /*group*/) {
-  const int splits = plan_split(m, n, k).splits;
-  return splits == 1 ? 0 : static_cast<int64_t>(splits) * m * n;
+GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k) {
+  switch (tokens_per_block(m)) {
+    case 8: return plan_for<1>(m, n, k);
+    case 16: return plan_for<2>(m, n, k);
+    case 32: return plan_for<4>(m, n, k);
+    default: return plan_for<8>(m, n, k);
+  }
 }
 
 void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
@@ -354,15 +343,14 @@ void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, C
 }
 
 void gemm_cuda(const GemmParams& p, CUstream_st* stream) {
-  const Split sp = plan_split(p.m, p.n, p.k);
   const int tokens = tokens_per_block(p.m);
-  if (tokens == 8) launch_gemm<1>(p, sp, stream);
-  else if (tokens == 16) launch_gemm<2>(p, sp, stream);
-  else if (tokens == 32) launch_gemm<4>(p, sp, stream);
-  else launch_gemm<8>(p, sp, stream);
-  if (sp.splits == 1) return;  // the GEMM wrote y itself
+  if (tokens == 8) launch_gemm<1>(p, stream);
+  else if (tokens == 16) launch_gemm<2>(p, stream);
+  else if (tokens == 32) launch_gemm<4>(p, stream);
+  else launch_gemm<8>(p, stream);
+  if (p.splits == 1) return;  // the GEMM wrote y itself
   const int blocks = grid_stride_blocks(p.m * p.n, 256);
-  SLAB_DTYPE_SWITCH(p.out_dtype, CudaScalar, O, [&] { reduce_kernel<O><<<blocks, 256, 0, stream>>>(p, sp.splits); });
+  SLAB_DTYPE_SWITCH(p.out_dtype, CudaScalar, O, [&] { reduce_kernel<O><<<blocks, 256, 0, stream>>>(p); });
 }
 
 }  // namespace slab::w4a8

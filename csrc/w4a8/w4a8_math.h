@@ -119,8 +119,16 @@ SLAB_HD uint8_t float_to_e4m3(float f) {
 }
 
 // Per-row activation scale: absmax / 448, or 1 for an all-zero row (so q = 0 and dequantizing
-// gives back the zeros). NaN absmax stays NaN (the whole row becomes NaN).
-SLAB_HD float fp8_row_scale(float absmax) { return absmax == 0.0f ? 1.0f : absmax / kE4m3Max; }
+// gives back the zeros). A row so small that absmax / 448 is below the smallest normal float
+// (absmax < ~5.3e-36) gets that smallest normal instead: absmax / 448 would lose its precision
+// as a subnormal and, below ~6e-43, underflow to 0 (x / 0: a NaN row); with the clamp every code
+// stays within +-448. NaN absmax stays NaN (the whole row becomes NaN).
+constexpr float kMinFp8Scale = 1.17549435e-38f;  // FLT_MIN
+SLAB_HD float fp8_row_scale(float absmax) {
+  if (absmax == 0.0f) return 1.0f;
+  const float s = absmax / kE4m3Max;
+  return s < kMinFp8Scale ? kMinFp8Scale : s;
+}
 
 // Running absmax that keeps a NaN once seen.
 SLAB_HD float absmax_update(float m, float v) {

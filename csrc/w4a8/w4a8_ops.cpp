@@ -31,9 +31,9 @@ DType out_kernel_dtype(at::ScalarType t, const char* name) {
 
 // Checks the packed weights and scales against (n from w_scales, k from x); returns n.
 int64_t check_weights(const Tensor& w, const Tensor& w_scales, int64_t k, int64_t group, int64_t layout,
-                      const Tensor& like) {
-  check_same_device(w, like, "w_packed");
-  check_same_device(w_scales, like, "w_scales");
+                      const Tensor& like, const char* like_name) {
+  check_same_device(w, like, "w_packed", like_name);
+  check_same_device(w_scales, like, "w_scales", like_name);
   TORCH_CHECK(w.scalar_type() == at::kByte, "w_packed must be uint8 (two int4 values per byte), got ", w.scalar_type());
   TORCH_CHECK(w_scales.scalar_type() == at::kFloat, "w_scales must be float32, got ", w_scales.scalar_type());
   TORCH_CHECK(w_scales.dim() == 2, "w_scales must have shape (N, K / group_size), got ", w_scales.sizes());
@@ -59,13 +59,14 @@ std::tuple<Tensor, Tensor> quantize_fp8_op(const Tensor& x) {
   const DType dtype = kernel_dtype(x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (rows are quantized along the last), got a scalar");
   const Tensor xc = x.contiguous();
-  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  const int64_t cols = x.size(-1);
   Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
   auto lead = x.sizes().vec();
   lead.pop_back();
   Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));
+  const int64_t rows = scale.numel();
   if (rows == 0) return {q, scale};
-  if (cols == 0) {
+  if (cols == 0) {  // an empty row is a zero row
     scale.fill_(1.0);
     return {q, scale};
   }
@@ -78,6 +79,7 @@ std::tuple<Tensor, Tensor> quantize_fp8_op(const Tensor& x) {
 // ---- weight tiles --------------------------------------------------------------------------------
 
 Tensor tile_weights_op(const Tensor& packed) {
+  check_defined(packed, "packed");
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 2 && packed.size(1) > 0, "packed must have shape (N, K / 2), got ", packed.sizes());
   const int64_t n = packed.size(0), k = 2 * packed.size(1);
@@ -102,10 +104,11 @@ Tensor tile_weights_op(const Tensor& packed) {
 // The int4 -> e4m3 byte conversion of the CUDA GEMM (test hook): packed (..., 2 j) uint8 ->
 // (..., 4 j) uint8, the e4m3 bits of every nibble, low nibble first.
 Tensor int4_to_e4m3_op(const Tensor& packed) {
+  check_defined(packed, "packed");
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(packed.dim() >= 1 && packed.size(-1) % 2 == 0, "packed must have an even last dimension, got ",
               packed.sizes());
-  const Tensor src = packed.contiguous();
+  const Tensor src = aligned_contiguous(packed, 2);  // read as 16-bit words
   auto shape = packed.sizes().vec();
   shape.back() *= 2;
   Tensor out = at::empty(shape, packed.options());
@@ -137,7 +140,8 @@ Tensor kernel_weights(const Tensor& w, int64_t layout, const Tensor& like) {
                 "row-major layout: prepack the weights for the CPU (slab.quant.prepack_w4(..., device='cpu'))");
     return w.contiguous();
   }
-  return layout == kTiled ? w.contiguous() : tile_weights_op(w);
+  // The CUDA GEMM reads each lane's tile chunk as one 16-byte word.
+  return layout == kTiled ? aligned_contiguous(w, 16) : tile_weights_op(w);
 }
 
 Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, const Tensor& w_scales, Tensor& y) {
@@ -149,10 +153,17 @@ Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, const Tensor&
   Tensor workspace;
 #ifdef SLAB_WITH_CUDA
   if (like.is_cuda()) {
+    TORCH_CHECK_VALUE(p.m <= kMaxCudaRows, "the CUDA W4A8 GEMM takes at most ", kMaxCudaRows,
+                      " rows of x per call, got ", p.m, "; split x along its rows");
     c10::DeviceGuard guard(like.device());  // the split plan reads the current device's SM count
-    workspace = at::empty({std::max<int64_t>(1, workspace_floats_cuda(p.m, p.n, p.k, p.group))},
-                          like.options().dtype(at::kFloat));
-    p.workspace = workspace.data_ptr<float>();
+    const GemmPlan plan = plan_gemm_cuda(p.m, p.n, p.k);
+    C10_CUDA_CHECK(static_cast<cudaError_t>(plan.cuda_error));
+    p.splits = plan.splits, p.tiles_per_split = plan.tiles_per_split;
+    if (plan.splits > 1) {
+      workspace = at::empty({checked_mul(plan.splits, checked_mul(p.m, p.n, "m * n"), "split-K workspace")},
+                            like.options().dtype(at::kFloat));
+      p.workspace = workspace.data_ptr<float>();
+    }
   }
 #endif
   launch(like, p, gemm_cpu, SLAB_CUDA_FN(gemm_cuda));
@@ -173,17 +184,18 @@ Tensor kernel_activations(const Tensor& x_fp8, int64_t k) {
 
 Tensor w4a8_gemm_op(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w, const Tensor& w_scales,
                     int64_t group_size, int64_t layout, at::ScalarType out_dtype) {
+  check_defined(x_fp8, "x_fp8");
   TORCH_CHECK(x_fp8.scalar_type() == at::kFloat8_e4m3fn, "x_fp8 must be float8_e4m3fn (from quantize_fp8), got ",
               x_fp8.scalar_type());
   TORCH_CHECK(x_fp8.dim() == 2, "x_fp8 must have shape (M, K), got ", x_fp8.sizes());
   const int64_t m = x_fp8.size(0), k = x_fp8.size(1);
   const int64_t group = group_columns(group_size, k);
   const DType odt = out_kernel_dtype(out_dtype, "out_dtype");
-  check_same_device(x_scale, x_fp8, "x_scale");
+  check_same_device(x_scale, x_fp8, "x_scale", "x_fp8");
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat, "x_scale must be float32, got ", x_scale.scalar_type());
   TORCH_CHECK(x_scale.numel() == m && (x_scale.dim() == 1 || (x_scale.dim() == 2 && x_scale.size(1) == 1)),
               "x_scale must have shape (", m, ",) or (", m, ", 1) = one scale per row of x_fp8, got ", x_scale.sizes());
-  const int64_t n = check_weights(w, w_scales, k, group, layout, x_fp8);
+  const int64_t n = check_weights(w, w_scales, k, group, layout, x_fp8, "x_fp8");
   Tensor y = at::empty({m, n}, x_fp8.options().dtype(out_dtype));
   if (m == 0 || n == 0) return y;
   const Tensor xb = kernel_activations(x_fp8, k);
@@ -198,12 +210,13 @@ Tensor w4a8_gemm_op(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w,
 
 Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, int64_t group_size, int64_t layout,
                       const std::optional<Tensor>& bias) {
+  check_defined(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2, "x must have shape (M, K), got ", x.sizes());
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t group = group_columns(group_size, k);
-  const int64_t n = check_weights(w, w_scales, k, group, layout, x);
+  const int64_t n = check_weights(w, w_scales, k, group, layout, x, "x");
   Tensor b;
   if (bias.has_value()) {
     check_same_device(*bias, x, "bias");

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["register_fake", "check_one_device"]
+__all__ = ["register_fake", "check_one_device", "register_missing_tensor_errors"]
 
 
 def _tensors(name: str, value):
@@ -54,3 +54,61 @@ def register_fake(op: str) -> Callable:
         return fn
 
     return decorate
+
+
+def _missing_tensor_kernel(op: str, schema):
+    """The kernel of a call that reaches no backend: no tensor among the arguments (None for every
+    required tensor, or empty tensor lists). Names the first missing argument instead of the
+    dispatcher's "There were no tensor arguments to this function"."""
+
+    def kernel(*args, **kwargs):
+        values = dict(zip([a.name for a in schema.arguments], args), **kwargs)
+        for a in schema.arguments:
+            kind = str(a.type)
+            value = values.get(a.name)
+            if kind == "Tensor" and value is None:
+                raise ValueError(f"slab::{op}: {a.name} must be a tensor, got None")
+            if kind == "List[Tensor]" and not value:
+                raise ValueError(f"slab::{op}: {a.name} must hold at least one tensor")
+        raise ValueError(f"slab::{op}: got no tensor arguments")
+
+    return kernel
+
+
+def _sparse_tensor_kernel(op: str, schema):
+    """The kernel of a call with a sparse tensor argument: slab's kernels take dense tensors."""
+
+    def kernel(*args, **kwargs):
+        values = dict(zip([a.name for a in schema.arguments], args), **kwargs)
+        for a in schema.arguments:
+            for label, t in _tensors(a.name, values.get(a.name)):
+                if t.layout != torch.strided:
+                    raise RuntimeError(f"slab::{op}: {label} must be a dense (strided) tensor, got layout {t.layout}")
+        raise RuntimeError(f"slab::{op}: sparse tensors are not supported")
+
+    return kernel
+
+
+_fallbacks = torch.library.Library("slab", "IMPL")  # noqa: the registrations live as long as the module
+
+
+def register_missing_tensor_errors() -> None:
+    """Registers :func:`_missing_tensor_kernel` (and :func:`_sparse_tensor_kernel` for the sparse
+    dispatch keys) for every slab op with backend kernels only. CompositeExplicitAutograd is reached
+    only when no argument carries a dispatch key: CPU, CUDA and Meta kernels take precedence."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("slab::"):
+            continue
+        op = name[len("slab::"):]
+        packet = getattr(torch.ops.slab, op)
+        for overload in packet.overloads():
+            schema = getattr(packet, overload)._schema
+            qualified = op if overload == "default" else f"{op}.{overload}"
+            if not any(str(a.type) in ("Tensor", "List[Tensor]") for a in schema.arguments):
+                continue  # no tensor to miss (slab::_compiled_with_cuda)
+            if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
+                   for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")):
+                continue  # a composite C++ kernel runs anyway and checks its arguments itself
+            _fallbacks.impl(qualified, _missing_tensor_kernel(op, schema), "CompositeExplicitAutograd")
+            for key in ("SparseCPU", "SparseCUDA"):
+                _fallbacks.impl(qualified, _sparse_tensor_kernel(op, schema), key)
