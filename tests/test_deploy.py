@@ -313,15 +313,172 @@ def test_conv_bn_cnn_folds_and_matches():
 
 
 def test_prepbn_linear_bn1d_chain():
-    """norm -> Linear -> BatchNorm1d: both folds land on the same Linear."""
+    """norm -> Linear -> BatchNorm1d: both folds land on the same Linear (example_inputs prove the
+    Linear output is 2-D; the graph alone cannot, as the model input could be (N, L, C))."""
     torch.manual_seed(0)
     model = randomize(nn.Sequential(PRepBN(6), nn.Linear(6, 7), nn.BatchNorm1d(7), nn.ReLU()), 9).eval()
     x = torch.randn(11, 6)
     with torch.no_grad():
         ref = model(x)
-        dep = deploy(model)
+        dep, report = deploy(model, example_inputs=x, return_report=True)
         assert count(dep, NORMS) == 0 and count(dep, ChannelAffine) == 0
         assert rel_err(dep(x), ref) < 1e-5
+    assert sorted(report.folded) == [("0", "1"), ("2", "1")] and not report.left and not report.converted
+
+    with pytest.warns(UserWarning, match="example_inputs"):
+        dep, report = deploy(model, return_report=True)
+    assert report.folded == [("0", "1")]
+    assert [k.norm for k in report.left] == ["2"] and "rank is unknown" in report.left[0].reason
+    with torch.no_grad():
+        assert rel_err(dep(x), ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# A BN folds only where it normalises the layer's output channels (BN normalises dim 1)
+# ------------------------------------------------------------------------------------------------
+def deploy_checked(model, x, **kwargs):
+    """deploy(model) with its report; the deployed model must compute what the model does."""
+    with torch.no_grad():
+        ref = model(x)
+        dep, report = deploy(model, return_report=True, **kwargs)
+        assert rel_err(dep(x), ref) < 1e-12, rel_err(dep(x), ref)
+    return dep, report
+
+
+def left_reason(report, name: str) -> str:
+    reasons = [k.reason for k in report.left if k.norm == name]
+    assert reasons, f"{name} is not reported as left: {report}"
+    return reasons[0]
+
+
+def test_linear_bn1d_over_tokens_is_left():
+    """Linear(8, 6) on (N, L, 8) tokens, then BatchNorm1d(L) with L = 6 = out_features: the BN
+    normalises the L positions (dim 1), not the Linear's features, so folding it is wrong."""
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)), 12).double().eval()
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="example_inputs"):
+        dep, report = deploy_checked(model, x)
+    assert report.folded == [] and "rank is unknown" in left_reason(report, "1")
+    dep, report = deploy_checked(model, x, example_inputs=x)
+    assert count(dep, nn.BatchNorm1d) == 1 and report.folded == []
+    assert "3-D" in left_reason(report, "1")
+
+    # the same layers on a 2-D (N, C) input: the BN normalises the features and folds exactly
+    x2 = torch.randn(5, 8, dtype=torch.float64)
+    dep, report = deploy_checked(model, x2, example_inputs=(x2,))
+    assert count(dep, nn.BatchNorm1d) == 0 and report.folded == [("1", "0")] and report.left == []
+
+
+class Head(nn.Module):
+    """pool -> 2-D (N, C) by one of several spellings -> Linear -> BatchNorm1d."""
+
+    def __init__(self, flat):
+        super().__init__()
+        self.flat = flat
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(12, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(self.flat(self, x)))
+
+
+FLATS = {
+    "torch.flatten": lambda m, x: torch.flatten(x, 1),
+    "Tensor.flatten": lambda m, x: x.flatten(start_dim=1),
+    "nn.Flatten": lambda m, x: m.flatten(x),
+    "view": lambda m, x: x.view(x.size(0), -1),
+    "reshape": lambda m, x: x.reshape((x.shape[0], 12)),
+}
+
+
+@pytest.mark.parametrize("flat", FLATS, ids=str)
+def test_linear_bn1d_folds_where_the_graph_proves_2d(flat):
+    torch.manual_seed(0)
+    model = randomize(Head(FLATS[flat]), 13).double().eval()
+    dep, report = deploy_checked(model, torch.randn(3, 3, 2, 2, dtype=torch.float64))
+    assert report.folded == [("bn", "fc")] and count(dep, nn.BatchNorm1d) == 0
+
+
+def test_linear_bn1d_left_where_the_graph_proves_nothing():
+    torch.manual_seed(0)
+    model = randomize(Head(lambda m, x: torch.flatten(x, 2).mean(-1)), 13).double().eval()  # (N, 12)
+    x = torch.randn(3, 12, 2, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="example_inputs"):
+        _, report = deploy_checked(model, x)
+    assert "rank is unknown" in left_reason(report, "bn")
+    _, report = deploy_checked(model, x, example_inputs=x)
+    assert report.folded == [("bn", "fc")]
+
+
+class ConvThenBN(nn.Module):
+    def __init__(self, conv, bn, between=lambda y: y):
+        super().__init__()
+        self.conv, self.bn, self.between = conv, bn, between
+
+    def forward(self, x):
+        return self.bn(self.between(self.conv(x)))
+
+
+def test_conv_bn_after_a_transpose_is_left():
+    """Conv1d(4, 6) -> transpose -> BatchNorm1d(6): num_features matches out_channels, but the BN
+    normalises the 6 positions."""
+    torch.manual_seed(0)
+    model = ConvThenBN(nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6), lambda y: y.transpose(1, 2))
+    model = randomize(model, 14).double().eval()
+    _, report = deploy_checked(model, torch.randn(2, 4, 6, dtype=torch.float64))
+    assert report.folded == [] and "transpose" in left_reason(report, "bn")
+
+
+@pytest.mark.parametrize("kind", ["bn1d", "sync"])
+def test_unbatched_conv_then_bn_is_left(kind):
+    """An unbatched conv gives (C, L) / (C, H, W): BatchNorm1d / SyncBatchNorm normalise dim 1 = L / H,
+    which equals C here, so the old check (num_features == out_channels) folded it wrongly."""
+    torch.manual_seed(0)
+    if kind == "bn1d":
+        conv, bn, x = nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6), torch.randn(4, 8, dtype=torch.float64)
+    else:
+        conv, bn, x = nn.Conv2d(3, 5, 1), nn.SyncBatchNorm(5), torch.randn(3, 5, 7, dtype=torch.float64)
+    model = randomize(ConvThenBN(conv, bn), 15).double().eval()
+    with pytest.warns(UserWarning, match="example_inputs"):
+        _, report = deploy_checked(model, x)
+    assert report.folded == [] and "rank is unknown" in left_reason(report, "bn")
+    _, report = deploy_checked(model, x, example_inputs=x)
+    assert report.folded == [] and f"{x.dim()}-D" in left_reason(report, "bn")
+    batched = x.unsqueeze(0).expand(2, *x.shape).contiguous()
+    _, report = deploy_checked(model, batched, example_inputs=batched)
+    assert report.folded == [("bn", "conv")]
+
+
+def test_example_inputs_change_nothing():
+    """Shape propagation runs on fake tensors: a submodule kept in training mode takes no step."""
+    model = vit()
+    model.blocks[0].norm1.train()
+    prefix = "blocks.0.norm1."
+    kept = {k[len(prefix):]: v for k, v in snapshot(model).items() if k.startswith(prefix)}
+    dep = deploy(model, inplace=True, example_inputs=torch.randn(2, 6, 12))
+    assert dep.get_submodule("blocks.0.norm1").training
+    assert_same_state(dep.get_submodule("blocks.0.norm1"), kept)
+    with pytest.raises(ValueError, match="example_inputs"):
+        deploy(vit(), example_inputs=torch.randn(2, 6, 7))  # the embedding takes 12 features
+
+
+def test_report_names_every_norm():
+    model = vit()
+    model.blocks[1].norm2.train()
+    _, report = deploy(model, return_report=True)
+    assert ("blocks.0.norm1", "blocks.0.attn.qkv") in report.folded
+    assert ("blocks.1.norm2", "blocks.1.mlp.0") not in report.folded
+    assert dict(report.converted) == {"res.norm": "its output has 2 consumers",
+                                      "norm": "it feeds .mean(), not an nn.Linear"}
+    assert dict(report.left) == {"blocks.1.norm2": "in training mode (it normalises with batch statistics)"}
+    assert "folded blocks.0.norm1 into blocks.0.attn.qkv" in str(report)
+    assert "res.norm -> ChannelAffine: its output has 2 consumers" in str(report)
+
+    _, report = deploy(randomize(TinyCNN(), 7).eval(), return_report=True)
+    assert sorted(report.folded) == [("bn1", "conv1"), ("bn2", "conv2"), ("bn4", "fc")]
+    assert report.left == [("bn3", "the output of conv3 is also used elsewhere")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +518,34 @@ def test_fallback_without_tracing():
         out = dep(x)
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
     assert_same_state(model, snap)
+
+
+class UntraceableHeads(nn.Module):
+    """Untraceable: deploy sees only nn.Sequential adjacency, which proves a 2-D Linear output only
+    after an nn.Flatten()."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Sequential(nn.Flatten(), nn.Dropout(), nn.Linear(12, 6), nn.BatchNorm1d(6))
+        self.tokens = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))  # on (N, 3, 4): over tokens
+        self.conv = nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3))
+
+    def forward(self, x):  # x (N, 3, 4)
+        if x.sum() > 0:  # data-dependent control flow: symbolic tracing fails
+            x = x * 1.0
+        return self.flat(x).sum() + self.tokens(x).sum() + self.conv(x).sum()
+
+
+def test_fallback_folds_bn_only_where_proven():
+    torch.manual_seed(0)
+    model = randomize(UntraceableHeads(), 16).double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning) as caught:
+        dep, report = deploy_checked(model, x)
+    assert any("trace" in str(w.message) for w in caught) and any("example_inputs" in str(w.message) for w in caught)
+    assert report.folded == [("flat.3", "flat.2")]
+    assert "rank is unknown" in left_reason(report, "tokens.1")
+    assert "rank is unknown" in left_reason(report, "conv.1")
 
 
 # ------------------------------------------------------------------------------------------------

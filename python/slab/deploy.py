@@ -7,12 +7,14 @@
   ``y = x * s + t``; the Linear becomes ``W' = W * s`` (per input column), ``b' = b + W @ t``);
 * every ``Conv{1,2,3}d -> BatchNorm{1,2,3}d`` and ``Linear -> BatchNorm1d`` pair (eval BN after the
   layer) is folded into the layer (Efficient ConvBN): ``W' = W * g``, ``b' = (b - mean) * g + beta``
-  with ``g = gamma / sqrt(var + eps)`` per output channel;
+  with ``g = gamma / sqrt(var + eps)`` per output channel -- but only where the BN normalises the
+  layer's output channels (see :func:`deploy`);
 * an eval-mode RepBN/PRepBN that cannot fold (it feeds a residual add, several consumers, or
   anything but a Linear) becomes a single :class:`slab.nn.ChannelAffine`.
 
 All fold arithmetic runs in float64 and is cast back to the layer's dtype, so the deployed model
-equals the unfolded eval model up to float rounding.
+equals the unfolded eval model up to float rounding. Every decision is recorded in a
+:class:`DeployReport` (``deploy(..., return_report=True)``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,67 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
 
+from slab.nn._args import check_flag
 from slab.nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
 
-__all__ = ["deploy"]
+__all__ = ["deploy", "DeployReport", "Folded", "Left"]
 
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 _CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+# BatchNorm2d/3d accept only 4-D/5-D input, so after a Conv2d/3d their dim 1 is the conv's output
+# channels. BatchNorm1d (2-D or 3-D) and SyncBatchNorm (any rank) also accept outputs whose dim 1
+# is something else: an unbatched conv's (C, L) or a Linear's (N, L, C).
+_RANK_CHECKING_BN = (nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules whose output has the rank of their input (used to prove a Linear's output is 2-D).
+_SAME_RANK = (nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, _BatchNorm, RepBN, PRepBN, ChannelAffine)
+# Ends the reason of every pair left only because its rank is unknown (deploy warns about those).
+_NEED_SHAPES = "pass example_inputs (to a model torch.fx can trace) to fold such pairs"
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+class Folded(NamedTuple):
+    """A norm that disappeared into a neighbouring layer (qualified module names)."""
+
+    norm: str
+    into: str
+
+
+class Left(NamedTuple):
+    """A norm that was not folded (qualified module name), and why."""
+
+    norm: str
+    reason: str
+
+
+@dataclass
+class DeployReport:
+    """What :func:`deploy` did with every norm it met.
+
+    ``folded``: norms folded into a layer; ``converted``: eval RepBN/PRepBN that became a
+    :class:`slab.nn.ChannelAffine`, with the reason they could not fold; ``left``: norms kept as
+    they were (training mode, a BatchNorm with no Conv/Linear producer whose channels it
+    normalises, ...), with the reason.
+    """
+
+    folded: list[Folded] = field(default_factory=list)
+    converted: list[Left] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"folded {f.norm} into {f.into}" for f in self.folded]
+        lines += [f"{c.norm} -> ChannelAffine: {c.reason}" for c in self.converted]
+        lines += [f"left {k.norm}: {k.reason}" for k in self.left]
+        return "\n".join(lines) or "no norms"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,26 +112,119 @@ def _conv_type(m: nn.Module) -> Optional[type]:
 
 
 def _is_eval_bn(m: nn.Module) -> bool:
-    return (
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not m.training
-        and m.running_mean is not None
-        and m.running_var is not None
-    )
+    return isinstance(m, _BatchNorm) and not m.training and m.running_mean is not None and m.running_var is not None
 
 
-def _bn_follows(layer: nn.Module, bn: nn.Module) -> bool:
-    """``layer -> bn`` is a foldable pair (eval BN over the layer's output channels)."""
-    if not _is_eval_bn(bn):
-        return False
+def _not_eval(m: nn.Module) -> str:
+    """Why a norm that is not an eval-mode affine stays as it is."""
+    if m.training or getattr(m, "norm2", m).training:
+        return "in training mode (it normalises with batch statistics)"
+    return "it has no running statistics"
+
+
+def _output_layout(layer: nn.Module) -> Optional[tuple[int, int, tuple[type, ...]]]:
+    """``(output channels, rank of a batched output, BN types over those channels)`` of a Conv or
+    Linear that deploy may rewrite; None for any other module."""
     if _is_linear(layer):
-        # BatchNorm1d normalises dim 1: the Linear output must be (N, C) (as torch.fx's fuse).
-        ok = type(bn) in (nn.BatchNorm1d, nn.SyncBatchNorm)
-        return ok and layer.out_features == bn.num_features
+        return layer.out_features, 2, (nn.BatchNorm1d, nn.SyncBatchNorm)
     conv = _conv_type(layer)
     if conv is None:
-        return False
-    return type(bn) in (_CONV_BN[conv], nn.SyncBatchNorm) and layer.out_channels == bn.num_features
+        return None
+    return layer.out_channels, len(layer.kernel_size) + 2, (_CONV_BN[conv], nn.SyncBatchNorm)
+
+
+def _pair_problem(name: str, layer: nn.Module, bn: nn.Module, rank: Optional[int]) -> Optional[str]:
+    """Why eval ``bn`` applied to the output of ``layer`` (called ``name``) cannot fold into it;
+    None if it can. A BN normalises dim 1, the layer's output channels only on a batched output
+    ((N, C) for a Linear, (N, C, ...) for a conv); ``rank`` is that output's rank where known."""
+    layout = _output_layout(layer)
+    if layout is None:
+        return f"it follows {name} ({type(layer).__name__}), not a Conv or Linear"
+    channels, batched, bns = layout
+    what = f"{type(bn).__name__} after {name} ({type(layer).__name__})"
+    if type(bn) not in bns:
+        return f"{what}: this BN type does not normalise the layer's output channels"
+    if bn.num_features != channels:
+        return f"{what}: num_features {bn.num_features} != the layer's {channels} output channels"
+    if rank is None and not isinstance(bn, _RANK_CHECKING_BN):
+        return (f"{what}: the layer output's rank is unknown, and only a {batched}-D output has its "
+                f"channels in dim 1; {_NEED_SHAPES}")
+    if rank is not None and rank != batched:
+        return f"{what}: the layer output is {rank}-D, so the BN normalises its dim 1, not the {channels} channels"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks deploy can prove: from shape propagation on example inputs, else from the graph
+# ----------------------------------------------------------------------------------------------
+def _keeps_rank(m: Optional[nn.Module]) -> bool:
+    return m is not None and (_is_linear(m) or _conv_type(m) is not None or isinstance(m, _SAME_RANK))
+
+
+def _flatten_rank(start_dim, end_dim) -> Optional[int]:
+    return 2 if (start_dim, end_dim) == (1, -1) else None  # flatten(x, 1) of any x is (N, rest)
+
+
+def _reshape_rank(sizes: tuple) -> Optional[int]:
+    """The rank ``view``/``reshape`` produces: one int-like argument per dimension, or a tuple."""
+    if len(sizes) == 1:  # a tuple of sizes; one int or graph value (a size, torch.Size, dtype) proves nothing
+        sizes = sizes[0] if isinstance(sizes[0], (tuple, list)) else ()
+    ok = sizes and all(isinstance(s, (int, fx.Node)) and not isinstance(s, bool) for s in sizes)
+    return len(sizes) if ok else None
+
+
+_FLATTEN = {("call_function", torch.flatten), ("call_method", "flatten")}
+_RESHAPE = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _op_rank(node: fx.Node, m: Optional[nn.Module]) -> Optional[int]:
+    """The output rank of a flatten / view / reshape node, None for anything else."""
+    if isinstance(m, nn.Flatten):
+        return _flatten_rank(m.start_dim, m.end_dim)
+    if (node.op, node.target) in _FLATTEN:
+        return _flatten_rank(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+    if (node.op, node.target) in _RESHAPE:
+        return _reshape_rank(tuple(node.args[1:]))
+    return None
+
+
+def _rank(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[int]:
+    """The rank of ``node``'s output where it is known, else None."""
+    while True:
+        meta = node.meta.get("tensor_meta")
+        if hasattr(meta, "shape"):  # shape propagation ran
+            return len(meta.shape)
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if not _keeps_rank(m) or not node.args or not isinstance(node.args[0], fx.Node):
+            return _op_rank(node, m)
+        node = node.args[0]
+
+
+def _prefix_rank(mods: list[nn.Module]) -> Optional[int]:
+    """The output rank of the last of ``mods`` (an nn.Sequential's children up to it), if they prove it."""
+    for m in reversed(mods):
+        if isinstance(m, nn.Flatten):
+            return _flatten_rank(m.start_dim, m.end_dim)
+        if not _keeps_rank(m):
+            return None
+    return None
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Union[Tensor, tuple, list]) -> None:
+    """Records every node's output shape (``node.meta["tensor_meta"]``) from a run on fake copies of
+    the model and inputs: no real compute, and no buffer changes (a submodule left in training
+    mode would otherwise take a statistics step)."""
+    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    try:
+        ShapeProp(gm, fake_mode=FakeTensorMode()).propagate(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raised, the inputs do not fit it
+        raise ValueError(
+            f"example_inputs: running the model on (fake copies of) them failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +276,7 @@ def _to_affine(norm: nn.Module) -> nn.Module:
     return norm if isinstance(norm, ChannelAffine) else ChannelAffine.from_norm(norm)
 
 
+
 # ----------------------------------------------------------------------------------------------
 # torch.fx path
 # ----------------------------------------------------------------------------------------------
@@ -166,117 +313,275 @@ def _data_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not _is_meta_use(u, node)]
 
 
-def _fold_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = gm.graph
-    modules = dict(gm.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
+def _describe(node) -> str:
+    """A graph value as a report names it."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "placeholder":
+        return f"the input {node.target!r}"
+    name = getattr(node.target, "__name__", node.target)
+    return {"call_function": f"{name}()", "call_method": f".{name}()"}.get(node.op, f"{node.op} {name}")
 
-    def mod(node: fx.Node) -> Optional[nn.Module]:
-        return modules.get(node.target) if node.op == "call_module" else None
 
-    def rewritable(node: fx.Node) -> bool:
-        # Called exactly once and none of its tensors read directly (get_attr) elsewhere.
-        return calls[node.target] == 1 and not any(a.startswith(node.target + ".") for a in attrs)
+class _GraphFolder:
+    """Folds the norms of one traced model, recording every decision in ``report``."""
 
-    def replace(node: fx.Node, new: nn.Module) -> None:
-        gm.add_submodule(node.target, new)  # replaces the module at that path
-        modules[node.target] = new
+    def __init__(self, gm: fx.GraphModule, report: DeployReport) -> None:
+        self.gm, self.graph, self.report = gm, gm.graph, report
+        self.modules = dict(gm.named_modules())
+        self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
+        self.attrs = [n.target for n in self.graph.nodes if n.op == "get_attr"]
+        self.why_not: dict[str, str] = {}  # norm -> why one of its calls did not fold
+
+    def mod(self, node) -> Optional[nn.Module]:
+        return self.modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+    def read_directly(self, target: str) -> bool:
+        return any(a.startswith(target + ".") for a in self.attrs)
+
+    def problem_rewriting(self, node: fx.Node) -> Optional[str]:
+        # A layer is rewritten only when it is called once and none of its tensors is read elsewhere.
+        if self.calls[node.target] != 1 or self.read_directly(node.target):
+            return f"{node.target} is called more than once or its weights are read directly"
+        return None
+
+    def fold_into(self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node) -> None:
+        """Replaces the module of ``into`` by ``new`` and drops the norm call ``node`` (its uses
+        read ``keep`` instead)."""
+        self.gm.add_submodule(into.target, new)  # replaces the module at that path
+        self.modules[into.target] = new
+        node.replace_all_uses_with(keep)
+        self.graph.erase_node(node)
+        self.calls[node.target] -= 1
+        self.report.folded.append(Folded(node.target, into.target))
 
     # 1. layer -> eval BN (Efficient ConvBN): the BN disappears into the layer.
-    for node in list(graph.nodes):
-        bn = mod(node)
-        if bn is None or not _is_eval_bn(bn):
-            continue
-        src = _input_of(node, "input")
-        layer = mod(src) if isinstance(src, fx.Node) else None
-        if layer is None or _data_users(src) != [node] or not rewritable(src) or not _bn_follows(layer, bn):
-            continue
-        replace(src, _fold_bn_into_layer(layer, bn))
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        calls[node.target] -= 1
+    def fold_bns(self) -> None:
+        for node in list(self.graph.nodes):
+            bn = self.mod(node)
+            if not isinstance(bn, _BatchNorm):
+                continue
+            src = _input_of(node, "input")
+            why = self.bn_problem(node, bn, src)
+            if why is not None:
+                self.report.left.append(Left(node.target, why))
+            else:
+                self.fold_into(node, src, _fold_bn_into_layer(self.mod(src), bn), src)
+
+    def bn_problem(self, node: fx.Node, bn: nn.Module, src) -> Optional[str]:
+        if not _is_eval_bn(bn):
+            return _not_eval(bn)
+        if src is None:
+            return "it is not called with one tensor"
+        layer = self.mod(src)
+        if layer is None:
+            return f"its input is {_describe(src)}, not the output of a Conv or Linear"
+        why = _pair_problem(src.target, layer, bn, _rank(src, self.modules))
+        if why is None and _data_users(src) != [node]:
+            why = f"the output of {src.target} is also used elsewhere"
+        return why or self.problem_rewriting(src)
 
     # 2. eval norm -> Linear (its only consumer): the norm disappears into the Linear.
-    for node in list(graph.nodes):
-        norm = mod(node)
-        if norm is None or not _is_norm(norm):
-            continue
-        users = _data_users(node)
-        x = node.args[0] if node.args else node.kwargs.get("x")
-        linear = mod(users[0]) if len(users) == 1 else None
-        if not isinstance(x, fx.Node) or linear is None or not _is_linear(linear):
-            continue
+    def fold_norms(self) -> None:
+        for node in list(self.graph.nodes):
+            norm = self.mod(node)
+            if not isinstance(norm, (RepBN, PRepBN, ChannelAffine)):
+                continue
+            if not _is_norm(norm):
+                self.report.left.append(Left(node.target, _not_eval(norm)))
+                continue
+            x = node.args[0] if node.args else node.kwargs.get("x")
+            users = _data_users(node)
+            why = self.norm_problem(node, x, users)
+            if why is not None:
+                self.why_not.setdefault(node.target, why)
+            else:  # the Linear, and shape reads, read x (the norm keeps its shape)
+                self.fold_into(node, users[0], _fold_norm_into_linear(norm, self.mod(users[0])), x)
+
+    def norm_problem(self, node: fx.Node, x, users: list[fx.Node]) -> Optional[str]:
+        if not isinstance(x, fx.Node):
+            return "its input is not a graph tensor"
+        if len(users) != 1:
+            return f"its output has {len(users)} consumers"
         user = users[0]
-        if _input_of(user, "input") is not node or not rewritable(user):
-            continue
-        replace(user, _fold_norm_into_linear(norm, linear))
-        node.replace_all_uses_with(x)  # the Linear, and shape reads (the norm keeps x's shape)
-        graph.erase_node(node)
-        calls[node.target] -= 1
+        linear = self.mod(user)
+        if linear is not None and not _is_linear(linear):
+            return f"it feeds {user.target} ({type(linear).__name__}), not an nn.Linear"
+        if linear is None:
+            return f"it feeds {_describe(user)}, not an nn.Linear"
+        if _input_of(user, "input") is not node:
+            return f"{user.target} is called with more than its output"
+        return self.problem_rewriting(user)
 
     # 3. every remaining eval norm becomes one per-channel affine.
-    for target, n_calls in calls.items():
-        m = modules.get(target)
-        if n_calls > 0 and _is_norm(m) and not isinstance(m, ChannelAffine):
-            if not any(a.startswith(target + ".") for a in attrs):
-                gm.add_submodule(target, _to_affine(m))
+    def convert_rest(self) -> None:
+        for target, n_calls in self.calls.items():
+            m = self.modules.get(target)
+            if n_calls == 0 or not _is_norm(m):
+                continue
+            why = self.why_not[target]
+            if isinstance(m, ChannelAffine):
+                self.report.left.append(Left(target, why))
+            elif self.read_directly(target):
+                self.report.left.append(Left(target, f"{why}; its parameters are read directly"))
+            else:
+                self.gm.add_submodule(target, _to_affine(m))
+                self.report.converted.append(Left(target, why))
 
-    graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    def run(self) -> fx.GraphModule:
+        self.fold_bns()
+        self.fold_norms()
+        self.convert_rest()
+        self.graph.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+        return self.gm
+
+
+def _traced(model: nn.Module) -> Optional[fx.GraphModule]:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure selects the fallback
+        warnings.warn(
+            f"slab.deploy: torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: "
+            f"{exc}); folding only adjacent nn.Sequential children and converting the other "
+            "RepBN/PRepBN to ChannelAffine",
+            stacklevel=3,
+        )
+        return None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fallback without a graph: nn.Sequential adjacency
 # ----------------------------------------------------------------------------------------------
-def _fold_sequentials(model: nn.Module) -> nn.Module:
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    seqs = [
-        m for m in model.modules()
-        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-    ]
+_UNTRACED_NORM = "torch.fx could not trace the model, and no nn.Linear follows it in an nn.Sequential"
+_UNTRACED_BN = "torch.fx could not trace the model, and it follows no Conv or Linear in an nn.Sequential"
 
-    def pairs(seq: nn.Sequential):
-        names = list(seq._modules)
-        return [(names[i], names[i + 1]) for i in range(len(names) - 1)]
 
-    for seq in seqs:  # layer -> eval BN
-        for a, b in pairs(seq):
-            layer, bn = seq._modules[a], seq._modules[b]
-            if uses[id(layer)] == 1 and uses[id(bn)] == 1 and _bn_follows(layer, bn):
-                seq._modules[a] = folded = _fold_bn_into_layer(layer, bn)
+class _SequentialFolder:
+    """Folds adjacent children of the plain nn.Sequential containers of an untraceable model."""
+
+    def __init__(self, model: nn.Module, report: DeployReport) -> None:
+        self.model, self.report = model, report
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.seqs = [m for m in model.modules()
+                     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
+        self.why_not: dict[int, str] = {}  # id(BN) -> why it did not fold into the layer before it
+
+    def pairs(self, seq: nn.Sequential) -> list[tuple[str, str, list[nn.Module]]]:
+        """``(name, next name, the children up to name)`` for each adjacent pair of children."""
+        keys, mods = list(seq._modules), list(seq._modules.values())
+        return [(keys[i], keys[i + 1], mods[:i + 1]) for i in range(len(keys) - 1)]
+
+    def folded(self, norm: nn.Module, layer: nn.Module, new: nn.Module) -> nn.Module:
+        self.names[id(new)] = self.names[id(layer)]
+        self.uses[id(new)] = 1
+        self.report.folded.append(Folded(self.names[id(norm)], self.names[id(layer)]))
+        return new
+
+    def fold_bns(self) -> None:
+        for seq in self.seqs:
+            for a, b, upto_a in self.pairs(seq):
+                layer, bn = seq._modules[a], seq._modules[b]
+                if not _is_eval_bn(bn) or _output_layout(layer) is None:
+                    continue
+                why = _pair_problem(self.names[id(layer)], layer, bn, _prefix_rank(upto_a))
+                if why is None and (self.uses[id(layer)] > 1 or self.uses[id(bn)] > 1):
+                    why = f"{self.names[id(layer)]} or the BN is used more than once"
+                if why is not None:
+                    self.why_not[id(bn)] = why
+                    continue
+                seq._modules[a] = self.folded(bn, layer, _fold_bn_into_layer(layer, bn))
                 seq._modules[b] = nn.Identity()
-                uses[id(folded)] = 1
-    for seq in seqs:  # eval norm -> Linear
-        for a, b in pairs(seq):
-            norm, linear = seq._modules[a], seq._modules[b]
-            if uses[id(norm)] == 1 and uses[id(linear)] == 1 and _is_norm(norm) and _is_linear(linear):
-                seq._modules[b] = _fold_norm_into_linear(norm, linear)
-                seq._modules[a] = nn.Identity()
 
-    # Whatever norm is left: its own per-channel affine (exact wherever it is used).
-    affines: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and not isinstance(child, ChannelAffine) and _is_norm(child):
-                if id(child) not in affines:
-                    affines[id(child)] = _to_affine(child)
-                parent._modules[name] = affines[id(child)]
-    return model
+    def fold_norms(self) -> None:
+        for seq in self.seqs:
+            for a, b, _ in self.pairs(seq):
+                norm, linear = seq._modules[a], seq._modules[b]
+                if self.uses[id(norm)] == 1 and self.uses[id(linear)] == 1 and _is_norm(norm) and _is_linear(linear):
+                    seq._modules[b] = self.folded(norm, linear, _fold_norm_into_linear(norm, linear))
+                    seq._modules[a] = nn.Identity()
+
+    def convert_rest(self) -> None:
+        """Whatever norm is left: its own per-channel affine (exact wherever it is used)."""
+        affines: dict[int, nn.Module] = {}
+        for parent in list(self.model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and not isinstance(child, ChannelAffine) and _is_norm(child):
+                    if id(child) not in affines:
+                        affines[id(child)] = _to_affine(child)
+                        self.report.converted.append(Left(self.names[id(child)], _UNTRACED_NORM))
+                    parent._modules[name] = affines[id(child)]
+
+    def report_left(self) -> None:
+        inside = None  # the name prefix of a reported RepBN/PRepBN, whose own BatchNorm is part of it
+        for name, m in self.model.named_modules():
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(m, (RepBN, PRepBN)):  # still here after convert_rest: not in eval mode
+                self.report.left.append(Left(name, _not_eval(m)))
+                inside = name + "."
+            elif isinstance(m, _BatchNorm):
+                why = self.why_not.get(id(m)) or (_UNTRACED_BN if _is_eval_bn(m) else _not_eval(m))
+                self.report.left.append(Left(name, why))
+
+    def run(self) -> nn.Module:
+        self.fold_bns()
+        self.fold_norms()
+        self.convert_rest()
+        self.report_left()
+        return self.model
 
 
 # ----------------------------------------------------------------------------------------------
-def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def _check_args(model, inplace, example_inputs, return_report) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"slab.deploy: expected an nn.Module, got {type(model).__name__}")
+    check_flag("inplace", inplace)
+    check_flag("return_report", return_report)
+    if example_inputs is not None and not isinstance(example_inputs, (Tensor, tuple, list)):
+        raise ValueError(
+            "example_inputs must be None, a tensor or a tuple of the model's positional inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if model.training:
+        raise RuntimeError(
+            "slab.deploy: the model is in training mode; call model.eval() first "
+            "(deploy folds the running statistics of eval-mode norms)"
+        )
+
+
+def _warn_if_shapes_missing(report: DeployReport) -> None:
+    # Leaving such a pair costs speed, not correctness; say once how to get it folded.
+    n = sum(k.reason.endswith(_NEED_SHAPES) for k in report.left)
+    if n:
+        warnings.warn(
+            f"slab.deploy: {n} BatchNorm(s) left unfolded because the rank of the layer output they "
+            f"normalise is unknown; {_NEED_SHAPES} (return_report=True lists them)",
+            stacklevel=3,
+        )
+
+
+def deploy(model: nn.Module, inplace: bool = False, example_inputs: Union[Tensor, tuple, list, None] = None,
+           return_report: bool = False) -> Union[nn.Module, tuple[nn.Module, DeployReport]]:
     """Returns ``model`` with its eval-mode norms folded away, for inference.
 
     * Eval-mode ``slab.nn.RepBN``/``PRepBN`` whose output feeds only a ``nn.Linear`` are folded into
       that Linear: with the eval affine ``s = w / sqrt(rv + eps) + alpha``,
       ``t = b - rm * w / sqrt(rv + eps)``, the Linear becomes ``W' = W * s`` (per input column)
       and ``b' = b + W @ t`` (a bias is added if it had none).
-    * ``Conv1d/2d/3d -> BatchNorm1d/2d/3d`` and ``Linear -> BatchNorm1d`` pairs with the BN in eval
-      mode after the layer are folded into the layer (Efficient ConvBN).
+    * ``Conv1d/2d/3d -> BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``) and ``Linear -> BatchNorm1d``
+      pairs with the BN in eval mode after the layer are folded into the layer (Efficient ConvBN),
+      where the BN normalises the layer's output channels. A BN normalises dim 1, so the layer's
+      output must be batched: ``(N, C)`` for a Linear (on a ``(N, L, C)`` Linear output
+      BatchNorm1d normalises L), ``(N, C, ...)`` for a conv (an unbatched Conv1d's ``(C, L)``
+      is normalised over L). BatchNorm2d/3d only accept the batched rank; for a BatchNorm1d or
+      SyncBatchNorm deploy must know the rank: from ``example_inputs``, or from the graph (a
+      Linear fed by ``flatten(x, 1)``, ``nn.Flatten()``, ``x.view(n, -1)``). Pairs it cannot
+      prove are left (a warning says so) and listed in the report.
     * An eval-mode RepBN/PRepBN that cannot fold (feeds a residual add, several consumers, a
       non-Linear) becomes a :class:`slab.nn.ChannelAffine` (``x * scale + shift``).
 
@@ -288,9 +593,10 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     leaf modules) and a ``torch.fx.GraphModule`` is returned; a layer is only rewritten when it is
     called once in the graph. If the model does not trace (data-dependent control flow, ...), a
     warning is issued and the fallback folds adjacent children of plain ``nn.Sequential``
-    containers only, then turns every remaining eval-mode RepBN/PRepBN into a ChannelAffine; the
-    model keeps its class. (The fallback cannot see a module that a custom ``forward`` also calls
-    outside its Sequential; such a model should be made traceable.)
+    containers only (``example_inputs`` unused), then turns every remaining eval-mode
+    RepBN/PRepBN into a ChannelAffine; the model keeps its class. (The fallback cannot see a
+    module that a custom ``forward`` also calls outside its Sequential; such a model should be
+    made traceable.)
 
     Training mode: like ``torch.jit.freeze`` and ``torch.fx``'s conv-bn fusion, deploy is an
     inference transform and raises ``RuntimeError`` when ``model.training`` is True (call
@@ -302,29 +608,29 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         model: the model, in eval mode.
         inplace: if False (default) ``model`` is deep-copied first and left untouched; if True its
             modules may be reused and changed — always use the returned model.
+        example_inputs: the model's positional inputs (a tensor or a tuple) for shape propagation
+            (``torch.fx.passes.shape_prop.ShapeProp`` on fake tensors: nothing is computed or
+            changed); only their ranks matter.
+        return_report: also return a :class:`DeployReport` of what was folded, what was left
+            and why.
+
+    Returns:
+        the deployed model, or ``(model, report)`` with ``return_report=True``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"slab.deploy: expected an nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise RuntimeError(
-            "slab.deploy: the model is in training mode; call model.eval() first "
-            "(deploy folds the running statistics of eval-mode norms)"
-        )
+    _check_args(model, inplace, example_inputs, return_report)
     if not inplace:
         model = copy.deepcopy(model)
+    report = DeployReport()
     if _is_norm(model):  # a bare norm is its affine
-        return _to_affine(model)
-
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure selects the fallback
-        warnings.warn(
-            f"slab.deploy: torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: "
-            f"{exc}); folding only adjacent nn.Sequential children and converting the other "
-            "RepBN/PRepBN to ChannelAffine",
-            stacklevel=2,
-        )
-        return _fold_sequentials(model)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return _fold_graph(gm)
+        out = _to_affine(model)
+        report.converted.append(Left("", "the model is a bare norm: there is no layer to fold it into"))
+    else:
+        gm = _traced(model)
+        if gm is None:
+            out = _SequentialFolder(model, report).run()
+        else:
+            if example_inputs is not None:
+                _propagate_shapes(gm, example_inputs)
+            out = _GraphFolder(gm, report).run()
+    _warn_if_shapes_missing(report)
+    return (out, report) if return_report else out

@@ -5,7 +5,9 @@ Weights (offline, once):
 * :func:`quantize_w4` -- int4 values with one float32 scale per (output row, group of
   ``group_size`` input columns), ``scale = absmax / 7``, ``q = clamp(round(w / scale), -8, 7)``
   (round half to even, as ``torch.round``; computed in float32). An all-zero group gets scale 1
-  (its codes are 0 either way), like :func:`quantize_fp8`'s zero rows. Packed two per byte:
+  (its codes are 0 either way), like :func:`quantize_fp8`'s zero rows; a nonzero scale below the
+  smallest normal float32 (``torch.finfo(torch.float32).tiny``) is raised to it, so a group of
+  tiny weights never divides by an underflowed 0. Packed two per byte:
   two's-complement nibbles, the LOW nibble holds the even column.
 * :func:`dequantize_w4` -- the exact inverse map ``int4 * scale`` to float32.
 * :func:`prepack_w4` -- the kernel layout for one device (:class:`PackedW4`). Done once, offline,
@@ -16,24 +18,32 @@ Weights (offline, once):
 Activations (per call):
 
 * :func:`quantize_fp8` -- float8_e4m3fn codes with one float32 scale per row (last dimension),
-  ``scale = absmax / 448`` (a zero row gets scale 1), codes ``(x.float() / scale)`` cast with
-  round-to-nearest-even exactly like ``.to(torch.float8_e4m3fn)``. One fused kernel.
+  ``scale = absmax / 448`` (a zero or empty row gets scale 1; a nonzero scale is at least the
+  smallest normal float32), codes ``(x.float() / scale)`` cast with round-to-nearest-even exactly
+  like ``.to(torch.float8_e4m3fn)``. One fused kernel.
 
 Models: :func:`convert` swaps ``nn.Linear`` layers for :class:`slab.nn.W4A8Linear`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .nn._args import check_choice
 from .ops.w4a8 import GROUP_SIZES, PackedW4, group_columns
 
 __all__ = ["quantize_w4", "dequantize_w4", "unpack_int4", "prepack_w4", "quantize_fp8", "convert", "PackedW4", "GROUP_SIZES"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _group_columns(group_size: int, k: int) -> int:
+    # group_columns takes 128.0 for 128; a float group size would then fail in a reshape
+    return group_columns(check_choice("group_size", group_size, GROUP_SIZES), k)
 
 
 def quantize_w4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
@@ -49,12 +59,13 @@ def quantize_w4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
     if w.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"w must be float32, bfloat16 or float16, got {w.dtype}")
     n, k = w.shape
-    g = group_columns(group_size, k)
+    g = _group_columns(group_size, k)
     wf = w.detach().float().reshape(n, k // g, g)
     if not bool(torch.isfinite(wf).all()):
         raise ValueError("w must be finite (found NaN or Inf)")
     absmax = wf.abs().amax(-1)
-    scales = torch.where(absmax == 0, torch.ones_like(absmax), absmax / 7)
+    tiny = torch.finfo(torch.float32).tiny  # absmax / 7 underflows to 0 below ~1e-44: w / 0 would be NaN
+    scales = torch.where(absmax == 0, torch.ones_like(absmax), (absmax / 7).clamp(min=tiny))
     q = torch.clamp(torch.round(wf / scales.unsqueeze(-1)), -8, 7).to(torch.int32).reshape(n, k)
     packed = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).to(torch.uint8)
     return packed, scales.contiguous()
@@ -80,7 +91,7 @@ def dequantize_w4(packed: Tensor, scales: Tensor, group_size: int) -> Tensor:
     """float32 (N, K) weights ``int4 * scale`` from ``quantize_w4``'s ``(packed, scales)``."""
     q = unpack_int4(packed)
     n, k = q.shape
-    g = group_columns(group_size, k)
+    g = _group_columns(group_size, k)
     _check_scales(scales, n, k, g)
     if scales.device != packed.device:
         raise ValueError(f"scales is on {scales.device} but packed is on {packed.device}")
@@ -99,7 +110,7 @@ def prepack_w4(packed: Tensor, scales: Tensor, group_size: int, device: Union[st
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D uint8 tensor (N, K/2), got {getattr(packed, 'dtype', type(packed))}")
     n, k = packed.shape[0], 2 * packed.shape[1]
-    g = group_columns(group_size, k)
+    g = _group_columns(group_size, k)
     _check_scales(scales, n, k, g)
     device = torch.device(device) if device is not None else packed.device
     if layout is None:
@@ -115,7 +126,9 @@ def prepack_w4(packed: Tensor, scales: Tensor, group_size: int, device: Union[st
 def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row (last dimension) float8_e4m3fn quantization: returns ``(x_fp8, scale)``, ``x_fp8``
     of ``x``'s shape, ``scale`` float32 of shape ``x.shape[:-1]`` = ``absmax / 448`` (1 for an
-    all-zero row); ``x_fp8 = (x.float() / scale)`` rounded to nearest even, saturating at +-448,
+    all-zero or empty row; at least ``torch.finfo(torch.float32).tiny`` otherwise, where
+    ``absmax / 448`` would be subnormal or underflow to 0); ``x_fp8 = (x.float() / scale)``
+    rounded to nearest even, saturating at +-448,
     NaN staying NaN. ``x`` float32 / bfloat16 / float16, any strides. One fused kernel."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -130,9 +143,10 @@ def _skip_fn(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
         return lambda name, mod: False
     if callable(skip):
         return skip
-    names = [skip] if isinstance(skip, str) else list(skip)
+    names = list(skip) if isinstance(skip, Iterable) and not isinstance(skip, str) else [skip]
     if not all(isinstance(s, str) for s in names):
-        raise TypeError("skip must be a module name, an iterable of names, or a callable(name, module) -> bool")
+        raise ValueError("skip must be None, a module name, an iterable of names or a callable(name, module) -> "
+                         f"bool, got {skip!r}")
     return lambda name, mod: any(name == s or name.startswith(s + ".") for s in names)
 
 
@@ -149,6 +163,9 @@ def convert(model: nn.Module, skip: SkipSpec = None, group_size: int = 128) -> n
     """
     from .nn.w4a8 import W4A8Linear
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_choice("group_size", group_size, GROUP_SIZES)  # also when no layer reaches the quantizer
     should_skip = _skip_fn(skip)
     if type(model) is nn.Linear:
         return model if should_skip("", model) else W4A8Linear.from_linear(model, group_size)

@@ -19,9 +19,22 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .nn._args import check_number, check_size
 from .nn.cats import CATSMLP, mlp_parts
+from .ops.cats import MAX_DECODE_TOKENS
 
 __all__ = ["StreamingHistogram", "ThresholdCalibrator", "calibrate", "convert", "find_mlps"]
+
+
+def _check_bins(bins) -> int:
+    bins = check_size("bins", bins, minimum=2)
+    if bins % 2:  # growing the range merges adjacent pairs of bins
+        raise ValueError(f"bins must be even, got {bins}")
+    return bins
+
+
+def _check_sparsity(sparsity) -> float:
+    return check_number("sparsity", sparsity, ge=0, lt=1)
 
 
 class StreamingHistogram:
@@ -35,9 +48,7 @@ class StreamingHistogram:
     """
 
     def __init__(self, bins: int = 4096, device: Union[str, torch.device, None] = None):
-        if bins < 2 or bins % 2:
-            raise ValueError(f"bins must be an even number >= 2, got {bins}")
-        self.bins = bins
+        self.bins = _check_bins(bins)
         self.hi = 0.0
         self.counts: Optional[Tensor] = None  # float64, on the device of the data
         self.nonfinite = 0
@@ -76,8 +87,7 @@ class StreamingHistogram:
         self.counts += torch.histc(v, bins=self.bins, min=0.0, max=self.hi).to(self.counts)
 
     def quantile(self, q: float) -> float:
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"q must be in [0, 1], got {q}")
+        q = check_number("q", q, ge=0, le=1)
         if self.counts is None or self.total == 0:
             raise ValueError("the histogram is empty: no calibration data reached it")
         cum = torch.cumsum(self.counts.cpu(), 0)
@@ -91,6 +101,8 @@ class StreamingHistogram:
 
 def find_mlps(model: nn.Module) -> dict[str, nn.Module]:
     """Every supported MLP of ``model`` by qualified name (the outermost match; CATSMLPs skipped)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, CATSMLP) or any(name.startswith(p + ".") for p in found):
@@ -113,9 +125,8 @@ class ThresholdCalibrator:
     """
 
     def __init__(self, model: nn.Module, sparsity: float = 0.5, bins: int = 4096):
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self.sparsity = float(sparsity)
+        self.sparsity = _check_sparsity(sparsity)
+        _check_bins(bins)
         self.mlps = find_mlps(model)
         if not self.mlps:
             raise ValueError("model has no supported MLP (gate_proj/up_proj/down_proj or fc1/fc2)")
@@ -146,7 +157,7 @@ class ThresholdCalibrator:
         self.remove()
 
     def thresholds(self, sparsity: Optional[float] = None) -> dict[str, float]:
-        q = self.sparsity if sparsity is None else float(sparsity)
+        q = self.sparsity if sparsity is None else _check_sparsity(sparsity)
         return {name: h.quantile(q) for name, h in self.histograms.items()}
 
 
@@ -177,6 +188,9 @@ def convert(model: nn.Module, thresholds: Union[Mapping[str, float], float],
     ``model``). ``thresholds`` maps MLP names (as :func:`calibrate` returns them) to thresholds,
     or is one float for all. The replaced MLP's down projection weight is transposed into the new
     module and the old module dropped, so the model holds one copy of ``W_down``."""
+    check_size("decode_tokens", decode_tokens, minimum=0, maximum=MAX_DECODE_TOKENS)
+    if not isinstance(thresholds, Mapping):
+        thresholds = check_number("thresholds", thresholds)
     mlps = find_mlps(model)
     if isinstance(thresholds, Mapping):
         missing = sorted(set(mlps) - set(thresholds))
@@ -185,7 +199,7 @@ def convert(model: nn.Module, thresholds: Union[Mapping[str, float], float],
             raise ValueError(f"thresholds must name exactly the model's MLPs; missing {missing}, unknown {unknown}")
         per = dict(thresholds)
     else:
-        per = {name: float(thresholds) for name in mlps}
+        per = {name: thresholds for name in mlps}
     for name, mlp in mlps.items():
         new = CATSMLP.from_mlp(mlp, per[name], decode_tokens)
         if name == "":

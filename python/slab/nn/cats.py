@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.cats import MAX_DECODE_TOKENS, cats, cats_mlp, keep_count, token_scatter, token_select
+from ..ops.cats import MAX_DECODE_TOKENS, cats, cats_mlp, token_scatter, token_select
+from ._args import check_number, check_size
 
 __all__ = ["CATSMLP", "TokenSparseBlock", "is_silu"]
 
@@ -44,16 +45,20 @@ class CATSMLP(nn.Module):
     def __init__(self, gate: nn.Linear, up: Optional[nn.Linear], w_down_t: Tensor, down_bias: Optional[Tensor],
                  threshold: float, decode_tokens: int = MAX_DECODE_TOKENS):
         super().__init__()
-        if not (0 <= decode_tokens <= MAX_DECODE_TOKENS):
-            raise ValueError(f"decode_tokens must be in [0, {MAX_DECODE_TOKENS}], got {decode_tokens}")
+        decode_tokens = check_size("decode_tokens", decode_tokens, minimum=0, maximum=MAX_DECODE_TOKENS)
+        _check_linear("gate", gate)
+        if up is not None:
+            _check_linear("up", up)
+        if not isinstance(w_down_t, Tensor):
+            raise TypeError(f"w_down_t must be a tensor, got {type(w_down_t).__name__}")
         features, dim = gate.out_features, gate.in_features
         if up is not None and (up.out_features, up.in_features) != (features, dim):
             raise ValueError(f"up must be a Linear({dim}, {features}) like gate, got {up}")
         if tuple(w_down_t.shape) != (features, dim):
             raise ValueError(f"w_down_t must have shape ({features}, {dim}), got {tuple(w_down_t.shape)}")
-        threshold = float(threshold)
-        if threshold != threshold or threshold in (float("inf"), float("-inf")):
-            raise ValueError(f"threshold must be finite, got {threshold}")
+        if isinstance(threshold, Tensor) and threshold.numel() == 1:  # as the cats op takes it
+            threshold = threshold.item()
+        threshold = check_number("threshold", threshold)
         self.gate = gate
         self.up = up
         self.w_down_t = nn.Parameter(w_down_t.detach().contiguous(), requires_grad=w_down_t.requires_grad)
@@ -95,6 +100,11 @@ class CATSMLP(nn.Module):
                 f"decode_tokens={self.decode_tokens}")
 
 
+def _check_linear(name: str, layer) -> None:
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{name} must be an nn.Linear, got {type(layer).__name__}")
+
+
 def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, Optional[nn.Linear], nn.Linear]:
     """(gate, up or None, down) of a supported MLP; ValueError naming what is missing."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
@@ -117,6 +127,13 @@ def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, Optional[nn.Linear], nn.Linear
     return parts
 
 
+def _check_keep(keep):
+    """A ratio of the tokens (a float, as :func:`slab.ops.token_select` reads it) or a count."""
+    if isinstance(keep, float):
+        return check_number("keep", keep, gt=0, le=1)
+    return check_size("keep", keep)
+
+
 class TokenSparseBlock(nn.Module):
     """Token sparsity (LeMo): runs ``block`` on the most informative tokens only.
 
@@ -131,9 +148,12 @@ class TokenSparseBlock(nn.Module):
 
     def __init__(self, block: nn.Module, keep: float | int = 0.5, scorer: Optional[nn.Module] = None):
         super().__init__()
-        keep_count(1 if isinstance(keep, float) else max(1, int(keep)), keep)  # validates the type / range
+        if not callable(block):
+            raise TypeError(f"block must be a module or callable, got {type(block).__name__}")
+        if scorer is not None and not callable(scorer):
+            raise TypeError(f"scorer must be None, a module or a callable, got {type(scorer).__name__}")
         self.block = block
-        self.keep = keep
+        self.keep = _check_keep(keep)
         self.scorer = scorer
 
     def scores(self, x: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from slab import ops
+from ._args import check_choice, check_flag, check_number, check_size
 
 __all__ = ["RepBN", "PRepBN", "ChannelAffine", "convert_sync"]
 
@@ -103,9 +104,14 @@ class RepBN(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+        channels = check_size("channels", channels)
+        eps = check_number("eps", eps, ge=0)
+        if momentum is not None:
+            momentum = check_number("momentum", momentum, ge=0, le=1)
+        alpha_init = check_number("alpha_init", alpha_init)
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init))
         self.bn = nn.BatchNorm1d(channels, eps=eps, momentum=momentum)
-        self.sync = sync
+        self.sync = check_flag("sync", sync)
         self.process_group = process_group
 
     @property
@@ -155,9 +161,10 @@ class PRepBN(nn.Module):
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm) for ``norm1``.
         warm: warm-up steps using ``norm1`` only (default 0).
         step: number of steps over which ``lam`` decays from ``r0`` to 0 (default 300000).
-        r0: initial ``lam`` (default 1.0).
+        r0: initial ``lam``, in [0, 1] (default 1.0).
         eps: BatchNorm epsilon of ``norm2`` (default 1e-5).
-        norm_eps: epsilon of ``norm1`` (default 1e-6, SLAB's vision LayerNorm).
+        norm_eps: epsilon of ``norm1`` (default 1e-6, SLAB's vision LayerNorm; ``norm="rms"`` also
+            takes None, the input dtype's machine epsilon, as ``nn.RMSNorm``).
         alpha_init: initial ``alpha`` of ``norm2`` (SLAB: 1.0 vision, 0.0 language models).
         sync, process_group: synchronized batch statistics, as :class:`RepBN`.
 
@@ -183,21 +190,20 @@ class PRepBN(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        if norm not in ("layer", "rms"):
-            raise ValueError(f"slab.nn.PRepBN: norm must be 'layer' or 'rms', got {norm!r}")
-        if int(warm) < 0 or int(step) < 0:
-            raise ValueError(f"slab.nn.PRepBN: warm and step must be >= 0, got warm={warm}, step={step}")
-        self.register_buffer("warm", torch.tensor(int(warm)))
-        self.register_buffer("iter", torch.tensor(int(step)))
-        self.register_buffer("total_step", torch.tensor(int(step)))
-        self.r0 = float(r0)
-        self.norm = norm
+        dim = check_size("dim", dim)
+        self.norm = check_choice("norm", norm, ("layer", "rms"))
+        self.register_buffer("warm", torch.tensor(check_size("warm", warm, minimum=0)))
+        step = check_size("step", step, minimum=0)
+        self.register_buffer("iter", torch.tensor(step))
+        self.register_buffer("total_step", torch.tensor(step))
+        self.r0 = check_number("r0", r0, ge=0, le=1)  # lam = r0 * iter / total_step mixes two norms
         if norm == "layer":
-            self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        else:
-            self.norm1 = nn.RMSNorm(dim, eps=norm_eps)
+            self.norm1 = nn.LayerNorm(dim, eps=check_number("norm_eps", norm_eps, ge=0))
+        else:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+            eps1 = None if norm_eps is None else check_number("norm_eps", norm_eps, ge=0)
+            self.norm1 = nn.RMSNorm(dim, eps=eps1)
         self.norm2 = RepBN(dim, eps=eps, alpha_init=alpha_init)
-        self.sync = sync
+        self.sync = check_flag("sync", sync)
         self.process_group = process_group
 
     @property
@@ -354,6 +360,8 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     normalises with the global batch statistics, forward and backward. The modules are changed in
     place (no copy); without an initialized process group they behave as before.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     for m in module.modules():
         if isinstance(m, (RepBN, PRepBN)):
             m.sync = True

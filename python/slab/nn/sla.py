@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..ops.dwc import causal_dwc1d, causal_dwc1d_step, dwc2d, dwc_cache_from_prefill
 from ..ops.sla import sla, sla_step
+from ._args import check_flag, check_size
 
 __all__ = ["SimplifiedLinearAttention", "SLACache"]
 
@@ -35,6 +36,22 @@ class SLACache:
     z: Tensor
     conv: Tensor
     position: int = 0
+
+    def __post_init__(self) -> None:
+        check_size("position", self.position, minimum=0)
+
+
+def _check_sizes(dim, num_heads, causal, dwc_kernel_size, num_tokens) -> None:
+    check_size("dim", dim)
+    check_size("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"num_heads must divide dim, got num_heads={num_heads}, dim={dim}")
+    check_flag("causal", causal)
+    check_size("dwc_kernel_size", dwc_kernel_size)
+    if not causal and dwc_kernel_size % 2 == 0:  # a centred k x k window needs odd k
+        raise ValueError(f"dwc_kernel_size must be odd for the 2-D (non-causal) branch, got {dwc_kernel_size}")
+    if num_tokens is not None:
+        check_size("num_tokens", num_tokens)
 
 
 class SimplifiedLinearAttention(nn.Module):
@@ -60,10 +77,8 @@ class SimplifiedLinearAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, causal: bool = False, qkv_bias: bool = False,
                  dwc_kernel_size: int = 5, num_tokens: Optional[int] = None):
         super().__init__()
-        if num_heads < 1 or dim % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide dim ({dim})")
-        if dwc_kernel_size < 1 or (not causal and dwc_kernel_size % 2 == 0):
-            raise ValueError(f"dwc_kernel_size must be >= 1 (odd for the 2-D branch), got {dwc_kernel_size}")
+        _check_sizes(dim, num_heads, causal, dwc_kernel_size, num_tokens)
+        check_flag("qkv_bias", qkv_bias)
         self.dim, self.num_heads, self.head_dim, self.causal = dim, num_heads, dim // num_heads, causal
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -127,6 +142,7 @@ class SimplifiedLinearAttention(nn.Module):
         """An empty cache (no tokens seen) for ``batch`` sequences; ``dtype`` is the activation
         dtype (default: the qkv weight's)."""
         self._require_causal()
+        batch = check_size("batch", batch)
         device = self.qkv.weight.device if device is None else device
         dtype = self.qkv.weight.dtype if dtype is None else dtype
         h, d, k = self.num_heads, self.head_dim, self.dwc.weight.shape[-1]

@@ -8,9 +8,22 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.w4a8 import PackedW4, group_columns, w4a8_linear
+from ..ops.w4a8 import GROUP_SIZES, PackedW4, group_columns, w4a8_linear
+from ._args import check_choice, check_flag, check_size
 
 __all__ = ["W4A8Linear"]
+
+
+def _check_args(in_features, out_features, bias, group_size, dtype) -> int:
+    """Validates the constructor arguments; returns the columns per scale."""
+    if check_size("in_features", in_features) % 2:
+        raise ValueError(f"in_features must be even (two int4 codes per byte), got {in_features}")
+    check_size("out_features", out_features)
+    check_flag("bias", bias)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    check_choice("group_size", group_size, GROUP_SIZES)
+    return group_columns(group_size, in_features)  # names group_size unless it divides in_features
 
 
 class W4A8Linear(nn.Module):
@@ -29,7 +42,7 @@ class W4A8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        g = group_columns(group_size, in_features)
+        g = _check_args(in_features, out_features, bias, group_size, dtype)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, in_features // g, dtype=torch.float32, device=device))
