@@ -1,9 +1,14 @@
 """slab.optim: fused DoG / LDoG / Lion steps and the polynomial-decay averager, checked step by step
-against float64 plain-PyTorch implementations of the published rules, plus the raw engine ops."""
+against float64 plain-PyTorch implementations of the published rules, plus the raw engine ops.
+
+The references take a gradient list with None for parameters that have no gradient in a step
+(SPEC section 5): those do not move and add nothing to the sums, step counters are per parameter,
+and DoG's distance and ||x_0|| still cover them (tests/test_optim_none_grads.py)."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -34,10 +39,11 @@ class RefDoG:
         return sq.sqrt() if self.layerwise else sq.sum().sqrt()
 
     def step(self, grads):
-        g = [(-gi if self.maximize else gi).to(torch.float64) + self.wd * x for gi, x in zip(grads, self.x)]
-        gsq = torch.stack([(t * t).sum() for t in g])
+        g = [None if gi is None else (-gi if self.maximize else gi).to(torch.float64) + self.wd * x
+             for gi, x in zip(grads, self.x)]
+        gsq = torch.stack([torch.zeros((), dtype=torch.float64) if t is None else (t * t).sum() for t in g])
         gsq = gsq if self.layerwise else gsq.sum()
-        if self.t == 0:
+        if self.t == 0:  # x_0 of every parameter, with a gradient now or not
             self.x0 = [x.clone() for x in self.x]
             self.rbar = self.reps * (1 + self._norm(self.x0))
             self.G = gsq
@@ -48,7 +54,7 @@ class RefDoG:
         if self.t == 0 and self.init_eta is not None:
             eta = torch.full_like(eta, self.init_eta)
         eta = eta.expand(len(self.x)) if eta.dim() == 0 else eta
-        self.x = [self.store(x - e * gi) for x, e, gi in zip(self.x, eta, g)]
+        self.x = [x if gi is None else self.store(x - e * gi) for x, e, gi in zip(self.x, eta, g)]
         self.t += 1
 
 
@@ -61,6 +67,8 @@ class RefLion:
 
     def step(self, grads):
         for i, gi in enumerate(grads):
+            if gi is None:
+                continue
             g = (-gi if self.maximize else gi).to(torch.float64)
             c = self.b1 * self.m[i] + (1 - self.b1) * g
             self.x[i] = self.store(self.x[i] * (1 - self.lr * self.wd) - self.lr * torch.sign(c))
@@ -76,13 +84,16 @@ class RefLAMB:
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.store, self.lr, (self.b1, self.b2), self.eps, self.wd = store, lr, betas, eps, weight_decay
-        self.bc, self.clamp, self.maximize, self.t = bias_correction, clamp_value, maximize, 0
+        self.bc, self.clamp, self.maximize = bias_correction, clamp_value, maximize
+        self.t = [0] * len(self.x)  # per parameter: the steps in which it had a gradient
 
     def step(self, grads):
-        self.t += 1
-        bc1 = 1 - self.b1**self.t if self.bc else 1.0
-        bc2 = 1 - self.b2**self.t if self.bc else 1.0
         for i, gi in enumerate(grads):
+            if gi is None:
+                continue
+            self.t[i] += 1
+            bc1 = 1 - self.b1 ** self.t[i] if self.bc else 1.0
+            bc2 = 1 - self.b2 ** self.t[i] if self.bc else 1.0
             g = (-gi if self.maximize else gi).to(torch.float64)
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
             self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
@@ -106,6 +117,8 @@ class RefLARS:
 
     def step(self, grads):
         for i, gi in enumerate(grads):
+            if gi is None:
+                continue
             g = (-gi if self.maximize else gi).to(torch.float64)
             xn, gn = self.x[i].norm(), g.norm()
             local = self.tc * xn / (gn + self.wd * xn + self.eps) if (xn > 0 and gn > 0) else torch.tensor(1.0)
@@ -125,7 +138,8 @@ class RefAdamP:
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.store, self.lr, (self.b1, self.b2), self.eps, self.wd = store, lr, betas, eps, weight_decay
-        self.delta, self.wd_ratio, self.nesterov, self.maximize, self.t = delta, wd_ratio, nesterov, maximize, 0
+        self.delta, self.wd_ratio, self.nesterov, self.maximize = delta, wd_ratio, nesterov, maximize
+        self.t = [0] * len(self.x)  # per parameter, as the reference implementation counts them
         self.hits = {"channel": 0, "layer": 0, "none": 0}
 
     def _project(self, x, g, pert):
@@ -141,9 +155,11 @@ class RefAdamP:
         return pert, 1.0
 
     def step(self, grads):
-        self.t += 1
-        bc1, bc2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for i, gi in enumerate(grads):
+            if gi is None:
+                continue
+            self.t[i] += 1
+            bc1, bc2 = 1 - self.b1 ** self.t[i], 1 - self.b2 ** self.t[i]
             g = (-gi if self.maximize else gi).to(torch.float64)
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
             self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
@@ -177,15 +193,20 @@ def grads_of(model, step, device, dtype):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def run_side_by_side(opt, ref, model, device, dtype, steps=20, tol=None, grad_fn=None):
+def run_side_by_side(opt, ref, model, device, dtype, steps=20, tol=None, grad_fn=None, has_grad=None):
     """Steps ``opt`` and ``ref`` with the same gradients and compares every parameter after every
     step, relative to the tensor's magnitude (max |x_t| and |x_0|: a size-1 bias crossing zero is
-    compared at the scale it moves at)."""
+    compared at the scale it moves at). ``has_grad(i, t)``: whether parameter i keeps its gradient
+    in step t (otherwise its grad is None for both)."""
     init = [p.detach().double().abs().max() for p in model.parameters()]
     for t in range(steps):
         grads = grads_of(model, t, device, dtype)
         if grad_fn is not None:
             grad_fn(model)
+        if has_grad is not None:
+            for i, p in enumerate(model.parameters()):
+                if not has_grad(i, t):
+                    p.grad, grads[i] = None, None
         opt.step()
         ref.step(grads)
         for i, (p, r) in enumerate(zip(model.parameters(), ref.x)):
@@ -361,6 +382,53 @@ def test_bad_hyperparameters_and_sparse_grads():
     for cls in (DoG, LDoG, Lion, LAMB, LARS, AdamP):
         with pytest.raises(RuntimeError, match="sparse"):
             cls(emb.parameters()).step()
+
+
+# (optimizer, constructor kwargs, [(hyperparameter, bad value)]): values set in param_groups after
+# construction, each refused by the next step() before anything moves.
+STEP_CHECKS = [
+    (DoG, {"reps_rel": 1e-3}, [("lr", -1.0), ("lr", float("nan")), ("eps", float("inf")),
+                               ("weight_decay", float("nan")), ("reps_rel", 0.0), ("init_eta", -1.0)]),
+    (LDoG, {"reps_rel": 1e-3}, [("lr", 0.0), ("weight_decay", -1.0)]),
+    (Lion, {}, [("lr", -1e-3), ("lr", torch.tensor([1e-3, 1e-3])), ("betas", (0.9, 1.0)),
+                ("betas", (float("nan"), 0.9)), ("weight_decay", -1.0)]),
+    (LAMB, {}, [("lr", float("nan")), ("betas", (0.9,)), ("eps", -1.0), ("weight_decay", float("nan")),
+                ("clamp_value", 0.0)]),
+    (LARS, {}, [("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1.0), ("trust_coefficient", 0.0),
+                ("eps", float("nan"))]),
+    (AdamP, {}, [("lr", -1.0), ("betas", (0.9, 1.5)), ("eps", float("nan")), ("weight_decay", -0.1),
+                 ("delta", float("nan")), ("wd_ratio", -1.0)]),
+]
+
+
+@pytest.mark.parametrize("cls,kw,bad", STEP_CHECKS, ids=[c[0].__name__ for c in STEP_CHECKS])
+def test_hyperparameters_checked_at_every_step(cls, kw, bad):
+    model = make_model("cpu")
+    opt = cls(model.parameters(), **kw)
+    grads_of(model, 0, "cpu", torch.float32)
+    opt.step()
+    group = opt.param_groups[0]
+    for name, value in bad:
+        grads_of(model, 1, "cpu", torch.float32)
+        good, group[name] = group[name], value
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(opt.state_dict()["state"])
+        with pytest.raises(ValueError, match=name):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), name
+        for k, st in opt.state_dict()["state"].items():
+            assert all(torch.equal(v, state[k][key]) for key, v in st.items()), name
+        group[name] = good
+    opt.step()
+
+
+def test_averager_gamma_checked_at_every_step():
+    avg = PolynomialDecayAverager(nn.Linear(2, 3), gamma=8.0)
+    avg.step()
+    avg.gamma = float("nan")
+    with pytest.raises(ValueError, match="gamma"):
+        avg.step()
+    assert avg.t == 2
 
 
 # ---- Lion --------------------------------------------------------------------------------------------
@@ -546,6 +614,190 @@ def test_raw_op_errors(device):
                        torch.ones(1, device=device), 1.5, 0.9)
 
 
+def _op_args(op, device):
+    """Valid arguments (by schema name) of a raw optimizer op: two tensors of shapes (5, 3) and
+    (17,), float32, so any two tensors of a call may be made to share memory."""
+
+    def ts(fill=torch.randn):
+        return [fill(5, 3, device=device), fill(17, device=device)]
+
+    def vec(n):
+        return torch.rand(n, device=device)
+
+    bc = torch.ones(2, 2, device=device)
+    args = {
+        "multi_tensor_sq_norm": dict(tensors=ts(), others=ts(), weight_decay=0.1),
+        "dog_update_": dict(params=ts(), grads=ts(), x0=ts(), eta=vec(2),
+                            dist2=[torch.zeros((), device=device) for _ in range(2)]),
+        "lion_update_": dict(params=ts(), grads=ts(), exp_avgs=ts(), lr=vec(1), beta1=0.9, beta2=0.99),
+        "multi_tensor_lerp_": dict(avg=ts(), x=ts(), weight=0.25),
+        "lamb_stage1_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
+                             beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01),
+        "lamb_stage2_": dict(params=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc, lr=vec(2),
+                             beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01),
+        "momentum_update_": dict(params=ts(), grads=ts(), momentum_buffers=ts(), scale=vec(2), lr=vec(1),
+                                 momentum=0.9),
+        "adamp_stage1_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
+                              beta1=0.9, beta2=0.999, eps=1e-8),
+        "adamp_stage2_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
+                              coef=vec(6), decay=vec(2), lr=vec(1), beta1=0.9, beta2=0.999, eps=1e-8),
+    }
+    return args[op]
+
+
+def _share(dst, i, src, j):
+    """dst[i] becomes (a view of) src[j]: the same memory under two arguments."""
+    def alias(a):
+        a[dst][i] = a[src][j]
+    return alias
+
+
+def _expanded(name, i):
+    """name[i] becomes a stride-0 view (every element one memory location)."""
+    def alias(a):
+        a[name][i] = a[name][i][:1].expand_as(a[name][i])
+    return alias
+
+
+def _overlapping(name):
+    """name[0] and name[1] become overlapping views of one buffer."""
+    def alias(a):
+        base = torch.randn(20, device=a[name][0].device)
+        a[name][0], a[name][1] = base[:15].view(5, 3), base[3:]
+    return alias
+
+
+def _view_of(name, src, j):
+    """The one-tensor argument `name` becomes a view into src[j]."""
+    def alias(a):
+        a[name] = a[src][j].view(-1)[: a[name].numel()].view(a[name].shape)
+    return alias
+
+
+# (op, what aliases what): every in-place op, every kind of overlap it must refuse
+ALIAS_CASES = [
+    ("dog_update_", "params is grads", _share("grads", 0, "params", 0)),
+    ("dog_update_", "params is x0", _share("x0", 1, "params", 1)),
+    ("dog_update_", "dist2 twice", _share("dist2", 1, "dist2", 0)),
+    ("dog_update_", "dist2 in eta", lambda a: a["dist2"].__setitem__(0, a["eta"][1])),
+    ("dog_update_", "params expanded", _expanded("params", 1)),
+    ("lion_update_", "params is exp_avgs", _share("exp_avgs", 0, "params", 0)),
+    ("lion_update_", "exp_avgs is grads", _share("grads", 1, "exp_avgs", 1)),
+    ("lion_update_", "lr in params", _view_of("lr", "params", 1)),
+    ("lion_update_", "exp_avgs expanded", _expanded("exp_avgs", 1)),
+    ("multi_tensor_lerp_", "avg is x", _share("x", 0, "avg", 0)),
+    ("multi_tensor_lerp_", "avg overlapping", _overlapping("avg")),
+    ("multi_tensor_lerp_", "avg expanded", _expanded("avg", 0)),
+    ("lamb_stage1_", "exp_avgs is exp_avg_sqs", _share("exp_avg_sqs", 1, "exp_avgs", 1)),
+    ("lamb_stage1_", "exp_avgs is params", _share("exp_avgs", 0, "params", 0)),
+    ("lamb_stage1_", "bias_corr in exp_avg_sqs", _view_of("bias_corr", "exp_avg_sqs", 1)),
+    ("lamb_stage1_", "exp_avg_sqs expanded", _expanded("exp_avg_sqs", 1)),
+    ("lamb_stage2_", "params is exp_avgs", _share("exp_avgs", 1, "params", 1)),
+    ("lamb_stage2_", "lr in params", _view_of("lr", "params", 0)),
+    ("lamb_stage2_", "params expanded", _expanded("params", 1)),
+    ("momentum_update_", "params is momentum_buffers", _share("momentum_buffers", 0, "params", 0)),
+    ("momentum_update_", "scale in momentum_buffers", _view_of("scale", "momentum_buffers", 1)),
+    ("momentum_update_", "momentum_buffers expanded", _expanded("momentum_buffers", 1)),
+    ("adamp_stage1_", "exp_avgs is exp_avg_sqs", _share("exp_avg_sqs", 0, "exp_avgs", 0)),
+    ("adamp_stage1_", "grads is exp_avgs", _share("grads", 1, "exp_avgs", 1)),
+    ("adamp_stage2_", "params is grads", _share("grads", 0, "params", 0)),
+    ("adamp_stage2_", "coef in params", _view_of("coef", "params", 0)),
+    ("adamp_stage2_", "decay in params", _view_of("decay", "params", 1)),
+    ("adamp_stage2_", "params expanded", _expanded("params", 1)),
+]
+
+
+def _tensors_of(args):
+    return [t for v in args.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,case,alias", ALIAS_CASES, ids=[f"{c[0]}-{c[1]}" for c in ALIAS_CASES])
+def test_in_place_overlap_refused_before_writing(device, op, case, alias):
+    args = _op_args(op, device)
+    getattr(torch.ops.slab, op)(**args)  # the arguments are valid until they overlap
+    alias(args)
+    before = [t.clone() for t in _tensors_of(args)]
+    with pytest.raises(RuntimeError, match="single memory location"):
+        getattr(torch.ops.slab, op)(**args)
+    for t, b in zip(_tensors_of(args), before):
+        assert torch.equal(t, b), case
+
+
+def _tensor_args(op):
+    return [a.name for a in getattr(torch.ops.slab, op).default._schema.arguments
+            if str(a.type) in ("Tensor", "List[Tensor]", "Optional[List[Tensor]]")]
+
+
+OPS = ["multi_tensor_sq_norm", "dog_update_", "lion_update_", "multi_tensor_lerp_", "lamb_stage1_", "lamb_stage2_",
+       "momentum_update_", "adamp_stage1_", "adamp_stage2_"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_none_for_a_tensor_is_named(device, op):
+    """None for a required tensor, or inside a tensor list, gets an error naming that argument
+    (and the list element), from the slab.ops wrappers and the raw op alike."""
+    for name in _tensor_args(op):
+        args = _op_args(op, device)
+        is_list = isinstance(args[name], list)
+        label = f"{name}[1]" if is_list else name
+        if is_list:
+            args[name][1] = None
+        else:
+            args[name] = None
+        with pytest.raises(RuntimeError, match=rf"^{re.escape(label)} must be a tensor, got None"):
+            getattr(oo, op)(**args)
+        if not is_list:  # torch itself refuses a None inside a Tensor[] (naming the argument)
+            with pytest.raises(RuntimeError, match=rf"^{re.escape(label)} must be a tensor, got None"):
+                getattr(torch.ops.slab, op)(**args)
+
+
+# (op, what is wrong): mismatches the real op refuses; its fake must refuse them too
+FAKE_CASES = [
+    ("multi_tensor_sq_norm", "others shape", lambda a: a["others"].__setitem__(1, a["others"][1][:16])),
+    ("dog_update_", "grads length", lambda a: a["grads"].pop()),
+    ("dog_update_", "x0 dtype", lambda a: a["x0"].__setitem__(0, a["x0"][0].double())),
+    ("dog_update_", "eta size", lambda a: a.__setitem__("eta", a["eta"][:1])),
+    ("dog_update_", "dist2 size", lambda a: a["dist2"].__setitem__(0, torch.zeros(2, device=a["eta"].device))),
+    ("lion_update_", "exp_avgs shape", lambda a: a["exp_avgs"].__setitem__(0, a["exp_avgs"][0].t())),
+    ("lion_update_", "lr size", lambda a: a.__setitem__("lr", a["lr"].expand(2))),
+    ("multi_tensor_lerp_", "x length", lambda a: a["x"].pop()),
+    ("multi_tensor_lerp_", "avg dtypes", lambda a: a["avg"].__setitem__(1, a["avg"][1].double())),
+    ("lamb_stage1_", "bias_corr of one step", lambda a: a.__setitem__("bias_corr", a["bias_corr"][0])),
+    ("lamb_stage1_", "exp_avg_sqs length", lambda a: a["exp_avg_sqs"].pop()),
+    ("lamb_stage2_", "lr size", lambda a: a.__setitem__("lr", a["lr"][:1])),
+    ("lamb_stage2_", "bias_corr rows", lambda a: a.__setitem__("bias_corr", a["bias_corr"][:1])),
+    ("momentum_update_", "scale size", lambda a: a.__setitem__("scale", a["scale"][:1])),
+    ("momentum_update_", "momentum_buffers shape",
+     lambda a: a["momentum_buffers"].__setitem__(1, a["momentum_buffers"][1][:3])),
+    ("adamp_stage1_", "grads shape", lambda a: a["grads"].__setitem__(0, a["grads"][0].reshape(3, 5))),
+    ("adamp_stage2_", "coef size", lambda a: a.__setitem__("coef", a["coef"][:5])),
+    ("adamp_stage2_", "decay size", lambda a: a.__setitem__("decay", a["decay"][:1])),
+    ("adamp_stage2_", "bias_corr dtype", lambda a: a.__setitem__("bias_corr", a["bias_corr"].double())),
+]
+
+
+@pytest.mark.parametrize("op,case,spoil", FAKE_CASES, ids=[f"{c[0]}-{c[1]}" for c in FAKE_CASES])
+def test_fakes_check_what_the_real_ops_check(op, case, spoil):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _op_args(op, "cpu")
+    spoil(args)
+    with pytest.raises((RuntimeError, ValueError)) as real:
+        getattr(torch.ops.slab, op)(**args)
+    with FakeTensorMode() as mode:
+        fake = {k: [mode.from_tensor(t) for t in v] if isinstance(v, list) else
+                mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(type(real.value)):
+            getattr(torch.ops.slab, op)(**fake)
+    with FakeTensorMode() as mode:  # and the unspoilt arguments pass
+        good = _op_args(op, "cpu")
+        fake = {k: [mode.from_tensor(t) for t in v] if isinstance(v, list) else
+                mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in good.items()}
+        getattr(torch.ops.slab, op)(**fake)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_raw_ops(device):
     def lists(dtype=torch.float32):
@@ -564,7 +816,10 @@ def test_opcheck_raw_ops(device):
         (lists(), lists(), lists(), torch.full((1,), 1e-3, device=device), 0.9, 0.99, 0.1, False, None, None),
     )
     torch.library.opcheck(torch.ops.slab.multi_tensor_lerp_.default, (lists(), lists(), 0.25))
-    step = torch.tensor([1 / (1 - 0.9**3), (1 - 0.999**3) ** -0.5], device=device)  # bias corrections
+    def bias_corr(*steps):  # per tensor, as each counts its own steps
+        return torch.tensor([[1 / (1 - 0.9**t), (1 - 0.999**t) ** -0.5] for t in steps], device=device)
+
+    step = bias_corr(3, 1)
     torch.library.opcheck(
         torch.ops.slab.lamb_stage1_.default,
         (lists(), lists(), lists(), [t.abs() for t in lists()], step, 0.9, 0.999, 1e-6, 0.01, False, None, None),
@@ -579,6 +834,7 @@ def test_opcheck_raw_ops(device):
     gs = [torch.randn(s, device=device) for s in shapes]
     ms = [torch.randn(s, device=device) for s in shapes]
     vs = [torch.rand(s, device=device) for s in shapes]
+    step = bias_corr(3, 7, 1)
     torch.library.opcheck(torch.ops.slab.adamp_stage1_.default,
                           (ps, gs, ms, vs, step, 0.9, 0.999, 1e-8, True, False, None, None))
     torch.library.opcheck(

@@ -69,13 +69,14 @@ struct LionParams {
 
 // LAMB stage 1 (You et al. 2020): with g the unscaled (sign-adjusted) gradient,
 //   m <- beta1*m + (1-beta1)*g,  v <- beta2*v + (1-beta2)*g^2,
-//   u  = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * x   (bc_i = 1 - beta_i^t, or 1)
+//   u  = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * x   (bc_i = 1 - beta_i^t, or 1;
+//   t is the tensor's own step count)
 // and per tensor norms[2i] = ||x||^2, norms[2i+1] = ||u||^2. u is not stored: stage 2 recomputes
 // it from m and v. Nothing is written (norms become 0) when *found_inf != 0.
 struct LambParams {
   DType dtype;
   TensorList x, g, m, v;  // x, g: dtype; m, v: accumulation type
-  const void* bias_corr;  // [2] accumulation type: 1 / bc1, 1 / sqrt(bc2) (computed in double upstream)
+  const void* bias_corr;  // [count, 2] accumulation type: 1 / bc1, 1 / sqrt(bc2) per tensor (computed in double)
   double beta1, beta2, eps, weight_decay;
   bool maximize;
   const float* grad_scale;
@@ -105,12 +106,13 @@ struct MomentumParams {
 //   p  = n / (sqrt(v) / sqrt(bc2) + eps),  n = m (or beta1*m + (1-beta1)*g with nesterov)
 // and per row: row_sums[r] = (<g,x>, <g,g>, <x,x>, <x,p>). Stage 2, with k[r] the projection
 // coefficient of the row (0: no projection) and decay[i] = lr * weight_decay * wd_ratio[i]:
-//   x <- x * (1 - decay[i]) - (lr / bc1) * (p - k[r] * x).
+//   x <- x * (1 - decay[i]) - (lr / bc1) * (p - k[r] * x),
+// bc_i = 1 - beta_i^t with t the tensor's own step count.
 struct AdamPParams {
   DType dtype;
   TensorList x, g, m, v;
   const int64_t* rows;  // [count]: rows of each tensor (cols = numel / rows)
-  const void* bias_corr;  // [2] accumulation type: 1 / bc1, 1 / sqrt(bc2)
+  const void* bias_corr;  // [count, 2] accumulation type: 1 / bc1, 1 / sqrt(bc2) per tensor
   double beta1, beta2, eps;
   bool nesterov, maximize;
   const float* grad_scale;

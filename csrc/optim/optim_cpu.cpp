@@ -144,14 +144,13 @@ void lion(const LionParams& p) {
 
 // ---- LAMB ------------------------------------------------------------------------------------------
 
-// Loop-invariant LAMB constants.
-template <typename A>
-struct LambConsts {
-  A inv_bc1, rsqrt_bc2;
-  explicit LambConsts(const LambParams& p) {
-    inv_bc1 = static_cast<const A*>(p.bias_corr)[0];
-    rsqrt_bc2 = static_cast<const A*>(p.bias_corr)[1];
-  }
+// The bias corrections (1 / bc1, 1 / sqrt(bc2)) of tensor `t`, as vectors: each tensor counts its
+// own steps (LAMB and AdamP).
+template <typename V, typename A>
+struct BiasCorr {
+  V inv_bc1, rsqrt_bc2;
+  BiasCorr(const void* bias_corr, int64_t t)
+      : inv_bc1(static_cast<const A*>(bias_corr)[2 * t]), rsqrt_bc2(static_cast<const A*>(bias_corr)[2 * t + 1]) {}
 };
 
 template <typename T>
@@ -164,10 +163,8 @@ void lamb_stage1(const LambParams& p) {
     std::fill(norms, norms + 2 * p.x.count, A(0));
     return;
   }
-  const LambConsts<A> k(p);
   const V scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), b1(static_cast<A>(1.0 - p.beta1)),
-      b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay)),
-      inv_bc1(k.inv_bc1), rsqrt_bc2(k.rsqrt_bc2);
+      b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay));
   const auto sqrt_v = [](const V& v) { return v.sqrt(); };
   // Two sums per chunk: ||x||^2 and ||u||^2, added per tensor in chunk order.
   const std::vector<Chunk> cs = chunks(p.x);
@@ -179,6 +176,7 @@ void lamb_stage1(const LambParams& p) {
       const T* g = in<T>(p.g, c.tensor);
       A* m = out<A>(p.m, c.tensor);
       A* v = out<A>(p.v, c.tensor);
+      const BiasCorr<V, A> bc(p.bias_corr, c.tensor);
       V xs(0), us(0);
       for (int64_t i = c.begin; i < c.end; i += w) {
         const V xv = load_at(x, i, c.end), gv = load_at(g, i, c.end) * scale;
@@ -186,7 +184,7 @@ void lamb_stage1(const LambParams& p) {
         const V vv = second_moment<V>(load_at(v, i, c.end), gv, b2);
         store_at(m, i, c.end, mv);
         store_at(v, i, c.end, vv);
-        const V u = lamb_direction<V>(mv, vv, xv, inv_bc1, rsqrt_bc2, eps, wd, sqrt_v);
+        const V u = lamb_direction<V>(mv, vv, xv, bc.inv_bc1, bc.rsqrt_bc2, eps, wd, sqrt_v);
         const V u_kept = keep_first_n(u, c.end - i);  // padded lanes are 0/eps (NaN when eps = 0)
         xs = xs + xv * xv;
         us = us + u_kept * u_kept;
@@ -208,9 +206,7 @@ void lamb_stage2(const LambParams& p) {
   using V = AccVec<T>;
   constexpr int64_t w = kVecWidth<T>;
   if (skip_step(p.found_inf)) return;
-  const LambConsts<A> k(p);
-  const V eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay)), inv_bc1(k.inv_bc1),
-      rsqrt_bc2(k.rsqrt_bc2);
+  const V eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay));
   const auto sqrt_v = [](const V& v) { return v.sqrt(); };
   const auto* lr = static_cast<const A*>(p.lr);
   for_each_chunk<A>(p.x, [&](const Chunk& c) {
@@ -218,10 +214,11 @@ void lamb_stage2(const LambParams& p) {
     const A* m = in<A>(p.m, c.tensor);
     const A* v = in<A>(p.v, c.tensor);
     const V step(lr[c.tensor]);
+    const BiasCorr<V, A> bc(p.bias_corr, c.tensor);
     for (int64_t i = c.begin; i < c.end; i += w) {
       const V xv = load_at(x, i, c.end);
-      const V u =
-          lamb_direction<V>(load_at(m, i, c.end), load_at(v, i, c.end), xv, inv_bc1, rsqrt_bc2, eps, wd, sqrt_v);
+      const V u = lamb_direction<V>(load_at(m, i, c.end), load_at(v, i, c.end), xv, bc.inv_bc1, bc.rsqrt_bc2, eps,
+                                    wd, sqrt_v);
       store_at(x, i, c.end, sgd_step<V>(xv, u, step));
     }
     return A(0);
@@ -277,14 +274,10 @@ template <typename T>
 struct AdamPConsts {
   using A = acc_t<T>;
   using V = AccVec<T>;
-  V scale, b1, b2, eps, rsqrt_bc2;
-  A step_size_factor;  // 1 / bc1
+  V scale, b1, b2, eps;
   explicit AdamPConsts(const AdamPParams& p)
       : scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), b1(static_cast<A>(1.0 - p.beta1)),
-        b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)) {
-    rsqrt_bc2 = V(static_cast<const A*>(p.bias_corr)[1]);
-    step_size_factor = static_cast<const A*>(p.bias_corr)[0];
-  }
+        b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)) {}
 };
 
 template <typename T>
@@ -310,6 +303,7 @@ void adamp_stage1(const AdamPParams& p) {
       const T* g = in<T>(p.g, task.tensor);
       A* m = out<A>(p.m, task.tensor);
       A* v = out<A>(p.v, task.tensor);
+      const BiasCorr<V, A> bc(p.bias_corr, task.tensor);
       for (int64_t r = task.row_begin; r < task.row_end; ++r) {
         V gx(0), gg(0), xx(0), xp(0);
         const int64_t e = (r + 1) * cols;
@@ -320,7 +314,7 @@ void adamp_stage1(const AdamPParams& p) {
           store_at(m, i, e, mv);
           store_at(v, i, e, vv);
           const V n = p.nesterov ? first_moment<V>(mv, gv, k.b1) : mv;
-          const V pv = keep_first_n(adamp_direction<V>(n, vv, k.rsqrt_bc2, k.eps, sqrt_v), e - i);
+          const V pv = keep_first_n(adamp_direction<V>(n, vv, bc.rsqrt_bc2, k.eps, sqrt_v), e - i);
           gx = gx + gv * xv;
           gg = gg + gv * gv;
           xx = xx + xv * xv;
@@ -347,7 +341,7 @@ void adamp_stage2(const AdamPParams& p) {
   const auto sqrt_v = [](const V& v) { return v.sqrt(); };
   const auto* coef = static_cast<const A*>(p.coef);
   const auto* decay = static_cast<const A*>(p.decay);
-  const V step_size(*static_cast<const A*>(p.lr) * k.step_size_factor);
+  const V lr(*static_cast<const A*>(p.lr));
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t ti = begin; ti < end; ++ti) {
       const RowTask& task = tasks[ti];
@@ -357,13 +351,15 @@ void adamp_stage2(const AdamPParams& p) {
       const A* m = in<A>(p.m, task.tensor);
       const A* v = in<A>(p.v, task.tensor);
       const V dec(decay[task.tensor]);
+      const BiasCorr<V, A> bc(p.bias_corr, task.tensor);
+      const V step_size = lr * bc.inv_bc1;
       for (int64_t r = task.row_begin; r < task.row_end; ++r) {
         const V kr(coef[task.row_base + r]);
         const int64_t e = (r + 1) * cols;
         for (int64_t i = r * cols; i < e; i += w) {
           const V mv = load_at(m, i, e), xv = load_at(x, i, e);
           const V n = p.nesterov ? first_moment<V>(mv, load_at(g, i, e) * k.scale, k.b1) : mv;
-          const V pv = adamp_direction<V>(n, load_at(v, i, e), k.rsqrt_bc2, k.eps, sqrt_v);
+          const V pv = adamp_direction<V>(n, load_at(v, i, e), bc.rsqrt_bc2, k.eps, sqrt_v);
           store_at(x, i, e, adamp_step<V>(xv, pv, kr, dec, step_size));
         }
       }

@@ -143,9 +143,10 @@ struct LambConsts {
   A b1, b2, eps, wd, inv_bc1, rsqrt_bc2;
 };
 
+// `index`: the tensor's position in the op's list (its row of the per-tensor bias corrections).
 template <typename A>
-__device__ __forceinline__ LambConsts<A> lamb_consts(const LambParams& p) {
-  const A* bc = static_cast<const A*>(p.bias_corr);
+__device__ __forceinline__ LambConsts<A> lamb_consts(const LambParams& p, int index) {
+  const A* bc = static_cast<const A*>(p.bias_corr) + 2 * index;
   return {A(1.0 - p.beta1), A(1.0 - p.beta2), A(p.eps), A(p.weight_decay), bc[0], bc[1]};
 }
 
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) lamb_stage1_kernel(const __grid_cons
   const T* g = static_cast<const T*>(t.data[1][s.tensor]);
   A* m = static_cast<A*>(t.data[2][s.tensor]);
   A* v = static_cast<A*>(t.data[3][s.tensor]);
-  const LambConsts<A> k = lamb_consts<A>(p);
+  const LambConsts<A> k = lamb_consts<A>(p, t.index[s.tensor]);
   const A scale = grad_factor(p.grad_scale, p.maximize);
   A xs = 0, us = 0;
   for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) lamb_stage2_kernel(const __grid_cons
   T* x = static_cast<T*>(t.data[0][s.tensor]);
   const A* m = static_cast<const A*>(t.data[2][s.tensor]);
   const A* v = static_cast<const A*>(t.data[3][s.tensor]);
-  const LambConsts<A> k = lamb_consts<A>(p);
+  const LambConsts<A> k = lamb_consts<A>(p, t.index[s.tensor]);
   const A lr = static_cast<const A*>(p.lr)[t.index[s.tensor]];
   for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
     const A xv = to_acc(x[i]);
@@ -240,8 +241,8 @@ struct AdamPConsts {
 };
 
 template <typename A>
-__device__ __forceinline__ AdamPConsts<A> adamp_consts(const AdamPParams& p) {
-  const A* bc = static_cast<const A*>(p.bias_corr);
+__device__ __forceinline__ AdamPConsts<A> adamp_consts(const AdamPParams& p, int index) {
+  const A* bc = static_cast<const A*>(p.bias_corr) + 2 * index;
   return {grad_factor(p.grad_scale, p.maximize), A(1.0 - p.beta1), A(1.0 - p.beta2), A(p.eps), bc[1], bc[0]};
 }
 
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(kRowThreads, 1) adamp_stage1_kernel(const __gr
   const T* g = static_cast<const T*>(t.data[1][s.tensor]);
   A* m = static_cast<A*>(t.data[2][s.tensor]);
   A* v = static_cast<A*>(t.data[3][s.tensor]);
-  const AdamPConsts<A> k = adamp_consts<A>(p);
+  const AdamPConsts<A> k = adamp_consts<A>(p, t.index[s.tensor]);
   A* sums = static_cast<A*>(p.row_sums);
   for (int64_t r = s.row_begin; r < s.row_end; ++r) {
     A gx = 0, gg = 0, xx = 0, xp = 0;
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(kRowThreads, 1) adamp_stage2_kernel(const __gr
   const T* g = static_cast<const T*>(t.data[1][s.tensor]);
   const A* m = static_cast<const A*>(t.data[2][s.tensor]);
   const A* v = static_cast<const A*>(t.data[3][s.tensor]);
-  const AdamPConsts<A> k = adamp_consts<A>(p);
+  const AdamPConsts<A> k = adamp_consts<A>(p, t.index[s.tensor]);
   const A step_size = *static_cast<const A*>(p.lr) * k.inv_bc1;
   const A decay = static_cast<const A*>(p.decay)[t.index[s.tensor]];
   const A* coef = static_cast<const A*>(p.coef);

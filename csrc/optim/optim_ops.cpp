@@ -41,9 +41,9 @@ ListView view_of(TensorVec tensors) {
 // The list that sets device and dtype for the rest: dense, floating, one device and dtype.
 DType check_lead(at::TensorList ts, const char* name) {
   TORCH_CHECK_VALUE(!ts.empty(), name, " must hold at least one tensor");
-  const DType dt = kernel_dtype(ts[0], name);
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto n = item(name, i);
+    check_defined(ts[i], n.c_str());  // a C++ caller's undefined element; Python refuses None itself
     TORCH_CHECK(ts[i].layout() == at::kStrided, n, " must be a dense (strided) tensor, got layout ",
                 ts[i].layout(), "; sparse gradients are not supported");
     TORCH_CHECK(ts[i].device() == ts[0].device(), n, " is on ", ts[i].device(), " but ", name, "[0] is on ",
@@ -51,7 +51,7 @@ DType check_lead(at::TensorList ts, const char* name) {
     TORCH_CHECK(ts[i].scalar_type() == ts[0].scalar_type(), n, " has dtype ", ts[i].scalar_type(), " but ", name,
                 "[0] has ", ts[0].scalar_type(), "; one call takes one dtype");
   }
-  return dt;
+  return kernel_dtype(ts[0], item(name, 0).c_str());
 }
 
 // A list matching `lead` element-wise in shape, on its device, of dtype `dtype`.
@@ -61,6 +61,7 @@ void check_like(at::TensorList ts, at::TensorList lead, at::ScalarType dtype, co
                     "), got ", ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto n = item(name, i);
+    check_defined(ts[i], n.c_str());
     TORCH_CHECK(ts[i].layout() == at::kStrided, n, " must be a dense (strided) tensor, got layout ",
                 ts[i].layout(), "; sparse gradients are not supported");
     check_same_device(ts[i], lead[i], n.c_str());
@@ -86,6 +87,17 @@ Tensor acc_vector(const Tensor& t, const Tensor& like, int64_t n, const char* na
   TORCH_CHECK(t.numel() == n && t.scalar_type() == acc, name, " must be a ", acc, " tensor of ", n,
               " elements, got ", t.scalar_type(), " ", t.sizes());
   return t.reshape({n}).contiguous();
+}
+
+// LAMB's and AdamP's bias corrections: per tensor [1 / bc1, 1 / sqrt(bc2)] (each tensor counts its
+// own steps), shape (n, 2), accumulation type, on the device of `like`.
+Tensor bias_corrections(const Tensor& t, const Tensor& like, int64_t n) {
+  check_same_device(t, like, "bias_corr");
+  const auto acc = acc_dtype(like.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2 && t.scalar_type() == acc,
+              "bias_corr must be a ", acc, " tensor of shape (", n, ", 2) (one row per tensor), got ",
+              t.scalar_type(), " ", t.sizes());
+  return t.contiguous();
 }
 
 TensorVec contiguous(at::TensorList ts) {
@@ -114,6 +126,8 @@ Tensor workspace(const Tensor& like, const TensorList& l) {
 void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // ---- ops ---------------------------------------------------------------------------------------
+// Every in-place op checks all its arguments, then (AliasCheck) that what it writes owns its
+// elements and shares no memory with any other argument, before it copies or writes anything.
 
 Tensor sq_norm_op(at::TensorList a, const std::optional<at::TensorList>& b, double weight_decay,
                   const OptTensor& grad_scale) {
@@ -152,12 +166,22 @@ void dog_update_op(at::TensorList params, at::TensorList grads, at::TensorList x
                 dist2[i].sizes());
     dist2_ptr.push_back(dist2[i].data_ptr());
   }
+  const float* gs = scalar_f32(grad_scale, params[0], "grad_scale");
+  const float* fi = scalar_f32(found_inf, params[0], "found_inf");
+  AliasCheck()
+      .written(params, "params")
+      .written(dist2, "dist2")
+      .read(grads, "grads")
+      .read(x0, "x0")
+      .read(eta, "eta")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   InPlace x(params);
   const ListView gv = view_of(contiguous(grads)), x0v = view_of(contiguous(x0));
   Tensor ws = workspace(params[0], x.view.list());
   DogUpdateParams p{dt, x.view.list(), gv.list(), x0v.list(), dist2_ptr.data(), eta_c.data_ptr(), weight_decay,
-                    maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
-                    scalar_f32(found_inf, params[0], "found_inf"), ptr_or_null(ws)};
+                    maximize, gs, fi, ptr_or_null(ws)};
   launch(params[0], p, dog_update_cpu, SLAB_CUDA_FN(dog_update_cuda));
   x.write_back();
 }
@@ -176,10 +200,20 @@ void lion_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
   check_beta(beta2, "beta2");
   check_finite(weight_decay, "weight_decay");
   const Tensor lr_c = acc_vector(lr, params[0], 1, "lr");
+  const float* gs = scalar_f32(grad_scale, params[0], "grad_scale");
+  const float* fi = scalar_f32(found_inf, params[0], "found_inf");
+  AliasCheck()
+      .written(params, "params")
+      .written(exp_avgs, "exp_avgs")
+      .read(grads, "grads")
+      .read(lr, "lr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   InPlace x(params), m(exp_avgs);
   const ListView gv = view_of(contiguous(grads));
   LionParams p{dt, x.view.list(), gv.list(), m.view.list(), lr_c.data_ptr(), beta1, beta2, weight_decay, maximize,
-               scalar_f32(grad_scale, params[0], "grad_scale"), scalar_f32(found_inf, params[0], "found_inf")};
+               gs, fi};
   launch(params[0], p, lion_cpu, SLAB_CUDA_FN(lion_cuda));
   x.write_back();
   m.write_back();
@@ -192,7 +226,7 @@ LambParams lamb_params(at::TensorList params, const Tensor& bias_corr, double be
   check_beta(beta2, "beta2");
   check_finite(eps, "eps");
   check_finite(weight_decay, "weight_decay");
-  bc_keep = acc_vector(bias_corr, params[0], 2, "bias_corr");
+  bc_keep = bias_corrections(bias_corr, params[0], static_cast<int64_t>(params.size()));
   return LambParams{kernel_dtype(params[0], "params"), {}, {}, {}, {}, bc_keep.data_ptr(), beta1, beta2, eps,
                     weight_decay, maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
                     scalar_f32(found_inf, params[0], "found_inf"), nullptr, nullptr, nullptr};
@@ -208,6 +242,15 @@ Tensor lamb_stage1_op(at::TensorList params, at::TensorList grads, at::TensorLis
   check_like(exp_avg_sqs, params, acc, "exp_avg_sqs", "params");
   Tensor bc;
   LambParams p = lamb_params(params, bias_corr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, bc);
+  AliasCheck()
+      .written(exp_avgs, "exp_avgs")
+      .written(exp_avg_sqs, "exp_avg_sqs")
+      .read(params, "params")
+      .read(grads, "grads")
+      .read(bias_corr, "bias_corr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   const ListView xv = view_of(contiguous(params)), gv = view_of(contiguous(grads));
   InPlace m(exp_avgs), v(exp_avg_sqs);
   Tensor norms = at::empty({static_cast<int64_t>(params.size()), 2}, params[0].options().dtype(acc));
@@ -232,6 +275,14 @@ void lamb_stage2_op(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   Tensor bc;
   LambParams p = lamb_params(params, bias_corr, beta1, beta2, eps, weight_decay, false, std::nullopt, found_inf, bc);
   const Tensor lr_c = acc_vector(lr, params[0], static_cast<int64_t>(params.size()), "lr");
+  AliasCheck()
+      .written(params, "params")
+      .read(exp_avgs, "exp_avgs")
+      .read(exp_avg_sqs, "exp_avg_sqs")
+      .read(bias_corr, "bias_corr")
+      .read(lr, "lr")
+      .read(found_inf, "found_inf")
+      .check();
   InPlace x(params);
   const ListView mv = view_of(contiguous(exp_avgs)), vv = view_of(contiguous(exp_avg_sqs));
   p.x = x.view.list(), p.m = mv.list(), p.v = vv.list();
@@ -251,11 +302,21 @@ void momentum_op(at::TensorList params, at::TensorList grads, at::TensorList buf
   check_finite(weight_decay, "weight_decay");
   const Tensor scale_c = acc_vector(scale, params[0], static_cast<int64_t>(params.size()), "scale");
   const Tensor lr_c = acc_vector(lr, params[0], 1, "lr");
+  const float* gs = scalar_f32(grad_scale, params[0], "grad_scale");
+  const float* fi = scalar_f32(found_inf, params[0], "found_inf");
+  AliasCheck()
+      .written(params, "params")
+      .written(bufs, "momentum_buffers")
+      .read(grads, "grads")
+      .read(scale, "scale")
+      .read(lr, "lr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   InPlace x(params), b(bufs);
   const ListView gv = view_of(contiguous(grads));
   MomentumParams p{dt, x.view.list(), gv.list(), b.view.list(), scale_c.data_ptr(), lr_c.data_ptr(), momentum,
-                   weight_decay, maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
-                   scalar_f32(found_inf, params[0], "found_inf")};
+                   weight_decay, maximize, gs, fi};
   launch(params[0], p, momentum_cpu, SLAB_CUDA_FN(momentum_cuda));
   x.write_back();
   b.write_back();
@@ -280,7 +341,7 @@ AdamPParams adamp_params(at::TensorList params, at::TensorList grads, at::Tensor
   check_beta(beta1, "beta1");
   check_beta(beta2, "beta2");
   check_finite(eps, "eps");
-  bc_keep = acc_vector(bias_corr, params[0], 2, "bias_corr");
+  bc_keep = bias_corrections(bias_corr, params[0], static_cast<int64_t>(params.size()));
   return AdamPParams{dt, {}, {}, {}, {}, nullptr, bc_keep.data_ptr(), beta1, beta2, eps, nesterov,
                      maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
                      scalar_f32(found_inf, params[0], "found_inf"), nullptr, nullptr, nullptr, nullptr};
@@ -292,6 +353,15 @@ Tensor adamp_stage1_op(at::TensorList params, at::TensorList grads, at::TensorLi
   Tensor bc;
   AdamPParams p = adamp_params(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, nesterov, maximize,
                                grad_scale, found_inf, bc);
+  AliasCheck()
+      .written(exp_avgs, "exp_avgs")
+      .written(exp_avg_sqs, "exp_avg_sqs")
+      .read(params, "params")
+      .read(grads, "grads")
+      .read(bias_corr, "bias_corr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   const auto rows = rows_of(params);
   int64_t total = 0;
   for (int64_t r : rows) total += r;
@@ -320,6 +390,18 @@ void adamp_stage2_op(at::TensorList params, at::TensorList grads, at::TensorList
   const Tensor coef_c = acc_vector(coef, params[0], total, "coef");
   const Tensor decay_c = acc_vector(decay, params[0], static_cast<int64_t>(params.size()), "decay");
   const Tensor lr_c = acc_vector(lr, params[0], 1, "lr");
+  AliasCheck()
+      .written(params, "params")
+      .read(grads, "grads")
+      .read(exp_avgs, "exp_avgs")
+      .read(exp_avg_sqs, "exp_avg_sqs")
+      .read(bias_corr, "bias_corr")
+      .read(coef, "coef")
+      .read(decay, "decay")
+      .read(lr, "lr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
   InPlace x(params);
   const ListView gv = view_of(contiguous(grads)), mv = view_of(contiguous(exp_avgs)),
                  vv = view_of(contiguous(exp_avg_sqs));
@@ -334,6 +416,7 @@ void lerp_op(at::TensorList avg, at::TensorList x, double weight) {
   const DType dt = check_lead(avg, "avg");
   check_like(x, avg, avg[0].scalar_type(), "x", "avg");
   check_unit_interval(weight, "weight");
+  AliasCheck().written(avg, "avg").read(x, "x").check();
   InPlace a(avg);
   const ListView xv = view_of(contiguous(x));
   LerpParams p{dt, a.view.list(), xv.list(), weight};

@@ -12,11 +12,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 
-def check_number(name: str, value: Any, *, positive: bool = False, allow_tensor: bool = False) -> None:
+def check_number(name: str, value: Any, *, positive: bool = False, allow_tensor: bool = False,
+                 read_tensor: bool = True) -> None:
     """Raises ValueError unless ``value`` is a finite number >= 0 (> 0 when ``positive``).
 
     A tensor (``allow_tensor``, e.g. a capturable lr) must hold one floating value; its value is
-    checked here once, at construction, never inside ``step()`` (that would synchronise).
+    checked only when ``read_tensor``: once, at construction, never inside ``step()`` (reading a
+    device tensor synchronises with the host).
     """
     if isinstance(value, Tensor):
         if not allow_tensor:
@@ -25,11 +27,21 @@ def check_number(name: str, value: Any, *, positive: bool = False, allow_tensor:
             raise ValueError(
                 f"{name} must be a floating tensor with one element, got {value.dtype} {tuple(value.shape)}"
             )
+        if not read_tensor:
+            return
         value = float(value.detach().cpu())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"Invalid {name}: {value} (expected a finite value {'> 0' if positive else '>= 0'})")
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Raises ValueError unless ``value`` is a number in [0, 1) (a momentum, a beta); returns it as a float."""
+    check_number(name, value)
+    if value >= 1:
+        raise ValueError(f"Invalid {name}: {value} (expected a value in [0, 1))")
+    return float(value)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,8 +135,22 @@ class FusedOptimizer(Optimizer):
     # and the fused step unscales them and skips itself (on the device) when found_inf != 0.
     _step_supports_amp_scaling = True
 
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group, read_tensor=True)
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        """Raises ValueError naming a bad hyperparameter of ``group``. Runs at construction and at
+        every ``step()`` (``param_groups`` may be edited in between, e.g. by a scheduler or by hand);
+        ``read_tensor`` as in :func:`check_number` (False inside ``step()``)."""
+        raise NotImplementedError
+
     def _begin_step(self, closure) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
-        """Runs the closure (with grad enabled) and returns (loss, grad_scale, found_inf)."""
+        """Checks every group's hyperparameters, runs the closure (with grad enabled) and returns
+        (loss, grad_scale, found_inf)."""
+        for group in self.param_groups:
+            self._check_group(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():

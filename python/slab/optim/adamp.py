@@ -31,7 +31,7 @@ from ._base import (
     params_with_grad,
     shard_groups,
 )
-from .lamb import advance_step, bias_corrections, check_betas
+from .lamb import advance_steps, bias_corrections, check_betas
 
 __all__ = ["AdamP"]
 
@@ -52,22 +52,24 @@ class AdamP(FusedOptimizer):
         maximize (bool, default False): ascend instead of descend.
     These are the defaults of the paper's reference implementation.
 
-    State per parameter: ``step`` (float32 tensor), ``exp_avg``, ``exp_avg_sq`` (float32 for
-    float32/bf16/fp16 parameters). GradScaler is supported as in :class:`slab.optim.DoG`.
+    State per parameter: ``step`` (float32 tensor: the steps in which the parameter had a
+    gradient, the authors' rule), ``exp_avg``, ``exp_avg_sq`` (float32 for float32/bf16/fp16
+    parameters). GradScaler is supported as in :class:`slab.optim.DoG`. Hyperparameters (also
+    edited ``param_groups``) are checked at every step.
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, *,
                  maximize: bool = False):
-        check_number("lr", lr, allow_tensor=True)
-        check_number("eps", eps)
-        check_number("weight_decay", weight_decay)
-        check_number("delta", delta)
-        check_number("wd_ratio", wd_ratio)
-        betas = check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
                                       wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize))
         self._layout_cache: dict = {}
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)
+        check_betas(group["betas"])
+        for name in ("eps", "weight_decay", "delta", "wd_ratio"):
+            check_number(name, group[name])
 
     def _layout(self, bp: list[Tensor], full: list[Tensor], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(row -> tensor index, cols per tensor, numel per tensor, has 2+ dims) for a bucket of
@@ -124,15 +126,13 @@ class AdamP(FusedOptimizer):
                 bp, full = [xs[i] for i in idx], [ps[i] for i in idx]
                 sts = [self.state[p] for p in full]
                 d, acc = bp[0].device, acc_dtype(bp[0].dtype)
-                step = advance_step(sts[0], d, found_inf)
-                for st in sts[1:]:
-                    st["step"] = step
+                steps = advance_steps(sts, d, found_inf)
                 ms = [local(st["exp_avg"]) for st in sts]
                 vs = [local(st["exp_avg_sq"]) for st in sts]
                 grads = [local(p.grad) for p in full]
                 gs, fi = on(grad_scale, d), on(found_inf, d)
                 common = (b1, b2, group["eps"], group["nesterov"], group["maximize"], gs, fi)
-                bc = bias_corrections(step, b1, b2, True, acc)
+                bc = bias_corrections(steps, b1, b2, True, acc)
                 sums = _ops.adamp_stage1_(bp, grads, ms, vs, bc, *common)
                 coef, ratio = self._projection(sums, self._layout(bp, full, d), group, groups)
                 lr = group["lr"]

@@ -6,13 +6,12 @@ floating buffers; integer buffers (e.g. BatchNorm's num_batches_tracked) are cop
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from ..ops import optim as _ops
-from ._base import buckets
+from ._base import buckets, check_number
 
 __all__ = ["PolynomialDecayAverager"]
 
@@ -26,12 +25,12 @@ class PolynomialDecayAverager:
             uniform average of all iterates.
 
     Call :meth:`step` after each optimizer step. ``state_dict``/``load_state_dict`` save and
-    restore ``t`` and the averaged weights.
+    restore ``t`` and the averaged weights. ``gamma`` may be changed between steps; it is checked
+    at every step.
     """
 
     def __init__(self, model: nn.Module, gamma: float = 8.0):
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"Invalid gamma: {gamma} (expected a finite value >= 0)")
+        check_number("gamma", gamma)
         self.model = model
         self.gamma = float(gamma)
         self.t = 1
@@ -53,6 +52,7 @@ class PolynomialDecayAverager:
 
     @torch.no_grad()
     def step(self) -> None:
+        check_number("gamma", self.gamma)
         src = self.model.state_dict(keep_vars=True)
         dst = self.av_model.state_dict(keep_vars=True)
         avg, cur, copies_to, copies_from = [], [], [], []

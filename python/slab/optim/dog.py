@@ -70,11 +70,15 @@ class DoG(FusedOptimizer):
             ``rbar_t = ||x_t - x_0||`` takes over.
         maximize (bool, default False): ascend instead of descend.
 
-    State per parameter (``self.state[p]``, float32 for float32/bf16/fp16 parameters): ``x0``
-    (copy of the initial point), ``dist2`` (``||x_t - x_0||^2`` of the current iterate), ``rbar``
-    and ``G`` (for DoG the group values, repeated in every parameter's state; for LDoG the
-    tensor's own). Parameters without a gradient are skipped in that step and left out of the
-    group norms; a parameter that first gets a gradient later starts its ``x0`` then.
+    State per parameter (``self.state[p]``, float32 for float32/bf16/fp16 parameters): ``x0``,
+    ``dist2`` (``||x_t - x_0||^2`` of the current iterate), ``rbar`` and ``G`` (for DoG the group
+    values, held identically in every parameter's state of the group and rewritten there at every
+    step; for LDoG the tensor's own). ``x_0`` is every parameter's value at the group's first
+    ``step()`` that has a gradient (before it nothing moves), also for parameters without a
+    gradient then, as the reference records it for the whole group at its first step. A parameter
+    without a gradient in a step does not move and adds nothing to ``G``, but it still belongs to
+    the group: its distance and its ``||x_0||`` count in DoG's group norms.
+    Hyperparameters (also edited ``param_groups``) are checked at every step.
     GradScaler: the gradients may be left scaled; ``scaler.step(opt)`` passes ``grad_scale`` and
     ``found_inf`` and an inf/NaN step leaves parameters and state unchanged.
 
@@ -100,18 +104,21 @@ class DoG(FusedOptimizer):
         *,
         maximize: bool = False,
     ):
-        check_number("lr", lr, positive=True, allow_tensor=True)
-        check_number("eps", eps)
-        check_number("weight_decay", weight_decay)
         if init_eta is not None:
-            check_number("init_eta", init_eta, positive=True)
             reps_rel = 0.0
-        else:
-            check_number("reps_rel", reps_rel, positive=True)
         defaults = dict(
             lr=lr, reps_rel=reps_rel, eps=eps, weight_decay=weight_decay, init_eta=init_eta, maximize=maximize
         )
         super().__init__(params, defaults)
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        check_number("lr", group["lr"], positive=True, allow_tensor=True, read_tensor=read_tensor)
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
+        if group["init_eta"] is not None:
+            check_number("init_eta", group["init_eta"], positive=True)
+        else:
+            check_number("reps_rel", group["reps_rel"], positive=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,12 +129,14 @@ class DoG(FusedOptimizer):
 
     # ---- one parameter group --------------------------------------------------------------
 
-    def _init_state(self, group: dict, ps: list[Tensor]) -> None:
-        """x0 and the initial rbar of parameters seen for the first time."""
-        fresh = all(len(self.state[p]) == 0 for p in group["params"])
-        new = [p for p in ps if len(self.state[p]) == 0]
+    def _init_state(self, group: dict) -> bool:
+        """x0, dist2 and the initial rbar and G of the group's parameters that have no state yet;
+        True when that is the whole group (its first step)."""
+        params = group["params"]
+        new = [p for p in params if "x0" not in self.state[p]]
         if not new:
-            return
+            return False
+        started = next((self.state[p] for p in params if "x0" in self.state[p]), None)
         for p in new:
             acc = acc_dtype(p.dtype)
             z = torch.zeros((), dtype=acc, device=p.device)
@@ -136,19 +145,17 @@ class DoG(FusedOptimizer):
             self.state[p].update(
                 x0=p.detach().to(acc, copy=True), dist2=z.clone(), rbar=z.clone(), G=z.clone()
             )
+        if started is not None and not self._layerwise:
+            # a parameter the state does not cover (added to the group, or a state saved without
+            # it) starts from here and joins the group's running values
+            torch._foreach_copy_([self.state[p]["rbar"] for p in new], [started["rbar"]] * len(new))
+            torch._foreach_copy_([self.state[p]["G"] for p in new], [started["G"]] * len(new))
+            return False
         x0sq = all_reduce_(self._sq_norms([local(self.state[p]["x0"]) for p in new]), shard_groups(new))
         reps = group["reps_rel"]
-        if self._layerwise:
-            rbar0 = reps * (1 + x0sq.sqrt())
-        elif fresh:
-            rbar0 = (reps * (1 + x0sq.sum().sqrt())).expand(len(new))
-        else:  # a parameter that gets its first gradient late joins the running group values
-            new_ids = {id(p) for p in new}
-            old = next(p for p in group["params"] if len(self.state[p]) > 0 and id(p) not in new_ids)
-            rbar0 = self.state[old]["rbar"].expand(len(new))
-            torch._foreach_copy_([self.state[p]["G"] for p in new], [self.state[old]["G"]] * len(new))
+        rbar0 = reps * (1 + x0sq.sqrt()) if self._layerwise else (reps * (1 + x0sq.sum().sqrt())).expand(len(new))
         torch._foreach_copy_([self.state[p]["rbar"] for p in new], list(rbar0.unbind()))
-        self._first = fresh
+        return started is None
 
     @staticmethod
     def _sq_norms(tensors: list[Tensor], others=None, weight_decay=0.0, grad_scale=None) -> Tensor:
@@ -168,32 +175,35 @@ class DoG(FusedOptimizer):
             out[torch.tensor(idx, device=device)] = sq
         return out
 
+    def _scalar_rule(self, group: dict, states: list[dict], gsq: Tensor, device, sdt, groups: list):
+        """(rbar_t, G_t) before this step and their new values: per tensor of ``states`` (LDoG), or
+        the group's (DoG: G adds the gradients of this step, the distance covers every parameter
+        of the group; one without a gradient did not move, so its dist2 is still current)."""
+        if self._layerwise:
+            rbar, G, dist2 = (_gather([s[k] for s in states], device, sdt) for k in ("rbar", "G", "dist2"))
+            return rbar, G, torch.maximum(rbar, all_reduce_(dist2, groups).sqrt()), G + gsq
+        every = [self.state[p] for p in group["params"]]
+        rbar, G = every[0]["rbar"].to(device, sdt), every[0]["G"].to(device, sdt)
+        dist2 = all_reduce_(_gather([s["dist2"] for s in every], device, sdt), groups)
+        return rbar, G, torch.maximum(rbar, dist2.sum().sqrt()), G + gsq.sum()
+
     def _group_step(self, group: dict, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         ps = params_with_grad(type(self).__name__, group)
         if not ps:
             return
-        self._first = False
-        self._init_state(group, ps)
-        first = self._first
-        groups = shard_groups(ps)
+        first = self._init_state(group)
+        groups = shard_groups(group["params"])
         xs = [local(p) for p in ps]
         device = xs[0].device
         states = [self.state[p] for p in ps]
         wd = group["weight_decay"]
         grads = [local(p.grad) for p in ps]
         gsq = all_reduce_(self._sq_norms(grads, xs if wd != 0 else None, wd, grad_scale), groups)
-        sdt = _scalar_dtype(xs)
-        rbar, G, dist2 = (_gather([s[k] for s in states], device, sdt) for k in ("rbar", "G", "dist2"))
-        dist2 = all_reduce_(dist2, groups)
-        if self._layerwise:
-            G_new = G + gsq
-            rbar_new = torch.maximum(rbar, dist2.sqrt())
-        else:
-            G_new = (G[0] + gsq.sum()).expand(len(ps))
-            rbar_new = torch.maximum(rbar[0], dist2.sum().sqrt()).expand(len(ps))
+        sdt = _scalar_dtype(group["params"])
+        rbar, G, rbar_new, G_new = self._scalar_rule(group, states, gsq, device, sdt, groups)
         lr = group["lr"]
         lr = lr.to(device, sdt) if isinstance(lr, Tensor) else lr
-        eta = lr * rbar_new / torch.sqrt(G_new + group["eps"])
+        eta = (lr * rbar_new / torch.sqrt(G_new + group["eps"])).expand(len(ps))
         if first and group["init_eta"] is not None:
             eta = torch.full_like(eta, group["init_eta"])
         if found_inf is not None:  # a skipped step leaves the DoG state as it was
@@ -216,6 +226,9 @@ class DoG(FusedOptimizer):
                 on(grad_scale, d),
                 on(found_inf, d),
             )
+        if not self._layerwise:  # the group's values go to every parameter's state
+            states = [self.state[p] for p in group["params"]]
+            rbar_new, G_new = rbar_new.expand(len(states)), G_new.expand(len(states))
         torch._foreach_copy_([s["rbar"] for s in states], list(rbar_new.unbind()))
         torch._foreach_copy_([s["G"] for s in states], list(G_new.unbind()))
 

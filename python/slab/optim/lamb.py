@@ -23,6 +23,7 @@ from ._base import (
     acc_dtype,
     all_reduce_,
     buckets,
+    check_fraction,
     check_number,
     local,
     on,
@@ -38,35 +39,36 @@ def _lr_on(lr, device, dtype) -> Tensor:
 
 
 def check_betas(betas) -> tuple[float, float]:
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must hold two values, got {betas}")
-    for i, b in enumerate(betas):
-        check_number(f"betas[{i}]", b)
-        if b >= 1:
-            raise ValueError(f"Invalid betas[{i}]: {b} (expected a value in [0, 1))")
-    return float(betas[0]), float(betas[1])
+    return check_fraction("betas[0]", betas[0]), check_fraction("betas[1]", betas[1])
 
 
-def bias_corrections(step: Tensor, beta1: float, beta2: float, enabled: bool, dtype: torch.dtype) -> Tensor:
-    """[1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)] from the device step counter, computed in float64
-    (1 - beta2^t cancels badly in float32 for small t), as ``dtype``; ones when disabled."""
+def bias_corrections(steps: list[Tensor], beta1: float, beta2: float, enabled: bool, dtype: torch.dtype) -> Tensor:
+    """Per tensor [1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)], shape (len(steps), 2), from the
+    tensors' own device step counters, computed in float64 (1 - beta2^t cancels badly in float32
+    for small t), as ``dtype``; ones when disabled."""
     if not enabled:
-        return torch.ones(2, dtype=dtype, device=step.device)
-    t = step.to(torch.float64).reshape(1)
-    betas = torch.cat([torch.full_like(t, beta1), torch.full_like(t, beta2)])  # fills: capturable, no copy
-    bc = 1 - betas.pow(t)
-    return torch.stack([1 / bc[0], bc[1].rsqrt()]).to(dtype)
+        return torch.ones(len(steps), 2, dtype=dtype, device=steps[0].device)
+    t = torch.stack(steps).to(torch.float64)
+    betas = torch.stack([torch.full_like(t, beta1), torch.full_like(t, beta2)], 1)  # fills: capturable, no copy
+    bc = 1 - betas.pow(t[:, None])
+    return torch.stack([1 / bc[:, 0], bc[:, 1].rsqrt()], 1).to(dtype)
 
 
-def advance_step(state: dict, device, found_inf: Optional[Tensor]) -> Tensor:
-    """state['step'] += 1 on the device (not when found_inf): a float32 tensor, never read on the host."""
-    if "step" not in state:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+def advance_steps(states: list[dict], device, found_inf: Optional[Tensor]) -> list[Tensor]:
+    """``state['step'] += 1`` on the device for every given state (not when found_inf): float32
+    tensors, never read on the host. Each parameter counts its own steps, and only the steps in
+    which it has a gradient (its bias corrections then match its moments, as AdamP's authors do)."""
+    for st in states:
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=device)
+    steps = [st["step"] for st in states]
     if found_inf is None:
-        state["step"].add_(1)
+        torch._foreach_add_(steps, 1.0)
     else:
-        state["step"].add_((on(found_inf, device).reshape(()) == 0).to(torch.float32))
-    return state["step"]
+        torch._foreach_add_(steps, (on(found_inf, device).reshape(()) == 0).to(torch.float32))
+    return steps
 
 
 class LAMB(FusedOptimizer):
@@ -84,21 +86,25 @@ class LAMB(FusedOptimizer):
             None keeps the identity.
         maximize (bool, default False): ascend instead of descend.
 
-    State per parameter: ``step`` (float32 tensor), ``exp_avg``, ``exp_avg_sq`` (float32 for
-    float32/bf16/fp16 parameters). GradScaler is supported as in :class:`slab.optim.DoG`.
+    State per parameter: ``step`` (float32 tensor: the steps in which the parameter had a
+    gradient), ``exp_avg``, ``exp_avg_sq`` (float32 for float32/bf16/fp16 parameters). GradScaler
+    is supported as in :class:`slab.optim.DoG`. Hyperparameters (also edited ``param_groups``) are
+    checked at every step.
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, bias_correction: bool = True, clamp_value: Optional[float] = None, *,
                  maximize: bool = False):
-        check_number("lr", lr, allow_tensor=True)
-        check_number("eps", eps)
-        check_number("weight_decay", weight_decay)
-        if clamp_value is not None:
-            check_number("clamp_value", clamp_value, positive=True)
-        betas = check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       bias_correction=bias_correction, clamp_value=clamp_value, maximize=maximize))
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)
+        check_betas(group["betas"])
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
+        if group["clamp_value"] is not None:
+            check_number("clamp_value", group["clamp_value"], positive=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,14 +120,11 @@ class LAMB(FusedOptimizer):
                 bp = [xs[i] for i in idx]
                 sts = [self.state[ps[i]] for i in idx]
                 d, acc = bp[0].device, acc_dtype(bp[0].dtype)
-                # one step counter per bucket (torch keeps one per parameter; all advance together)
-                step = advance_step(sts[0], d, found_inf)
-                for st in sts[1:]:
-                    st["step"] = step
+                steps = advance_steps(sts, d, found_inf)
                 ms = [local(st["exp_avg"]) for st in sts]
                 vs = [local(st["exp_avg_sq"]) for st in sts]
                 gs, fi = on(grad_scale, d), on(found_inf, d)
-                bc = bias_corrections(step, b1, b2, group["bias_correction"], acc)
+                bc = bias_corrections(steps, b1, b2, group["bias_correction"], acc)
                 grads = [local(ps[i].grad) for i in idx]
                 norms = all_reduce_(_ops.lamb_stage1_(bp, grads, ms, vs, bc, *args, group["maximize"], gs, fi), groups)
                 x_norm, u_norm = norms[:, 0].sqrt(), norms[:, 1].sqrt()

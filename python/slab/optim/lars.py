@@ -20,6 +20,7 @@ from ._base import (
     acc_dtype,
     all_reduce_,
     buckets,
+    check_fraction,
     check_number,
     local,
     on,
@@ -46,20 +47,21 @@ class LARS(FusedOptimizer):
         maximize (bool, default False): ascend instead of descend.
 
     State per parameter: ``momentum_buffer`` (float32 for float32/bf16/fp16 parameters).
-    GradScaler is supported as in :class:`slab.optim.DoG`.
+    GradScaler is supported as in :class:`slab.optim.DoG`. Hyperparameters (also edited
+    ``param_groups``) are checked at every step.
     """
 
     def __init__(self, params, lr: float | Tensor = 1.0, momentum: float = 0.9, weight_decay: float = 5e-4,
                  trust_coefficient: float = 1e-3, eps: float = 1e-8, clip: bool = False, *, maximize: bool = False):
-        check_number("lr", lr, allow_tensor=True)
-        check_number("momentum", momentum)
-        if momentum >= 1:
-            raise ValueError(f"Invalid momentum: {momentum} (expected a value in [0, 1))")
-        check_number("weight_decay", weight_decay)
-        check_number("trust_coefficient", trust_coefficient, positive=True)
-        check_number("eps", eps)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, eps=eps, clip=clip, maximize=maximize))
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)
+        check_fraction("momentum", group["momentum"])
+        check_number("weight_decay", group["weight_decay"])
+        check_number("trust_coefficient", group["trust_coefficient"], positive=True)
+        check_number("eps", group["eps"])
 
     @torch.no_grad()
     def step(self, closure=None):

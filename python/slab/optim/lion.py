@@ -33,15 +33,18 @@ class Lion(FusedOptimizer):
         maximize (bool, default False): ascend instead of descend.
 
     State per parameter: ``exp_avg`` (float32 for float32/bf16/fp16 parameters). GradScaler is
-    supported as in :class:`slab.optim.DoG`.
+    supported as in :class:`slab.optim.DoG`. Hyperparameters (also edited ``param_groups``) are
+    checked at every step.
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  maximize: bool = False):
-        check_number("lr", lr, allow_tensor=True)
-        check_number("weight_decay", weight_decay)
-        check_betas(betas)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+
+    def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
+        check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)
+        check_betas(group["betas"])
+        check_number("weight_decay", group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):
