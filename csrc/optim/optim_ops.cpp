@@ -232,6 +232,21 @@ LambParams lamb_params(at::TensorList params, const Tensor& bias_corr, double be
                     scalar_f32(found_inf, params[0], "found_inf"), nullptr, nullptr, nullptr};
 }
 
+// The first stage of LAMB and AdamP writes the moments and reads everything else.
+void check_stage1_aliases(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, const Tensor& bias_corr, const OptTensor& grad_scale,
+                          const OptTensor& found_inf) {
+  AliasCheck()
+      .written(exp_avgs, "exp_avgs")
+      .written(exp_avg_sqs, "exp_avg_sqs")
+      .read(params, "params")
+      .read(grads, "grads")
+      .read(bias_corr, "bias_corr")
+      .read(grad_scale, "grad_scale")
+      .read(found_inf, "found_inf")
+      .check();
+}
+
 Tensor lamb_stage1_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, const Tensor& bias_corr, double beta1, double beta2, double eps,
                       double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
@@ -242,15 +257,7 @@ Tensor lamb_stage1_op(at::TensorList params, at::TensorList grads, at::TensorLis
   check_like(exp_avg_sqs, params, acc, "exp_avg_sqs", "params");
   Tensor bc;
   LambParams p = lamb_params(params, bias_corr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, bc);
-  AliasCheck()
-      .written(exp_avgs, "exp_avgs")
-      .written(exp_avg_sqs, "exp_avg_sqs")
-      .read(params, "params")
-      .read(grads, "grads")
-      .read(bias_corr, "bias_corr")
-      .read(grad_scale, "grad_scale")
-      .read(found_inf, "found_inf")
-      .check();
+  check_stage1_aliases(params, grads, exp_avgs, exp_avg_sqs, bias_corr, grad_scale, found_inf);
   const ListView xv = view_of(contiguous(params)), gv = view_of(contiguous(grads));
   InPlace m(exp_avgs), v(exp_avg_sqs);
   Tensor norms = at::empty({static_cast<int64_t>(params.size()), 2}, params[0].options().dtype(acc));
@@ -353,15 +360,7 @@ Tensor adamp_stage1_op(at::TensorList params, at::TensorList grads, at::TensorLi
   Tensor bc;
   AdamPParams p = adamp_params(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, nesterov, maximize,
                                grad_scale, found_inf, bc);
-  AliasCheck()
-      .written(exp_avgs, "exp_avgs")
-      .written(exp_avg_sqs, "exp_avg_sqs")
-      .read(params, "params")
-      .read(grads, "grads")
-      .read(bias_corr, "bias_corr")
-      .read(grad_scale, "grad_scale")
-      .read(found_inf, "found_inf")
-      .check();
+  check_stage1_aliases(params, grads, exp_avgs, exp_avg_sqs, bias_corr, grad_scale, found_inf);
   const auto rows = rows_of(params);
   int64_t total = 0;
   for (int64_t r : rows) total += r;
