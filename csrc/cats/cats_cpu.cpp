@@ -2,7 +2,6 @@
 // decoding (gate + up GEMV in parallel over neuron rows, then the down projection streamed over
 // the kept rows of w_down_t, in parallel over chunks of kept rows with per-chunk partial sums);
 // token sparsity (order-keeping top-k index per sequence, row gather / scatter).
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,11 +27,11 @@ void cats_fwd(const CatsParams& p) {
   const auto* x = static_cast<const T*>(p.x);
   auto* y = static_cast<T*>(p.y);
   const V t(static_cast<A>(p.threshold)), zero(0);
-  at::parallel_for(0, p.n, kElemGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.n, kElemGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kVecWidth<T>) {
       const int64_t n = std::min(end, i + kVecWidth<T>);
       const V v = load_at(x, i, n);
-      const V s = silu_from_sigmoid(v, sigmoid_from_exp(v.neg().exp()));
+      const V s = silu_from_sigmoid(v, sigmoid_from_exp(exp_vec(v.neg())));
       store_at(y, i, n, V::blendv(zero, s, keep(s, t)));
     }
   });
@@ -46,11 +45,11 @@ void cats_bwd(const CatsBwdParams& p) {
   const auto* dy = static_cast<const T*>(p.dy);
   auto* dx = static_cast<T*>(p.dx);
   const V t(static_cast<A>(p.threshold)), zero(0);
-  at::parallel_for(0, p.n, kElemGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.n, kElemGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kVecWidth<T>) {
       const int64_t n = std::min(end, i + kVecWidth<T>);
       const V v = load_at(x, i, n), g = load_at(dy, i, n);
-      const V sig = sigmoid_from_exp(v.neg().exp());
+      const V sig = sigmoid_from_exp(exp_vec(v.neg()));
       const V d = g * silu_grad_from_sigmoid(v, sig);
       store_at(dx, i, n, V::blendv(zero, d, keep(silu_from_sigmoid(v, sig), t)));
     }
@@ -130,7 +129,7 @@ void gate_up(const MlpParams& p, const acc_t<T>* x, int64_t x_stride) {
   const auto* wu = static_cast<const T*>(p.w_up);
   auto* act = static_cast<A*>(p.act);
   const A t = static_cast<A>(p.threshold);
-  at::parallel_for(0, p.features, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.features, kRowGrain, [&](int64_t begin, int64_t end) {
     A gate[kRowBlock][kMaxTokens], up[kRowBlock][kMaxTokens];
     for (int64_t f0 = begin; f0 < end; f0 += kRowBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kRowBlock, end - f0));
@@ -244,14 +243,14 @@ void down(const MlpParams& p, const std::vector<int64_t>& kept) {
   const int64_t chunks = std::clamp<int64_t>(ceil_div(nkept, kMinRowsPerChunk), 1, kMaxChunks);
   const int64_t per = ceil_div(nkept, chunks);
   std::vector<A> partial(chunks * M * width);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       down_chunk<T>(p, kept.data(), std::min(nkept, c * per), std::min(nkept, (c + 1) * per),
                     partial.data() + c * M * width, width);
     }
   });
   auto* y = static_cast<T*>(p.y);
-  at::parallel_for(0, M * width / vw, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, M * width / vw, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i * vw / width, c = i * vw % width;
       if (c >= D) continue;
@@ -288,7 +287,7 @@ void token_index(const TokenIndexParams& p) {
   using A = acc_t<T>;
   const auto* scores = static_cast<const T*>(p.scores);
   const auto* kth = static_cast<const A*>(p.kth);
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T* s = scores + b * p.tokens;
       int64_t* out = p.index + b * p.keep;
@@ -317,7 +316,7 @@ void token_rows_cpu(const TokenRowsParams& p) {
     const int64_t words = p.row_bytes / static_cast<int64_t>(sizeof(W));
     const W* src = static_cast<const W*>(p.src);
     W* dst = static_cast<W*>(p.dst);
-    at::parallel_for(0, p.batch * p.keep, grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, p.batch * p.keep, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t full = full_row(p.index, i, p.keep, p.tokens);
         if (full < 0) continue;

@@ -1,10 +1,15 @@
 // CPU side of the element-type map and vector load/store helpers over at::vec.
 #pragma once
+// Header-only parts of torch (at::vec, c10's 16-bit floats, all inline) plus the stable ABI's
+// parallel_for: the CPU kernels leave no unstable libtorch symbol behind (at::parallel_for and
+// at::vec's Sleef-backed exp() would; see parallel_for and exp_vec below).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/stable/ops.h>
 
+#include <cmath>
 #include <type_traits>
 
 #include "core/common.h"
@@ -77,6 +82,41 @@ inline void store_at(T* p, int64_t i, int64_t end, const AccVec<T>& v) {
 template <typename V>
 inline V keep_first_n(const V& v, int64_t n) {
   return n >= V::size() ? v : V::set(V(0), v, n);
+}
+
+// at::parallel_for's contract (chunks of at least `grain` iterations on torch's intra-op thread
+// pool) through the stable ABI.
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  torch::stable::parallel_for(begin, end, grain, f);
+}
+
+// exp of every lane. float on AVX2: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a
+// degree-6 polynomial for e^r (Cephes' expf coefficients, ~1 ulp) and 2^n applied as two
+// power-of-two factors, so that subnormal results and overflow to inf come out right; NaN
+// propagates. Other types and ISAs: the C library's exp per lane.
+template <typename V>
+inline V exp_vec(const V& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    const __m256 v = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), __m256(x)));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i ni = _mm256_cvtps_epi32(n);  // in [-150, 129]: two factors 2^(n/2) keep it normal
+    const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const auto pow2 = [](__m256i e) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+    };
+    return _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(n2));
+  }
+#endif
+  return x.map([](typename V::value_type a) { return std::exp(a); });
 }
 
 }  // namespace slab

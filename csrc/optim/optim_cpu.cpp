@@ -1,7 +1,6 @@
 // CPU side of the multi-tensor engine: the chunks of all tensors of a list are one flat task
-// list for at::parallel_for; each chunk runs at::vec over its elements and, for reductions,
+// list for parallel_for (torch's thread pool); each chunk runs at::vec over its elements and, for reductions,
 // writes one partial sum, added per tensor in chunk order (thread-count independent results).
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,7 +30,7 @@ template <typename A, typename Fn>
 std::vector<A> for_each_chunk(const TensorList& list, const Fn& fn) {
   const std::vector<Chunk> cs = chunks(list);
   std::vector<A> partial(cs.size(), A(0));
-  at::parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) partial[i] = fn(cs[i]);
   });
   std::vector<A> sums(list.count, A(0));
@@ -169,7 +168,7 @@ void lamb_stage1(const LambParams& p) {
   // Two sums per chunk: ||x||^2 and ||u||^2, added per tensor in chunk order.
   const std::vector<Chunk> cs = chunks(p.x);
   std::vector<A> part(2 * cs.size(), A(0));
-  at::parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
       const Chunk& c = cs[ci];
       const T* x = in<T>(p.x, c.tensor);
@@ -295,7 +294,7 @@ void adamp_stage1(const AdamPParams& p) {
   }
   const AdamPConsts<T> k(p);
   const auto sqrt_v = [](const V& v) { return v.sqrt(); };
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t ti = begin; ti < end; ++ti) {
       const RowTask& task = tasks[ti];
       const int64_t cols = p.x.numel[task.tensor] / p.rows[task.tensor];
@@ -342,7 +341,7 @@ void adamp_stage2(const AdamPParams& p) {
   const auto* coef = static_cast<const A*>(p.coef);
   const auto* decay = static_cast<const A*>(p.decay);
   const V lr(*static_cast<const A*>(p.lr));
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t ti = begin; ti < end; ++ti) {
       const RowTask& task = tasks[ti];
       const int64_t cols = p.x.numel[task.tensor] / p.rows[task.tensor];

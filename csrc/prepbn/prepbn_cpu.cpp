@@ -1,7 +1,6 @@
-// PRepBN CPU kernels: at::parallel_for over row blocks / rows, at::vec over channels.
+// PRepBN CPU kernels: parallel_for over row blocks / rows, at::vec over channels.
 // Column statistics are reduced per (row block, channel tile) and merged in row-block order, so
 // results do not depend on the number of threads.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,7 +23,7 @@ bool is_kept(const bool* mask, int64_t row) { return mask == nullptr || mask[row
 template <typename Fn>
 void for_each_tile(int64_t rows, int64_t channels, const Fn& fn) {
   const int64_t row_blocks = ceil_div(rows, kRowBlock), tiles = ceil_div(channels, kChannelTile);
-  at::parallel_for(0, row_blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, row_blocks * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c0 = (i % tiles) * kChannelTile;
       fn(i / tiles, c0, std::min(channels, c0 + kChannelTile));
@@ -79,7 +78,7 @@ void stats(const StatsParams& p) {
   // Merge the row blocks in order, channels in parallel.
   auto* out_mean = static_cast<A*>(p.mean);
   auto* out_m2 = static_cast<A*>(p.m2);
-  at::parallel_for(0, channels, 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, channels, 256, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       A mean = 0, m2 = 0, n = 0;
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
@@ -127,7 +126,7 @@ void apply(const ApplyParams& p) {
   auto* row_rstd = static_cast<A*>(p.row_rstd);
   const A inv_c = A(1) / A(channels);
 
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / channels), [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, std::max<int64_t>(1, 16384 / channels), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * channels;
       A rm = 0, rr = 0;
@@ -206,7 +205,7 @@ void bwd_reduce(const BwdReduceParams& p) {
   });
 
   auto* sums = static_cast<A*>(p.sums);
-  at::parallel_for(0, 3 * channels, 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, 3 * channels, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       A total = 0;
       for (int64_t rb = 0; rb < row_blocks; ++rb) total += part[rb * 3 * channels + j];
@@ -249,7 +248,7 @@ void bwd_apply(const BwdApplyParams& p) {
   const bool has_norm = p.norm != Norm::kNone;
   const A inv_c = A(1) / A(channels);
 
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / channels), [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, std::max<int64_t>(1, 16384 / channels), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* dyr = dy + r * channels;
       const T* xr = x + r * channels;

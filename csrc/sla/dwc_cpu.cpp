@@ -2,7 +2,6 @@
 // token accumulates its in-grid taps over the channels with at::vec (channels are contiguous,
 // weights stored tap-major so a tap's weights are one vector load). The weight gradient sums per
 // (b, h) slice into its own row of partial sums, then adds the rows in slice order.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -31,7 +30,7 @@ void dwc_forward(const DwcParams& p) {
   const auto* bias = static_cast<const A*>(p.bias);
   const int64_t rows = g.batch * g.heads * g.grid_h;
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, W * C));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = row % g.grid_h, bh = row / g.grid_h, b = bh / g.heads, h = bh % g.heads;
       int64_t ilo, ihi;
@@ -96,12 +95,12 @@ void dwc_weight_grad(const DwcWeightGradParams& p) {
   const int64_t C = g.channels, taps = g.kernel_h * g.kernel_w, slices = g.batch * g.heads;
   const int64_t row_len = (taps + 1) * C;
   auto* partial = static_cast<A*>(p.partial);
-  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) weight_grad_slice<T>(p, s / g.heads, s % g.heads, partial + s * row_len);
   });
   auto* grad_weight = static_cast<A*>(p.grad_weight);
   auto* grad_bias = static_cast<A*>(p.grad_bias);
-  at::parallel_for(0, row_len, 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, row_len, 256, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       A total = 0;
       for (int64_t s = 0; s < slices; ++s) total += partial[s * row_len + e];
@@ -118,7 +117,7 @@ void dwc_step(const DwcStepParams& p) {
   const int64_t C = p.channels, K = p.kernel;
   const auto* weight = static_cast<const A*>(p.weight);
   const auto* bias = static_cast<const A*>(p.bias);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const T* v = static_cast<const T*>(p.v) + bh * C;
       T* cache = static_cast<T*>(p.cache) + bh * (K - 1) * C;

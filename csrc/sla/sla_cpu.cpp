@@ -6,7 +6,6 @@
 // so padding rows / columns add nothing and the micro-kernel needs no column tails. Chunk rows
 // past the end of the sequence are zero too, and so are the k and v rows of masked-out tokens
 // (never read: padding may hold anything, even NaN, without reaching the outputs).
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <iterator>
@@ -478,7 +477,7 @@ Plan plan(const SlaShape& s, bool causal) {
 template <typename T>
 void fwd(const SlaFwdParams& p) {
   const Plan pl = plan(p.s, p.causal);
-  at::parallel_for(0, p.s.batch * p.s.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.s.batch * p.s.heads, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t<T>> w(pl.chunk, p.s.dim, p.s.vdim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.s.heads, h = bh % p.s.heads;
@@ -492,7 +491,7 @@ void fwd(const SlaFwdParams& p) {
 template <typename T>
 void bwd(const SlaBwdParams& p) {
   const Plan pl = plan(p.s, p.causal);
-  at::parallel_for(0, p.s.batch * p.s.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.s.batch * p.s.heads, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t<T>> w(pl.chunk, p.s.dim, p.s.vdim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const BwdSlice<T> s(p, bh / p.s.heads, bh % p.s.heads);
@@ -550,7 +549,7 @@ void step(const SlaStepParams& p) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t D = p.dim, Dv = p.vdim, vp = padded(Dv);
   const A eps = static_cast<A>(p.eps);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> qf(padded(D)), kf(padded(D)), vf(vp), num(vp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;

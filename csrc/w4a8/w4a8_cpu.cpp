@@ -11,7 +11,6 @@
 //     with one fp32 sum per group scaled by the group scale.
 // Both compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
 // (+ bias[n]) with fp32 accumulation; they differ only in the fp32 summation order.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -91,7 +90,7 @@ float quantize_row(const T* x, int64_t cols, uint8_t* q) {
 template <typename T>
 void quantize_fp8_impl(const QuantFp8Params& p) {
   const T* x = static_cast<const T*>(p.x);
-  at::parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1)),
+  parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t r = begin; r < end; ++r)
                        p.scale[r] = quantize_row(x + r * p.cols, p.cols, p.q + r * p.q_stride);
@@ -113,7 +112,7 @@ struct Fp8Rows {
 template <typename T>
 void quantize_rows_into(const GemmParams& p, std::vector<uint8_t>& codes, std::vector<float>& scale) {
   const T* x = static_cast<const T*>(p.x);
-  at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) scale[r] = quantize_row(x + r * p.k, p.k, codes.data() + r * p.k);
   });
 }
@@ -136,7 +135,7 @@ std::vector<float> decode_activations(const GemmParams& p, const Fp8Rows& x, boo
   std::vector<float> values(static_cast<size_t>(p.m * p.k));
   const auto& table = e4m3_table();
   const int64_t full = p.k / kVecCols * kVecCols;
-  at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.m, std::max<int64_t>(1, 16384 / p.k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* out = values.data() + r * p.k;
       const uint8_t* in = x.codes + r * x.stride;
@@ -311,7 +310,7 @@ float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, in
 
 void gemv_int(const GemmParams& p, const IntActivations& a, const std::vector<float>& x_scale) {
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
-  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), x_scale);
   });
@@ -338,7 +337,7 @@ void gemv(const GemmParams& p) {
 #endif
   );
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
-  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
     float out[4];
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = p.w + n * row_bytes;
@@ -467,7 +466,7 @@ void blocked(const GemmParams& p) {
   const std::vector<float> x = decode_activations(p, x_rows, /*gemv_order=*/false);
   const int64_t groups = p.k / p.group;
   const int64_t blocks = ceil_div(p.n, kBlockRows);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(static_cast<size_t>(p.k * kBlockRows));
     std::vector<float> scales(static_cast<size_t>(groups * kBlockRows));
     float tot[kTokenBlock * kBlockRows];
@@ -503,14 +502,14 @@ void gemm_cpu(const GemmParams& p) {
 }
 
 void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {
-  at::parallel_for(0, words, 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, words, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = int4x4_to_e4m3x4(in[i]);
   });
 }
 
 void tile_weights_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst) {
   const int64_t total = round_up(n, kTileRows) * round_up(k, kTileCols) / 2;
-  at::parallel_for(0, total, 64 * kTileBytes, [&](int64_t begin, int64_t end) {
+  parallel_for(0, total, 64 * kTileBytes, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dst[i] = tiled_byte(src, n, k, i);
   });
 }
