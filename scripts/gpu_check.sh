@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh            # from the repository root, fits in a 10-minute call
 #
 #   1. machine facts (nvidia-smi, torch, nvcc) and copy bandwidth (device-to-device, host<->device)
-#   2. builds slab in place with the machine's own torch for sm_90a:
+#   2. installs the prebuilt wheel $SLAB_WHEEL, else dist/slab_kernels-*.whl (built on the CPU
+#      machine by `bash scripts/test.sh` with the CUDA kernels in; carry dist/ to the GPU machine):
+#      no GPU time spent compiling. Without a wheel it builds slab with the machine's own torch:
 #      SLAB_CUDA=1 SLAB_CUDA_ARCHS=90a pip install -v --no-build-isolation --no-deps .
 #      (a fresh build directory, build/gpu-check, so the ptxas report is complete; checked with
 #      scripts/check_ptxas.py)
@@ -134,10 +136,17 @@ EOF
 step "copy bandwidth" machine.txt 60 "$py" "$bw_py"
 rm -f "$bw_py"
 
-# ---- 2. build -----------------------------------------------------------------------------------
+# ---- 2. build (or install the prebuilt wheel) ---------------------------------------------------
 rm -rf build/gpu-check
 build_ok=0
-if step "build (sm_$SLAB_CUDA_ARCHS)" build.log 300 \
+wheel=${SLAB_WHEEL:-$(ls dist/slab_kernels-*.whl 2>/dev/null | head -n 1)}
+if [[ -n "$wheel" ]]; then
+  # A wheel built on the CPU machine (CUDA kernels in, torch's stable ABI): no GPU time compiling.
+  if step "install prebuilt wheel $(basename "$wheel")" build.log 120 \
+      "$py" -m pip install --no-deps --force-reinstall --no-index "$wheel"; then
+    build_ok=1
+  fi
+elif step "build (sm_$SLAB_CUDA_ARCHS)" build.log 300 \
     "$py" -m pip install -v --no-build-isolation --no-deps --config-settings=build-dir=build/gpu-check . ; then
   build_ok=1
 fi
@@ -148,9 +157,11 @@ if (( build_ok )); then
     build_ok=0; rows+=("| import slab | FAILED | 0 | build.log |"); tail -n 20 "$out/build.log"
   fi
 fi
-"$py" scripts/check_ptxas.py --archs "$SLAB_CUDA_ARCHS" --width 90 "$out/build.log" >"$out/ptxas.txt" 2>&1
-ptxas_rc=$?
-notes+=("## ptxas (sm_$SLAB_CUDA_ARCHS) — $([[ $ptxas_rc -eq 0 ]] && echo clean || echo PROBLEMS)" "$(fence "$out/ptxas.txt" 40)" "")
+if [[ -z "$wheel" ]]; then  # a prebuilt wheel's ptxas report is in the CPU machine's CI log
+  "$py" scripts/check_ptxas.py --archs "$SLAB_CUDA_ARCHS" --width 90 "$out/build.log" >"$out/ptxas.txt" 2>&1
+  ptxas_rc=$?
+  notes+=("## ptxas (sm_$SLAB_CUDA_ARCHS) — $([[ $ptxas_rc -eq 0 ]] && echo clean || echo PROBLEMS)" "$(fence "$out/ptxas.txt" 40)" "")
+fi
 write_report
 (( build_ok )) || { failed=1; notes+=("## Build failed" "$(fence "$out/build.log" 60)" ""); write_report; }
 

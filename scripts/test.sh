@@ -6,9 +6,9 @@
 #
 # - Installs the build tools (cmake, ninja, scikit-build-core), pytest and numpy; installs torch only
 #   when none is importable ($SLAB_TORCH, default "torch").
-# - Builds and installs the project with `pip install -v --no-build-isolation .`, so the torch that is
-#   already installed is the one compiled against. The build log goes to build/pip-build.log
-#   ($SLAB_BUILD_LOG); its ptxas report is what scripts/check_ptxas.py reads.
+# - Builds the wheel with `pip wheel -v --no-build-isolation --no-deps -w dist .` (so the torch that is
+#   already installed is the one compiled against) and installs it. The build log goes to
+#   build/pip-build.log ($SLAB_BUILD_LOG); its ptxas report is what scripts/check_ptxas.py reads.
 # - Build options come from the environment: SLAB_CUDA (AUTO/ON/OFF, or 1/0), SLAB_CUDA_ARCHS
 #   (default "80;89;90a"), SLAB_WERROR, SLAB_BUILD_BENCH. Extra pip arguments: $SLAB_PIP_ARGS.
 # - Runs `python -m pytest tests` against the INSTALLED package (the sources live in python/slab,
@@ -57,11 +57,19 @@ say "building: SLAB_CUDA=${SLAB_CUDA:-AUTO} SLAB_CUDA_ARCHS=${SLAB_CUDA_ARCHS:-<
 say "build log: $root/$log"
 # Full output to the log; progress lines (ninja steps, slab's CMake messages, diagnostics) to the console.
 set +e
+# The one wheel (dist/), built with `pip wheel` and then installed: what users install and what
+# .ci/run carries to other torch releases.
+rm -rf dist
 # shellcheck disable=SC2086  # SLAB_PIP_ARGS is a list of words
-"$py" -m pip install -v --no-build-isolation --progress-bar off ${SLAB_PIP_ARGS:-} . 2>&1 \
+"$py" -m pip wheel -v --no-build-isolation --no-deps --progress-bar off -w dist ${SLAB_PIP_ARGS:-} . 2>&1 \
   | tee "$log" \
-  | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\] |slab: |[Ee]rror[: ]|FAILED|[Ww]arning[: ]|Successfully installed'
+  | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\] |slab: |[Ee]rror[: ]|FAILED|[Ww]arning[: ]|Successfully built|Saved '
 build_rc=${PIPESTATUS[0]}
+if [[ $build_rc -eq 0 ]]; then
+  wheel=$(ls dist/slab_kernels-*.whl)
+  "$py" -m pip install --no-deps --force-reinstall --progress-bar off "$wheel" 2>&1 | tail -n 1
+  build_rc=${PIPESTATUS[0]}
+fi
 set -e
 timings+=("build $(( $(now) - t0 ))s")
 if [[ $build_rc -ne 0 ]]; then

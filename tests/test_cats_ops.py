@@ -162,9 +162,9 @@ def test_cats_compile():
 
 def test_cats_errors():
     x = torch.randn(4, 5)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(RuntimeError, match="threshold"):
         slab.ops.cats(x, float("nan"))
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(RuntimeError, match="threshold"):
         slab.ops.cats(x, float("inf"))
     with pytest.raises(ValueError, match="threshold"):
         slab.ops.cats(x, torch.tensor([0.1, 0.2]))
@@ -311,7 +311,7 @@ def test_cats_mlp_compile():
 
 def test_cats_mlp_errors():
     x, wg, wu, wd_t = make_mlp(2, 20, 31, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="1 to 16 tokens"):
+    with pytest.raises(RuntimeError, match="1 to 16 tokens"):
         slab.ops.cats_mlp(torch.randn(17, 20), wg, wu, wd_t, 0.1)
     with pytest.raises(RuntimeError, match="w_up must have shape"):
         slab.ops.cats_mlp(x, wg, wu[:, :5], wd_t, 0.1)
@@ -323,7 +323,7 @@ def test_cats_mlp_errors():
         slab.ops.cats_mlp(x, wg, wu.double(), wd_t, 0.1)
     with pytest.raises(RuntimeError, match="x must have shape"):
         OPS.cats_mlp(x.reshape(1, 2, 20), wg, wu, wd_t, 0.1)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(RuntimeError, match="threshold"):
         slab.ops.cats_mlp(x, wg, wu, wd_t, float("nan"))
     with pytest.raises(RuntimeError, match="x must be float32"):
         slab.ops.cats_mlp(x.to(torch.int8), wg, wu, wd_t, 0.1)

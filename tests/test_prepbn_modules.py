@@ -213,9 +213,9 @@ def test_repbn_mask_excludes_padding(gen):
 
 def test_repbn_too_few_tokens_raises():
     m = RepBN(4)
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError):
         m(torch.randn(1, 1, 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError):
         m(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
 
 

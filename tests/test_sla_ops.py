@@ -452,7 +452,7 @@ def test_sla_errors():
     with pytest.raises(RuntimeError, match="q must be float32"):
         slab.ops.sla(q.int(), k.int(), v.int())
     for eps in (float("nan"), float("inf"), -1e-6):
-        with pytest.raises(ValueError, match="eps"):
+        with pytest.raises(RuntimeError, match="eps"):
             slab.ops.sla(q, k, v, eps=eps)
     with pytest.raises(RuntimeError, match="mask must be a bool"):
         slab.ops.sla(q, k, v, mask=torch.ones(2, 10))
@@ -487,7 +487,7 @@ def test_sla_step_errors():
         slab.ops.sla_step(q, k, v[:1], state, z)
     with pytest.raises(RuntimeError, match="k must have the dtype of q"):
         slab.ops.sla_step(q, k.double(), v, state, z)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(RuntimeError, match="eps"):
         slab.ops.sla_step(q, k, v, state, z, eps=float("nan"))
     assert bool((state == 0).all()) and bool((z == 0).all()), "a rejected call wrote the state"
 

@@ -103,12 +103,12 @@ inline std::optional<std::string> flag_value(const std::string& arg, const char*
   return std::nullopt;
 }
 
-// True when slab was built with its CUDA kernels and a GPU is present.
+// True when slab's CUDA kernels (libslab_cuda.so) are registered and a GPU is present.
 inline bool cuda_usable() {
   static const bool ok = [] {
     if (!at::hasCUDA()) return false;
-    auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slab::_compiled_with_cuda", "").typed<bool()>();
-    return op.call();
+    return c10::Dispatcher::singleton().findSchemaOrThrow("slab::cats", "").hasKernelForDispatchKey(
+        c10::DispatchKey::CUDA);
   }();
   return ok;
 }

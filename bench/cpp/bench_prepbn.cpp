@@ -44,8 +44,6 @@ using BwdFn = Tensors6(const Tensor& dy, const Tensor& x, const OptTensor& norm_
                        const Tensor& alpha, const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean,
                        const Tensor& bn_rstd, double lam, bool training, c10::string_view norm,
                        const OptTensor& mask);
-using UpdateFn = void(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
-                      double momentum);
 
 constexpr double kEps = 1e-5, kNormEps = 1e-6, kMomentum = 0.1;
 
@@ -104,7 +102,6 @@ void parse_own_flags(int* argc, char** argv) {
 struct Ops {
   c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::prep_bn_fwd");
   c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::prep_bn_bwd");
-  c10::TypedOperatorHandle<UpdateFn> update = find_op<UpdateFn>("slab::bn_update_running_stats");
 };
 const Ops& ops() {
   static const Ops handles;
@@ -134,11 +131,13 @@ Inputs make_inputs(int64_t rows, int64_t channels, at::ScalarType dtype, at::Dev
   return in;
 }
 
-// slab: training forward (statistics + output, then the running-stat update).
+// slab: training forward (statistics + output, then the running-stat update that
+// slab::bn_update_running_stats does in Python: two lerps).
 Tensors6 slab_forward(Inputs& in) {
   auto out = ops().fwd.call(in.x, in.norm_weight, in.nb(), in.bn_weight, in.bn_bias, in.alpha, in.running_mean,
                            in.running_var, g_opt.lam, true, kEps, kNormEps, g_opt.norm, std::nullopt);
-  ops().update.call(in.running_mean, in.running_var, std::get<3>(out), std::get<5>(out), kMomentum);
+  in.running_mean.lerp_(std::get<3>(out), kMomentum);
+  in.running_var.lerp_(std::get<5>(out), kMomentum);
   return out;
 }
 

@@ -1,7 +1,6 @@
-// CATS ops: schemas, input checks, and the CPU/CUDA bindings of the kernels in cats.h.
-// Fake tensors and autograd are registered in python/slab/ops/cats.py.
-#include <ATen/ATen.h>
-
+// CATS ops: schemas, input checks, and the CPU/CUDA bindings of the kernels in cats.h, on torch's
+// stable ABI (core/binding.h). Fake tensors and autograd are registered in
+// python/slab/ops/cats.py.
 #include <limits>
 
 #include "cats/cats.h"
@@ -10,13 +9,11 @@
 namespace slab::cats {
 namespace {
 
-using at::Tensor;
-
 Tensor cats_op(const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
   check_finite(threshold, "threshold", /*non_negative=*/false);
-  const Tensor xc = x.contiguous();
-  Tensor y = at::empty_like(xc);
+  const Tensor xc = contiguous(x);
+  Tensor y = torch::stable::empty_like(xc);
   if (xc.numel() == 0) return y;
   CatsParams p{dtype, xc.numel(), xc.data_ptr(), y.data_ptr(), threshold};
   launch(x, p, cats_cpu, SLAB_CUDA_FN(cats_cuda));
@@ -27,10 +24,10 @@ Tensor cats_bwd_op(const Tensor& dy, const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
   check_finite(threshold, "threshold", /*non_negative=*/false);
   check_same_device(dy, x, "grad");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "grad must have the shape ",
-              x.sizes(), " and dtype ", x.scalar_type(), " of x, got ", dy.sizes(), " ", dy.scalar_type());
-  const Tensor xc = x.contiguous(), dyc = dy.contiguous();
-  Tensor dx = at::empty_like(xc);
+  SLAB_CHECK(dy.sizes().equals(x.sizes()) && dy.scalar_type() == x.scalar_type(), "grad must have the shape ",
+             x.sizes(), " and dtype ", x.scalar_type(), " of x, got ", dy.sizes(), " ", dy.scalar_type());
+  const Tensor xc = contiguous(x), dyc = contiguous(dy);
+  Tensor dx = torch::stable::empty_like(xc);
   if (xc.numel() == 0) return dx;
   CatsBwdParams p{dtype, xc.numel(), dyc.data_ptr(), xc.data_ptr(), dx.data_ptr(), threshold};
   launch(x, p, cats_bwd_cpu, SLAB_CUDA_FN(cats_bwd_cuda));
@@ -39,41 +36,40 @@ Tensor cats_bwd_op(const Tensor& dy, const Tensor& x, double threshold) {
 
 void check_weight(const Tensor& w, const Tensor& x, int64_t features, const char* name) {
   check_same_device(w, x, name);
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
-              w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == features && w.size(1) == x.size(1), name, " must have shape (",
-              features, ", ", x.size(1), ") = (features, dim of x), got ", w.sizes());
+  SLAB_CHECK(w.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
+             w.scalar_type());
+  SLAB_CHECK(w.dim() == 2 && w.size(0) == features && w.size(1) == x.size(1), name, " must have shape (", features,
+             ", ", x.size(1), ") = (features, dim of x), got ", w.sizes());
 }
 
 Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
                    double threshold) {
   const DType dtype = kernel_dtype(x, "x");
   check_finite(threshold, "threshold", /*non_negative=*/false);
-  TORCH_CHECK(x.dim() == 2, "x must have shape (tokens, dim), got ", x.sizes());
+  SLAB_CHECK(x.dim() == 2, "x must have shape (tokens, dim), got ", x.sizes());
   const int64_t M = x.size(0), D = x.size(1);
-  TORCH_CHECK_VALUE(M >= 1 && M <= kMaxTokens, "x must hold 1 to ", kMaxTokens,
-                    " tokens (cats_mlp is the decoding kernel; use the dense path for more), got ", M);
-  TORCH_CHECK(D >= 1, "x must have a non-empty dim, got shape ", x.sizes());
+  SLAB_CHECK(M >= 1 && M <= kMaxTokens, "x must hold 1 to ", kMaxTokens,
+             " tokens (cats_mlp is the decoding kernel; use the dense path for more), got ", M);
+  SLAB_CHECK(D >= 1, "x must have a non-empty dim, got shape ", x.sizes());
   check_same_device(w_gate, x, "w_gate");
-  TORCH_CHECK(w_gate.dim() == 2, "w_gate must have shape (features, ", D, "), got ", w_gate.sizes());
+  SLAB_CHECK(w_gate.dim() == 2, "w_gate must have shape (features, ", D, "), got ", w_gate.sizes());
   const int64_t F = w_gate.size(0);
-  TORCH_CHECK(F >= 1, "w_gate must have at least one row (feature), got shape ", w_gate.sizes());
+  SLAB_CHECK(F >= 1, "w_gate must have at least one row (feature), got shape ", w_gate.sizes());
   check_weight(w_gate, x, F, "w_gate");
   check_weight(w_up, x, F, "w_up");
   check_weight(w_down_t, x, F, "w_down_t");
   // Weights are read in place; a non-contiguous one (e.g. W_down.t() instead of a transposed copy)
   // is copied here, which costs a full pass over it.
-  const Tensor xc = x.contiguous(), wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down_t.contiguous();
-  Tensor y = at::empty({M, D}, x.options());
-  Tensor act = at::empty({F, M}, x.options().dtype(acc_dtype(x.scalar_type())));
-  Tensor keep = at::empty({F}, x.options().dtype(at::kByte));
+  const Tensor xc = contiguous(x), wg = contiguous(w_gate), wu = contiguous(w_up), wd = contiguous(w_down_t);
+  Tensor y = empty({M, D}, x.scalar_type(), x.device());
+  Tensor act = empty({F, M}, acc_dtype(x.scalar_type()), x.device());
+  Tensor keep = empty({F}, ScalarType::Byte, x.device());
   Tensor partial;
 #ifdef SLAB_WITH_CUDA
-  if (x.is_cuda()) partial = at::empty({workspace_elems_cuda(M, D, F)}, act.options());
+  partial = empty({workspace_elems_cuda(M, D, F)}, act.scalar_type(), x.device());
 #endif
   MlpParams p{dtype, M, D, F, xc.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), y.data_ptr(),
-              act.data_ptr(), keep.data_ptr<uint8_t>(), partial.defined() ? partial.data_ptr() : nullptr,
-              threshold};
+              act.data_ptr(), keep.mutable_data_ptr<uint8_t>(), data_or_null(partial), threshold};
   launch(x, p, mlp_cpu, SLAB_CUDA_FN(mlp_cuda));
   return y;
 }
@@ -82,18 +78,22 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
 
 Tensor token_select_index_op(const Tensor& scores, int64_t keep) {
   const DType dtype = kernel_dtype(scores, "scores");
-  TORCH_CHECK(scores.dim() == 2, "scores must have shape (batch, tokens), got ", scores.sizes());
+  SLAB_CHECK(scores.dim() == 2, "scores must have shape (batch, tokens), got ", scores.sizes());
   const int64_t B = scores.size(0), N = scores.size(1);
-  TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "keep must be in [1, ", N, "] (tokens per sequence), got ", keep);
-  Tensor index = at::empty({B, keep}, scores.options().dtype(at::kLong));
+  SLAB_CHECK(keep >= 1 && keep <= N, "keep must be in [1, ", N, "] (tokens per sequence), got ", keep);
+  Tensor index = empty({B, keep}, ScalarType::Long, scores.device());
   if (B == 0) return index;
   // NaN scores rank lowest; kth = the keep-th largest score of each sequence, n_greater = scores above it.
-  const Tensor s = at::nan_to_num(scores, -std::numeric_limits<double>::infinity()).contiguous();
-  const Tensor kth = std::get<0>(at::topk(s, keep, -1)).select(-1, keep - 1).contiguous();
-  const Tensor n_greater = at::gt(s, kth.unsqueeze(-1)).sum(-1).to(at::kLong).contiguous();
-  const Tensor kth_acc = kth.to(acc_dtype(scores.scalar_type()));
-  TokenIndexParams p{dtype, B, N, keep, s.data_ptr(), kth_acc.data_ptr(), n_greater.data_ptr<int64_t>(),
-                     index.data_ptr<int64_t>()};
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const Tensor s = contiguous(aten("aten::nan_to_num", "", scores, std::optional<double>(neg_inf),
+                                   std::optional<double>(), std::optional<double>()));
+  const Tensor top = aten2("aten::topk", "", s, keep, int64_t{-1}, true, true).first;
+  const Tensor kth = contiguous(torch::stable::select(top, -1, keep - 1));
+  const Tensor above = aten("aten::gt", "Tensor", s, torch::stable::unsqueeze(kth, -1));
+  const Tensor n_greater = contiguous(torch::stable::sum(above, std::vector<int64_t>{-1}, false, ScalarType::Long));
+  const Tensor kth_acc = to_dtype(kth, acc_dtype(scores.scalar_type()));
+  TokenIndexParams p{dtype, B, N, keep, s.data_ptr(), kth_acc.data_ptr(), n_greater.const_data_ptr<int64_t>(),
+                     index.mutable_data_ptr<int64_t>()};
   launch(scores, p, token_index_cpu, SLAB_CUDA_FN(token_index_cuda));
   return index;
 }
@@ -101,33 +101,40 @@ Tensor token_select_index_op(const Tensor& scores, int64_t keep) {
 // x (batch, tokens, channels), index (batch, keep) int64 in [0, tokens).
 void check_rows(const Tensor& x, const Tensor& index, const char* x_name) {
   check_defined(x, x_name);
-  TORCH_CHECK(x.dim() == 3, x_name, " must have shape (batch, tokens, channels), got ", x.sizes());
-  check_same_device(index, x, "index");
-  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
-  TORCH_CHECK(index.dim() == 2 && index.size(0) == x.size(0), "index must have shape (", x.size(0),
-              ", keep) = (batch of ", x_name, ", keep), got ", index.sizes());
-  if (index.is_cpu() && index.numel() > 0) {  // free on the CPU; a CUDA kernel skips bad rows instead
-    const auto [lo, hi] = at::aminmax(index);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < x.size(1), "index values must be in [0, ",
-                      x.size(1), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-  }
+  SLAB_CHECK(x.dim() == 3, x_name, " must have shape (batch, tokens, channels), got ", x.sizes());
+  check_same_device(index, x, "index", x_name);
+  SLAB_CHECK(index.scalar_type() == ScalarType::Long, "index must be int64, got ", index.scalar_type());
+  SLAB_CHECK(index.dim() == 2 && index.size(0) == x.size(0), "index must have shape (", x.size(0),
+             ", keep) = (batch of ", x_name, ", keep), got ", index.sizes());
+}
+
+// On the CPU the values are checked (free); a CUDA kernel skips rows outside [0, tokens) instead.
+void check_index_values(const Tensor& index, int64_t tokens) {
+#ifndef SLAB_WITH_CUDA
+  const int64_t* v = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i)
+    SLAB_CHECK(v[i] >= 0 && v[i] < tokens, "index values must be in [0, ", tokens, "), got ", v[i]);
+#else
+  (void)index, (void)tokens;
+#endif
 }
 
 // Moves rows between `full` (batch, tokens, channels) and its kept rows; src/dst are contiguous.
-void move_rows(const Tensor& full, const Tensor& index, const Tensor& src, Tensor& dst, bool gather) {
+void move_rows(const Tensor& full, const Tensor& index, const Tensor& src, const Tensor& dst, bool gather) {
   if (index.numel() == 0 || full.size(2) == 0) return;
   const int64_t row_bytes = full.size(2) * static_cast<int64_t>(full.element_size());
   const int word = copy_word_bytes(row_bytes, reinterpret_cast<uintptr_t>(src.data_ptr()),
                                    reinterpret_cast<uintptr_t>(dst.data_ptr()));
-  TokenRowsParams p{full.size(0), full.size(1), index.size(1), row_bytes, word, index.data_ptr<int64_t>(),
+  TokenRowsParams p{full.size(0), full.size(1), index.size(1), row_bytes, word, index.const_data_ptr<int64_t>(),
                     src.data_ptr(), dst.data_ptr(), gather};
   launch(full, p, token_rows_cpu, SLAB_CUDA_FN(token_rows_cuda));
 }
 
 Tensor token_gather_op(const Tensor& x, const Tensor& index) {
   check_rows(x, index, "x");
-  const Tensor xc = x.contiguous(), ic = index.contiguous();
-  Tensor out = at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
+  const Tensor xc = contiguous(x), ic = contiguous(index);
+  check_index_values(ic, x.size(1));
+  Tensor out = empty({x.size(0), index.size(1), x.size(2)}, x.scalar_type(), x.device());
   move_rows(xc, ic, xc, out, true);
   return out;
 }
@@ -135,13 +142,14 @@ Tensor token_gather_op(const Tensor& x, const Tensor& index) {
 Tensor token_scatter_op(const Tensor& x, const Tensor& y, const Tensor& index) {
   check_rows(x, index, "x");
   check_same_device(y, x, "y");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (", x.scalar_type(), "), got ",
-              y.scalar_type());
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == index.size(1) && y.size(2) == x.size(2),
-              "y must have shape (", x.size(0), ", ", index.size(1), ", ", x.size(2),
-              ") = (batch, keep, channels), got ", y.sizes());
-  Tensor out = x.clone(at::MemoryFormat::Contiguous);
-  const Tensor yc = y.contiguous(), ic = index.contiguous();
+  SLAB_CHECK(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (", x.scalar_type(), "), got ",
+             y.scalar_type());
+  SLAB_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == index.size(1) && y.size(2) == x.size(2),
+             "y must have shape (", x.size(0), ", ", index.size(1), ", ", x.size(2),
+             ") = (batch, keep, channels), got ", y.sizes());
+  const Tensor yc = contiguous(y), ic = contiguous(index);
+  check_index_values(ic, x.size(1));
+  Tensor out = torch::stable::clone(contiguous(x));
   move_rows(out, ic, yc, out, false);
   return out;
 }
@@ -149,7 +157,8 @@ Tensor token_scatter_op(const Tensor& x, const Tensor& y, const Tensor& index) {
 }  // namespace
 }  // namespace slab::cats
 
-TORCH_LIBRARY_FRAGMENT(slab, m) {
+#ifndef SLAB_WITH_CUDA
+STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
   m.def("cats(Tensor x, float threshold) -> Tensor");
   m.def("cats_backward(Tensor grad, Tensor x, float threshold) -> Tensor");
   m.def("cats_mlp(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, float threshold) -> Tensor");
@@ -157,19 +166,13 @@ TORCH_LIBRARY_FRAGMENT(slab, m) {
   m.def("token_gather(Tensor x, Tensor index) -> Tensor");
   m.def("token_scatter(Tensor x, Tensor y, Tensor index) -> Tensor");
 }
-
-#define SLAB_CATS_KERNELS(m)                              \
-  m.impl("cats", &slab::cats::cats_op);                   \
-  m.impl("cats_backward", &slab::cats::cats_bwd_op);      \
-  m.impl("cats_mlp", &slab::cats::cats_mlp_op);                        \
-  m.impl("token_select_index", &slab::cats::token_select_index_op);    \
-  m.impl("token_gather", &slab::cats::token_gather_op);                \
-  m.impl("token_scatter", &slab::cats::token_scatter_op)
-
-TORCH_LIBRARY_IMPL(slab, CPU, m) { SLAB_CATS_KERNELS(m); }
-
-#ifdef SLAB_WITH_CUDA
-TORCH_LIBRARY_IMPL(slab, CUDA, m) { SLAB_CATS_KERNELS(m); }
-#else
-TORCH_LIBRARY_IMPL(slab, CUDA, m) { slab::register_cuda_unavailable(m, {"cats", "cats_backward", "cats_mlp", "token_select_index", "token_gather", "token_scatter"}); }
 #endif
+
+STABLE_TORCH_LIBRARY_IMPL(slab, SLAB_KERNEL_KEY, m) {
+  m.impl("cats", TORCH_BOX(&slab::cats::cats_op));
+  m.impl("cats_backward", TORCH_BOX(&slab::cats::cats_bwd_op));
+  m.impl("cats_mlp", TORCH_BOX(&slab::cats::cats_mlp_op));
+  m.impl("token_select_index", TORCH_BOX(&slab::cats::token_select_index_op));
+  m.impl("token_gather", TORCH_BOX(&slab::cats::token_gather_op));
+  m.impl("token_scatter", TORCH_BOX(&slab::cats::token_scatter_op));
+}

@@ -7,9 +7,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/csrc/stable/ops.h>
 
 #include <cmath>
+#include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "core/common.h"
@@ -85,10 +86,17 @@ inline V keep_first_n(const V& v, int64_t n) {
 }
 
 // at::parallel_for's contract (chunks of at least `grain` iterations on torch's intra-op thread
-// pool) through the stable ABI.
+// pool) through the stable C shim's torch_parallel_for (torch >= 2.10). Declared here rather than
+// through torch/csrc/stable/ops.h: at::vec's headers forbid TORCH_TARGET_VERSION, and without it
+// the stable headers would also reach shim functions newer than torch 2.11 (its error getters).
+extern "C" int32_t torch_parallel_for(int64_t begin, int64_t end, int64_t grain_size,
+                                      void (*func)(int64_t begin, int64_t end, void* ctx), void* ctx);
+
 template <typename F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  torch::stable::parallel_for(begin, end, grain, f);
+  const auto chunk = [](int64_t b, int64_t e, void* ctx) { (*static_cast<const F*>(ctx))(b, e); };
+  if (torch_parallel_for(begin, end, grain, chunk, const_cast<void*>(static_cast<const void*>(&f))) != 0)
+    throw std::runtime_error("slab: torch_parallel_for failed");
 }
 
 // exp of every lane. float on AVX2: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a

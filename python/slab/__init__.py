@@ -2,34 +2,26 @@
 
 Importing slab loads the op library, which registers ``torch.ops.slab.*``; the Python API is
 ``slab.ops`` (functional ops with autograd), ``slab.nn`` (modules), ``slab.optim`` (fused
-optimizers), ``slab.sparse`` (activation-sparsity calibration) and ``slab.deploy``.
+optimizers), ``slab.sparse`` (activation-sparsity calibration) and ``slab.deploy``. ``slab info``
+(also ``python -m slab info``) prints the build and runtime facts a bug report needs.
 """
 
 __version__ = "0.1.0"
 
-import os as _os
-
 import torch as _torch
 
+from . import _loader
 
-def _load_library() -> None:
-    # The op library is a plain shared library (no Python bindings): loading it runs the static
-    # TORCH_LIBRARY registrations. $SLAB_LIBRARY points at a development build instead.
-    path = _os.environ.get("SLAB_LIBRARY") or _os.path.join(_os.path.dirname(__file__), "libslab_ops.so")
-    if not _os.path.exists(path):
-        raise ImportError(
-            f"slab: op library not found at {path}; install slab with pip (which builds it), "
-            "or set SLAB_LIBRARY to a built libslab_ops.so"
-        )
-    _torch.ops.load_library(path)
-
-
-_load_library()
+# torch >= 2.11 (else a one-line ImportError), then libslab_ops.so (every schema and the CPU
+# kernels; $SLAB_LIBRARY overrides its path), then libslab_cuda.so when torch is a CUDA build
+# ($SLAB_CUDA_LIBRARY overrides it). Without the CUDA kernels, a CUDA tensor gets a clear
+# RuntimeError saying why. `slab info` prints what happened (slab._loader.STATE).
+_loader.load(__version__)
 
 
 def cuda_available() -> bool:
-    """True when the CUDA kernels were compiled into this build and a CUDA device is present."""
-    return bool(_torch.ops.slab._compiled_with_cuda()) and _torch.cuda.is_available()
+    """True when slab's CUDA kernels are loaded and torch sees a CUDA device."""
+    return _loader.STATE.cuda_loaded and _torch.cuda.is_available()
 
 
 from . import ops  # noqa: E402  (registers fake tensors and autograd for the ops)

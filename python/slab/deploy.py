@@ -216,15 +216,25 @@ def _prefix_rank(mods: list[nn.Module]) -> Optional[int]:
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Union[Tensor, tuple, list]) -> None:
     """Records every node's output shape (``node.meta["tensor_meta"]``) from a run on fake copies of
-    the model and inputs: no real compute, and no buffer changes (a submodule left in training
-    mode would otherwise take a statistics step)."""
+    the model and inputs (no real compute), else from a real run on a copy of the model: the
+    model's buffers never change (a submodule left in training mode would take a statistics step)."""
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     try:
         ShapeProp(gm, fake_mode=FakeTensorMode()).propagate(*args)
+        return
+    except Exception:  # noqa: BLE001 - e.g. a module reading a buffer's value (data-dependent under fakes)
+        pass
+    # A real run on a copy (older torch's fake tensors refuse reading a buffer's value, which a
+    # training-mode PRepBN does for its schedule): the model's own buffers stay unchanged.
+    shadow = copy.deepcopy(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(shadow).propagate(*args)
     except Exception as exc:  # noqa: BLE001 - whatever the model raised, the inputs do not fit it
-        raise ValueError(
-            f"example_inputs: running the model on (fake copies of) them failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ValueError(f"example_inputs: running the model on them failed: {type(exc).__name__}: {exc}") from exc
+    for node, twin in zip(gm.graph.nodes, shadow.graph.nodes):
+        if "tensor_meta" in twin.meta:
+            node.meta["tensor_meta"] = twin.meta["tensor_meta"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,9 +26,7 @@ import slab  # noqa: F401  (loads the op library: registers torch.ops.slab.*)
 NAMESPACE = "slab"
 
 # Private helpers of the library, not ops a user calls with tensors: no table entry expected.
-EXCLUDED = {
-    "_compiled_with_cuda": "takes no arguments; reports whether the CUDA kernels were built",
-}
+EXCLUDED: dict[str, str] = {}
 
 # Exceptions an invalid call may raise. TypeError only where the case allows it (a wrong Python
 # type refused by the argument parser); NotImplementedError (a RuntimeError subclass, raised by

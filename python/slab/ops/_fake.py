@@ -105,7 +105,7 @@ def register_missing_tensor_errors() -> None:
             schema = getattr(packet, overload)._schema
             qualified = op if overload == "default" else f"{op}.{overload}"
             if not any(str(a.type) in ("Tensor", "List[Tensor]") for a in schema.arguments):
-                continue  # no tensor to miss (slab::_compiled_with_cuda)
+                continue  # no tensor to miss
             if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
                    for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")):
                 continue  # a composite C++ kernel runs anyway and checks its arguments itself

@@ -207,13 +207,14 @@ def _rows(params) -> int:
 
 # ---- fake tensors -------------------------------------------------------------------------------
 # The fakes check what the real ops check of the tensors (list lengths, shapes, dtypes; the device
-# rule is register_fake's), so a traced call fails where the eager one would.
+# rule is register_fake's), so a traced call fails where the eager one would, with the same error
+# type (RuntimeError: the real ops' checks raise nothing else through torch's stable ABI).
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_lead(ts, name: str) -> torch.dtype:
-    torch._check_value(len(ts) > 0, lambda: f"{name} must hold at least one tensor")
+    torch._check(len(ts) > 0, lambda: f"{name} must hold at least one tensor")
     dtype = ts[0].dtype
     torch._check(dtype in _KERNEL_DTYPES, lambda: f"{name}[0] must be float32, bfloat16 or float16, got {dtype}")
     for i, t in enumerate(ts):
@@ -222,7 +223,7 @@ def _check_lead(ts, name: str) -> torch.dtype:
 
 
 def _check_like(ts, lead, dtype: torch.dtype, name: str, lead_name: str) -> None:
-    torch._check_value(len(ts) == len(lead),
+    torch._check(len(ts) == len(lead),
                        lambda: f"{name} must hold {len(lead)} tensors (one per {lead_name}), got {len(ts)}")
     for i, (t, ref) in enumerate(zip(ts, lead)):
         torch._check(t.shape == ref.shape,
@@ -264,7 +265,7 @@ def _dog_update_fake(params, grads, x0, eta, dist2, weight_decay=0.0, maximize=F
     _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(x0, params, acc, "x0", "params")
     _check_vector(eta, len(params), acc, "eta")
-    torch._check_value(len(dist2) == len(params), lambda: f"dist2 must hold {len(params)} tensors, got {len(dist2)}")
+    torch._check(len(dist2) == len(params), lambda: f"dist2 must hold {len(params)} tensors, got {len(dist2)}")
     for i, d in enumerate(dist2):
         _check_vector(d, 1, acc, f"dist2[{i}]")
     return None
