@@ -250,7 +250,7 @@ def _check_channel_vector(t, x: Tensor, channels: int, name: str) -> None:
 class _AliasCheck:
     """In-place ops: every written tensor must own its elements (no stride-0 / expanded view) and
     share no memory with any other argument, as torch's own in-place ops require; checked before
-    anything is written. The same test as the C++ ``AliasCheck`` (core/binding_stable.h): two tensors
+    anything is written. The same test as the C++ ``AliasCheck`` (core/binding.h): two tensors
     overlap when the byte ranges their elements span intersect. Tensors without real memory
     (None, empty, meta, fake) are left out."""
 
