@@ -326,6 +326,19 @@ def test_gemm_large_values_and_noncontiguous(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gemm_one_long_group_of_large_values(device):
+    """group_size -1 over K = 12288 with every x at the fp8 maximum and every weight -8: the
+    integer GEMV path's per-group sums exceed int32 once its three planes are combined."""
+    k = 12288
+    packed = torch.full((3, k // 2), 0x88, dtype=torch.uint8, device=device)  # int4 -8 in both nibbles
+    scales = torch.ones(3, 1, device=device)
+    x = torch.full((1, k), 448.0, device=device)
+    xq, xs = quant.quantize_fp8(x)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, -1, out_dtype=torch.float32)
+    assert_close(y, ref_gemm(xq, xs, packed, scales, -1), name="y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gemm_nan_propagates(device):
     _, packed, scales = make_weights(8, 64, 32, device)
     x = torch.randn(3, 64, device=device)

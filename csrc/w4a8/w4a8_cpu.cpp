@@ -297,9 +297,13 @@ float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, in
         acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
       }
     }
-    const __m256i units = _mm256_add_epi32(
-        _mm256_add_epi32(_mm256_slli_epi32(acc[2], 2 * kPlaneBits), _mm256_slli_epi32(acc[1], kPlaneBits)), acc[0]);
-    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(units), _mm256_set1_ps(ws[g] * (1.0f / 512.0f)), tot);  // units: 2^-9
+    // The planes combine in float: each plane's lane sums are exact int32 (< 2^22 per 2^13 columns), but
+    // hi * 4096 + mid * 64 + lo overflows int32 for long groups (group_size -1 at K ~ 9000 and a row of
+    // large values).
+    __m256 units = _mm256_cvtepi32_ps(acc[2]);
+    units = _mm256_fmadd_ps(units, _mm256_set1_ps(64.0f), _mm256_cvtepi32_ps(acc[1]));
+    units = _mm256_fmadd_ps(units, _mm256_set1_ps(64.0f), _mm256_cvtepi32_ps(acc[0]));
+    tot = _mm256_fmadd_ps(units, _mm256_set1_ps(ws[g] * (1.0f / 512.0f)), tot);  // units: 2^-9
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, tot);
