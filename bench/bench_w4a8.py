@@ -10,6 +10,9 @@ y (M, N) = x (M, K) W^T with W (N, K) quantized to int4 (group scales) and x to 
   deq         the reference: dequantize_w4 + dequantized x, then an fp32 matmul, every call
   deq_comp    torch.compile of deq
   scaled_mm   (GPU) torch._scaled_mm with fp8 weights (per-row scales), bf16 output
+  int4        (CPU) torch's int4 weight-only kernel, aten._weight_int4pack_mm_for_cpu, on the same
+              int4 codes and group scales (bf16 x): what a CPU user would pick instead; compared
+              with `linear` (both take bf16 activations), column int4/linear
 Floor: the bytes the W4A8 job must move (packed weights N K / 2, fp32 scales, fp8 x, bf16 y)
 divided by the MEASURED copy bandwidth (bytes read + written per second of a large copy), and
 the fraction of it slab reaches. Every shape is verified against a float64 reference of the SPEC
@@ -75,6 +78,16 @@ def verify(cfg, xq, xs, weights, packed, scales):
         sys.exit(f"{cfg}: slab disagrees with the float64 reference (max error / max |y| = {err:.3g})")
 
 
+def torch_int4_weights(packed, scales, group):
+    """The same int4 weights for torch's CPU int4 kernel: codes q + 8 in [0, 15] packed by
+    aten._convert_weight_to_int4pack_for_cpu, scales_and_zeros (K / group, N, 2) = (scale, 0) in
+    bf16 (the kernel computes (q' - 8) * scale + zero)."""
+    q = quant.unpack_int4(packed).to(torch.int32) + 8
+    wi = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(torch.bfloat16).contiguous()
+    return wi, sz
+
+
 def run_speed(args, device):
     cols = ["m", "shape", B.Column("group", fmt="d"), B.Column("slab_ms", "slab ms", ".3f"),
             B.Column("linear_ms", "linear ms", ".3f"), B.Column("bf16_ms", "bf16 ms", ".3f"),
@@ -82,6 +95,8 @@ def run_speed(args, device):
             B.Column("comp_ms", "deq compile", ".3f")]
     if device.type == "cuda":
         cols.append(B.Column("smm_ms", "scaled_mm ms", ".3f"))
+    else:
+        cols += [B.Column("int4_ms", "torch int4 ms", ".3f"), B.Column("vs_int4", "int4/linear", ".2f")]
     cols += [B.Column("vs_bf16", "bf16/slab", ".2f"), B.Column("vs_fp32", "fp32/slab", ".2f"),
              B.Column("floor_ms", "floor ms", ".3f"), B.Column("of_floor", "of floor", ".0%")]
     table = B.Table(cols, title=f"w4a8_gemm on {B.device_description(device)}")
@@ -116,6 +131,9 @@ def run_speed(args, device):
                "deq": lambda: deq(xq, xs, packed, scales, c.group)}
         if deq_comp is not None:
             fns["comp"] = lambda: deq_comp(xq, xs, packed, scales, c.group)
+        if device.type == "cpu" and c.group != -1:
+            wi, sz = torch_int4_weights(packed, scales, c.group)
+            fns["int4"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wi, c.group, sz)
         if device.type == "cuda":
             w8, ws8 = quant.quantize_fp8(w)
             w8t, ws8r = w8.t(), ws8.reshape(1, -1)
@@ -127,7 +145,9 @@ def run_speed(args, device):
         floor_ms = nbytes / copy_bw * 1e3
         row = dict(m=c.m, shape=f"{n}x{k}", group=c.group, slab_ms=times["slab"], linear_ms=times["linear"],
                    bf16_ms=times["bf16"], fp32_ms=times["fp32"], deq_ms=times["deq"], comp_ms=times.get("comp"),
-                   smm_ms=times.get("smm"), vs_bf16=times["bf16"] / times["slab"],
+                   smm_ms=times.get("smm"), int4_ms=times.get("int4"),
+                   vs_int4=times["int4"] / times["linear"] if "int4" in times else None,
+                   vs_bf16=times["bf16"] / times["slab"],
                    vs_fp32=times["fp32"] / times["slab"], floor_ms=floor_ms, of_floor=floor_ms / times["slab"])
         table.add(row)
         print(table.render().splitlines()[-1], flush=True)
