@@ -32,7 +32,7 @@ AliasCheck& AliasCheck::add(const Tensor& t, std::string name, bool written) {
 }
 
 AliasCheck& AliasCheck::add_list(const std::vector<Tensor>& ts, const char* name, bool written) {
-  for (size_t i = 0; i < ts.size(); ++i) add(ts[i], std::string(name) + "[" + std::to_string(i) + "]", written);
+  for (size_t i = 0; i < ts.size(); ++i) add(ts[i], item(name, i), written);
   return *this;
 }
 

@@ -118,6 +118,9 @@ inline bool same_shape(const Tensor& a, IntArrayRef shape) { return a.sizes().eq
 
 // ---- argument checks ---------------------------------------------------------------------------
 
+// The name of element i of a tensor-list argument in messages: "grads[3]".
+inline std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
 // A tensor argument the schema requires: None reaches the kernel as an undefined tensor.
 inline void check_defined(const Tensor& t, const char* name) { SLAB_CHECK(t.defined(), name, " must be a tensor, got None"); }
 
@@ -241,19 +244,26 @@ CUstream_st* current_stream(const Tensor& like);
 void check_launch(const char* what);
 #endif
 
+// Runs `cpu()` in the CPU library, or `cuda(stream)` in the CUDA library: under a guard of
+// `like`'s device, on its current stream, then checks the launch (`what` names it).
+template <typename Cpu, typename Cuda>
+void run_on_device(const Tensor& like, Cpu&& cpu, Cuda&& cuda, const char* what = "slab CUDA kernel") {
+#ifdef SLAB_WITH_CUDA
+  (void)cpu;
+  torch::stable::accelerator::DeviceGuard guard(like.get_device_index());
+  cuda(current_stream(like));
+  check_launch(what);
+#else
+  (void)like, (void)cuda, (void)what;
+  cpu();
+#endif
+}
+
 // Runs the kernel of this library's device on `like`'s device, on the current stream.
 template <typename Params>
 void launch(const Tensor& like, const Params& p, void (*cpu)(const Params&),
             std::type_identity_t<void (*)(const Params&, CUstream_st*)> cuda) {
-#ifdef SLAB_WITH_CUDA
-  (void)cpu;
-  torch::stable::accelerator::DeviceGuard guard(like.get_device_index());
-  cuda(p, current_stream(like));
-  check_launch("slab CUDA kernel");
-#else
-  (void)like, (void)cuda;
-  cpu(p);
-#endif
+  run_on_device(like, [&] { cpu(p); }, [&](CUstream_st* stream) { cuda(p, stream); });
 }
 
 }  // namespace slab

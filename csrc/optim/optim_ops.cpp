@@ -17,8 +17,6 @@ using TensorVec = std::vector<Tensor>;
 using OptTensorVec = std::optional<TensorVec>;
 using torch::headeronly::Layout;
 
-std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
-
 // Host arrays behind a TensorList; keeps the (contiguous) tensors alive for the launch.
 struct ListView {
   TensorVec tensors;

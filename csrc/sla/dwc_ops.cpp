@@ -79,6 +79,7 @@ OptTensor checked_residual(const OptTensor& residual, const Tensor& v, Tensor (*
   return layout(*residual);
 }
 
+// contiguous() as a plain function (torch::stable::contiguous takes a defaulted memory format).
 Tensor fully_contiguous(const Tensor& t) { return contiguous(t); }
 
 OptTensor checked_bias(const OptTensor& bias, const Tensor& v) {

@@ -89,13 +89,11 @@ Tensor tile_weights_op(const Tensor& packed) {
   const Tensor src = contiguous(packed);
   Tensor out = empty({round_up(n, kTileRows), round_up(k, kTileCols) / 2}, ScalarType::Byte, packed.device());
   if (n == 0) return out;
-#ifdef SLAB_WITH_CUDA
-  torch::stable::accelerator::DeviceGuard guard(packed.get_device_index());
-  tile_weights_cuda(src.const_data_ptr<uint8_t>(), n, k, out.mutable_data_ptr<uint8_t>(), current_stream(packed));
-  check_launch("slab w4a8_tile_weights CUDA kernel");
-#else
-  tile_weights_cpu(src.const_data_ptr<uint8_t>(), n, k, out.mutable_data_ptr<uint8_t>());
-#endif
+  const uint8_t* in = src.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  run_on_device(
+      packed, [&] { tile_weights_cpu(in, n, k, dst); },
+      [&](CUstream_st* stream) { tile_weights_cuda(in, n, k, dst, stream); }, "slab w4a8_tile_weights CUDA kernel");
   return out;
 }
 
@@ -114,13 +112,9 @@ Tensor int4_to_e4m3_op(const Tensor& packed) {
   if (words == 0) return out;
   const auto* in = reinterpret_cast<const uint16_t*>(src.const_data_ptr<uint8_t>());
   auto* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<uint8_t>());
-#ifdef SLAB_WITH_CUDA
-  torch::stable::accelerator::DeviceGuard guard(packed.get_device_index());
-  int4_to_e4m3_cuda(in, words, dst, current_stream(packed));
-  check_launch("slab w4a8_int4_to_e4m3 CUDA kernel");
-#else
-  int4_to_e4m3_cpu(in, words, dst);
-#endif
+  run_on_device(
+      packed, [&] { int4_to_e4m3_cpu(in, words, dst); },
+      [&](CUstream_st* stream) { int4_to_e4m3_cuda(in, words, dst, stream); }, "slab w4a8_int4_to_e4m3 CUDA kernel");
   return out;
 }
 

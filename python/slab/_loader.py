@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -188,29 +188,35 @@ def cuda_unavailable_kernel(qualname: str, reason: str, hint: str = _HINT_NO_CUD
     return kernel
 
 
-def register_cuda_fallbacks(reason: str, hint: str = _HINT_NO_CUDA_LIBRARY, namespace: str = "slab") -> list[str]:
-    """Registers :func:`cuda_unavailable_kernel` under the CUDA key for every op (and overload) of
-    ``namespace`` with a CPU kernel and no CUDA kernel. Returns the qualified names it covered."""
-    lib = torch.library.Library(namespace, "IMPL")
-    covered = []
+def namespace_overloads(namespace: str = "slab") -> Iterator[tuple[str, "torch._ops.OpOverload"]]:
+    """(``op`` or ``op.overload``, the OpOverload) of every op and overload registered under
+    ``namespace``, in name order; ops not reachable through ``torch.ops`` are skipped."""
     prefix = f"{namespace}::"
     for name in sorted(torch._C._dispatch_get_all_op_names()):
         if not name.startswith(prefix):
             continue
         op = name[len(prefix):]
         try:
-            overloads = getattr(getattr(torch.ops, namespace), op).overloads()
+            packet = getattr(getattr(torch.ops, namespace), op)
         except Exception:  # noqa: BLE001 - not reachable through torch.ops: leave it alone
             continue
-        for overload in overloads:
-            qualified = op if overload == "default" else f"{op}.{overload}"
-            full = f"{prefix}{qualified}"
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(full, "CPU"):
-                continue
-            if torch._C._dispatch_has_kernel_for_dispatch_key(full, "CUDA"):
-                continue  # real CUDA kernels, or the op library's own error kernel
-            lib.impl(qualified, cuda_unavailable_kernel(full, reason, hint), "CUDA")
-            covered.append(full)
+        for overload in packet.overloads():
+            yield (op if overload == "default" else f"{op}.{overload}"), getattr(packet, overload)
+
+
+def register_cuda_fallbacks(reason: str, hint: str = _HINT_NO_CUDA_LIBRARY, namespace: str = "slab") -> list[str]:
+    """Registers :func:`cuda_unavailable_kernel` under the CUDA key for every op (and overload) of
+    ``namespace`` with a CPU kernel and no CUDA kernel. Returns the qualified names it covered."""
+    lib = torch.library.Library(namespace, "IMPL")
+    covered = []
+    for qualified, _ in namespace_overloads(namespace):
+        full = f"{namespace}::{qualified}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(full, "CPU"):
+            continue
+        if torch._C._dispatch_has_kernel_for_dispatch_key(full, "CUDA"):
+            continue  # real CUDA kernels
+        lib.impl(qualified, cuda_unavailable_kernel(full, reason, hint), "CUDA")
+        covered.append(full)
     _fallback_libraries.append(lib)
     return covered
 

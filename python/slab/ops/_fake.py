@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._loader import namespace_overloads
+
 __all__ = ["register_fake", "check_one_device", "register_missing_tensor_errors"]
 
 
@@ -96,19 +98,13 @@ def register_missing_tensor_errors() -> None:
     """Registers :func:`_missing_tensor_kernel` (and :func:`_sparse_tensor_kernel` for the sparse
     dispatch keys) for every slab op with backend kernels only. CompositeExplicitAutograd is reached
     only when no argument carries a dispatch key: CPU, CUDA and Meta kernels take precedence."""
-    for name in torch._C._dispatch_get_all_op_names():
-        if not name.startswith("slab::"):
-            continue
-        op = name[len("slab::"):]
-        packet = getattr(torch.ops.slab, op)
-        for overload in packet.overloads():
-            schema = getattr(packet, overload)._schema
-            qualified = op if overload == "default" else f"{op}.{overload}"
-            if not any(str(a.type) in ("Tensor", "List[Tensor]") for a in schema.arguments):
-                continue  # no tensor to miss
-            if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
-                   for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")):
-                continue  # a composite C++ kernel runs anyway and checks its arguments itself
-            _fallbacks.impl(qualified, _missing_tensor_kernel(op, schema), "CompositeExplicitAutograd")
-            for key in ("SparseCPU", "SparseCUDA"):
-                _fallbacks.impl(qualified, _sparse_tensor_kernel(op, schema), key)
+    for qualified, overload in namespace_overloads("slab"):
+        op, schema = qualified.split(".")[0], overload._schema
+        if not any(str(a.type) in ("Tensor", "List[Tensor]") for a in schema.arguments):
+            continue  # no tensor to miss
+        if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
+               for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")):
+            continue  # a composite kernel (ops/prepbn.py) runs anyway and checks its arguments itself
+        _fallbacks.impl(qualified, _missing_tensor_kernel(op, schema), "CompositeExplicitAutograd")
+        for key in ("SparseCPU", "SparseCUDA"):
+            _fallbacks.impl(qualified, _sparse_tensor_kernel(op, schema), key)
