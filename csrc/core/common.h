@@ -8,6 +8,16 @@
 #define SLAB_HD inline
 #endif
 
+// `#pragma unroll` in host-and-device code, for the device pass only (host compilers warn on it).
+#if defined(__CUDA_ARCH__)
+#define SLAB_UNROLL _Pragma("unroll")
+#define SLAB_UNROLL_BY(N) _Pragma(SLAB_STR(unroll N))
+#define SLAB_STR(x) #x
+#else
+#define SLAB_UNROLL
+#define SLAB_UNROLL_BY(N)
+#endif
+
 namespace slab {
 
 // a / b rounded up, and a rounded up to a multiple of b (a >= 0, b > 0): tile, chunk and block counts.

@@ -9,6 +9,7 @@
 // size in bytes that is a multiple of 16, so that every row starts aligned.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "core/common.h"
 
@@ -32,6 +33,31 @@ SLAB_HD bool all_vec_aligned(const P* p, const Rest*... rest) {
 // Rows of row_elems elements of elem_bytes each all start aligned when the base is aligned.
 SLAB_HD bool rows_vec_aligned(int64_t row_elems, int elem_bytes) {
   return (row_elems * elem_bytes) % kVecBytes == 0;
+}
+
+// W elements of T as one aligned unit: a copy of it is one 16-byte load or store on the GPU when
+// W * sizeof(T) == 16 (the pointer must then be 16-byte aligned).
+template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+
+// Plain (host and device) pack access, for kernel bodies that the CPU tests also run; on the host
+// a memcpy, so the emulation does not depend on type punning.
+template <int W, typename T> SLAB_HD Pack<T, W> read_pack(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Pack<T, W>*>(p);
+#else
+  Pack<T, W> out;
+  std::memcpy(&out, p, sizeof(out));
+  return out;
+#endif
+}
+template <int W, typename T> SLAB_HD void write_pack(T* p, const Pack<T, W>& v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Pack<T, W>*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
 }
 
 // The split of n elements into 16-byte packs and a scalar tail.

@@ -15,10 +15,6 @@ namespace slab {
 // first, so they do not push reused lines out of L2).
 enum class Cache { kReuse, kStream };
 
-template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-
 template <Cache C, typename V> __device__ __forceinline__ V load_raw(const V* p) {
   if constexpr (C == Cache::kStream) return __ldcs(p);
   else return __ldg(p);
@@ -39,12 +35,13 @@ __device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
   return out;
 }
 
-// W elements at p widened to the accumulation type.
-template <int W, Cache C = Cache::kReuse, typename T>
-__device__ __forceinline__ void load_acc(const T* p, acc_t<T> (&out)[W]) {
+// W elements at p widened to the accumulation type (then converted to out's type A, normally
+// acc_t<T>; fp8 quantization reads float64 inputs into floats).
+template <int W, Cache C = Cache::kReuse, typename T, typename A>
+__device__ __forceinline__ void load_acc(const T* p, A (&out)[W]) {
   const Pack<T, W> pack = load_pack<W, C>(p);
 #pragma unroll
-  for (int i = 0; i < W; ++i) out[i] = to_acc(pack.v[i]);
+  for (int i = 0; i < W; ++i) out[i] = static_cast<A>(to_acc(pack.v[i]));
 }
 
 // W accumulation-type values narrowed to T and stored at p with one 16-byte store (W > 1).

@@ -42,11 +42,13 @@ struct DwcParams {
 
 // grad_weight[tap, c] = sum_{b, h, n} grad[b, h, n, c] * v[b, h, src(n, tap), c] and
 // grad_bias[c] = sum grad[b, h, n, c], both in the accumulation type. partial is scratch of
-// batch * heads * (taps + 1) * C accumulation-type values: one row of sums per (b, h) slice,
-// added in slice order afterwards so the result does not depend on the thread count.
+// batch * heads * token_splits * (taps + 1) * C accumulation-type values: one row of sums per
+// (b, h) slice and range of its tokens (grad_token_range), added in that order afterwards so the
+// result does not depend on the thread count. The CPU kernel takes one range per slice.
 struct DwcWeightGradParams {
   DType dtype;
   DwcGeometry g;
+  int64_t token_splits;   // token ranges per slice (grad_token_splits on CUDA, 1 on CPU)
   const void* grad;
   RowStrides grad_stride;
   const void* v;
@@ -69,6 +71,32 @@ struct DwcStepParams {
   const void* weight;     // [kernel, C], accumulation type
   const void* bias;       // [C] or nullptr
 };
+
+// CUDA item e of the (row, channel pack) pairs of rows of `channels` channels, `width` channels per
+// pack (width divides channels): rows are tokens (dwc_kernel) or (b, h) slices (step_kernel).
+struct RowPack {
+  int64_t row, channel;
+};
+SLAB_HD RowPack row_pack(int64_t e, int64_t channels, int width) {
+  const int64_t packs = channels / width;
+  return {e / packs, (e % packs) * width};
+}
+
+// CUDA weight gradient: one block per (slice, token range). A slice's tokens are split until the
+// grid holds about kGradTargetBlocks blocks, no range shorter than kGradMinTokens tokens (each
+// range adds a partial row to write and to reduce).
+constexpr int64_t kGradTargetBlocks = 2048;
+constexpr int64_t kGradMinTokens = 64;
+SLAB_HD int64_t grad_token_splits(int64_t tokens, int64_t slices) {
+  const int64_t want = ceil_div(kGradTargetBlocks, slices > 0 ? slices : 1);
+  const int64_t most = tokens / kGradMinTokens > 1 ? tokens / kGradMinTokens : 1;
+  return want < most ? want : most;
+}
+// Tokens [begin, end) of range `split` of `splits` (balanced; together they cover [0, tokens)).
+SLAB_HD void grad_token_range(int64_t tokens, int64_t splits, int64_t split, int64_t& begin, int64_t& end) {
+  begin = tokens * split / splits;
+  end = tokens * (split + 1) / splits;
+}
 
 void dwc_cpu(const DwcParams& p);
 void dwc_weight_grad_cpu(const DwcWeightGradParams& p);

@@ -124,8 +124,14 @@ std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Ten
   Tensor grad_taps = zeros({taps, g.channels}, acc, v.device());
   Tensor grad_bias = zeros({g.channels}, acc, v.device());
   if (v.numel() > 0) {
-    Tensor partial = empty({g.batch * g.heads, taps + 1, g.channels}, acc, v.device());
-    DwcWeightGradParams p{dtype, g, gc.data_ptr(), token_strides(gc), vc.data_ptr(), token_strides(vc),
+#ifdef SLAB_WITH_CUDA
+    const int64_t splits = grad_token_splits(g.grid_h * g.grid_w, g.batch * g.heads);
+#else
+    const int64_t splits = 1;
+#endif
+    Tensor partial = empty({checked_mul(g.batch * g.heads, splits, "batch * heads * token ranges"), taps + 1, g.channels},
+                           acc, v.device());
+    DwcWeightGradParams p{dtype, g, splits, gc.data_ptr(), token_strides(gc), vc.data_ptr(), token_strides(vc),
                           partial.data_ptr(), grad_taps.data_ptr(), grad_bias.data_ptr()};
     launch(v, p, dwc_weight_grad_cpu, SLAB_CUDA_FN(dwc_weight_grad_cuda));
   }

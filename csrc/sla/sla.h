@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "core/common.h"
+#include "core/vec.h"
 
 struct CUstream_st;
 
@@ -107,6 +108,54 @@ struct SlaBlock {
 SLAB_HD SlaBlock sla_block(int64_t block, int64_t heads, int64_t tiles) {
   const int64_t bh = block / tiles;
   return {bh / heads, bh % heads, block % tiles};
+}
+
+// CUDA decode step: one block of kStepThreads threads per (b, h) streams the (D, Dv) state once,
+// in packs of `width` state columns (16 bytes when the state is aligned and Dv a multiple of the
+// pack width, else single columns). Thread t owns column pack `tile0 + t % tile` of each column
+// tile and the state rows d = t / tile, + groups, ...; the column sums of its rows are finished
+// in a fixed order over the groups (step_column_sum), so the output is deterministic.
+constexpr int kStepThreads = 256;
+struct StepLayout {
+  int width;      // state columns per pack
+  int64_t packs;  // packs per state row: ceil(Dv / width)
+  int tile;       // packs per column tile (a power of two dividing kStepThreads)
+  int groups;     // thread rows: kStepThreads / tile
+};
+SLAB_HD StepLayout step_layout(int64_t vdim, int pack_width, bool vectorized) {
+  const int width = vectorized && vdim % pack_width == 0 ? pack_width : 1;
+  const int64_t packs = ceil_div(vdim, width);
+  int tile = 1;
+  while (tile < packs && tile < kStepThreads) tile *= 2;
+  return {width, packs, tile, kStepThreads / tile};
+}
+
+// One thread's share of a step for one column tile: state rows d = group, group + groups, ... of
+// the W columns at `state_cols` (row stride vdim): S[d] += fk[d] v, s += fq[d] S[d] (updated).
+template <int W, typename A>
+SLAB_HD void step_rows(A* state_cols, int64_t vdim, int dim, int group, int groups, const A* fk, const A* fq,
+                       const A (&v)[W], A (&s)[W]) {
+  A* row_ptr = state_cols + group * vdim;
+  const int64_t row_step = groups * vdim;
+  SLAB_UNROLL_BY(4)
+  for (int d = group; d < dim; d += groups, row_ptr += row_step) {
+    Pack<A, W> row = read_pack<W>(row_ptr);
+    SLAB_UNROLL
+    for (int i = 0; i < W; ++i) {
+      row.v[i] += fk[d] * v[i];
+      s[i] += fq[d] * row.v[i];
+    }
+    write_pack<W>(row_ptr, row);
+  }
+}
+
+// Column i of pack j's output sum: the groups' partials part[(g * tile + j) * W + i] added in group order.
+template <int W, typename A>
+SLAB_HD A step_column_sum(const A* part, int tile, int groups, int j, int i) {
+  A t = 0;
+  SLAB_UNROLL_BY(4)
+  for (int g = 0; g < groups; ++g) t += part[(g * tile + j) * W + i];
+  return t;
 }
 
 void sla_fwd_cpu(const SlaFwdParams& p);

@@ -12,11 +12,12 @@
 //   dk       X = dS  (reverse; t over D):     a = phi(q),      b = g,      e = v,      + dz
 //   dv       X = dS^T (reverse; t over Dv):   a = g,           b = phi(q), e = phi(k)
 // with g = grad_o / den and gden = -(grad_o . o) / den (a small kernel before the passes).
-// The decode step streams the state once per token.
+// The decode step streams the state once per token, in 16-byte packs where it is aligned.
 #include <algorithm>
 #include <cstdint>
 
 #include "core/cuda_types.cuh"
+#include "core/vec_cuda.cuh"
 #include "sla/sla.h"
 #include "sla/sla_math.h"
 
@@ -252,8 +253,9 @@ __global__ void __launch_bounds__(kThreads, 1) recurrence_kernel(RecArgs p) {
   }
 }
 
-// gden[row] = -(grad_o . o) / den: one warp per (b, h, n) row.
-template <typename T>
+// gden[row] = -(grad_o . o) / den: one warp per (b, h, n) row, W-element packs per lane (16 bytes
+// when both operands' rows are aligned, see rows_aligned below).
+template <typename T, int W>
 __global__ void __launch_bounds__(256) gden_kernel(RecArgs p) {
   using A = acc_t<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
@@ -261,61 +263,71 @@ __global__ void __launch_bounds__(256) gden_kernel(RecArgs p) {
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t n = row % p.s.len, bh = row / p.s.len, h = bh % p.s.heads, b = bh / p.s.heads;
+  const T* go = static_cast<const T*>(p.go.ptr) + b * p.go.s.b + h * p.go.s.h + n * p.go.s.n;
+  const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.s.b + h * p.o.s.h + n * p.o.s.n;
   A s = 0;
-  for (int64_t c = lane; c < p.s.vdim; c += 32) s += load<T>(p.go, b, h, n, c) * load<T>(p.o, b, h, n, c);
+  for (int64_t c = lane * W; c < p.s.vdim; c += 32 * W) {
+    A g[W], x[W];
+    load_acc<W, Cache::kStream>(go + c, g);
+    load_acc<W, Cache::kStream>(o + c, x);
+#pragma unroll
+    for (int i = 0; i < W; ++i) s += g[i] * x[i];
+  }
   s = warp_sum(s);
   if (lane == 0) static_cast<A*>(p.gden)[row] = grad_den(s, A(1) / static_cast<const A*>(p.den)[row]);
 }
 
-// One decode token per (b, h) block: S[d][c] += phi(k_d) v_c and the output column sums in one
-// pass over the state (thread rows over d, 32 columns at a time); z is updated last, after every
-// thread has read it for the denominator.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) step_kernel(SlaStepParams p) {
+// Every row of the operand starts 16-byte aligned: aligned base, and row strides and the row length
+// whole packs.
+template <typename T> bool rows_aligned(const Operand& x, int64_t row_len) {
+  const int bytes = static_cast<int>(sizeof(T));
+  return all_vec_aligned(x.ptr) && rows_vec_aligned(x.s.b, bytes) && rows_vec_aligned(x.s.h, bytes) &&
+         rows_vec_aligned(x.s.n, bytes) && row_len % kPackWidth<T> == 0;
+}
+
+// One decode token per (b, h) block (layout: step_layout in sla.h): phi(q), phi(k) and the
+// denominator first (z + phi(k) read before z is written), then one pass over the state in W-column
+// packs, S[d] += phi(k_d) v and the output column sums of the updated rows; z is updated last.
+template <typename T, int W>
+__global__ void __launch_bounds__(kStepThreads) step_kernel(SlaStepParams p, StepLayout lay) {
   using A = acc_t<T>;
-  __shared__ A part[kGroups][kTile];
-  __shared__ A scratch[kGroups];
-  __shared__ A inv_den;
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
+  __shared__ A fq[kMaxHeadDimCuda], fk[kMaxHeadDimCuda], scratch[kStepThreads / 32];
+  __shared__ A part[kStepThreads * W];
+  const int tid = threadIdx.x, j = tid % lay.tile, group = tid / lay.tile;
   const SlaBlock blk = sla_block(blockIdx.x, p.heads, 1);
-  const int64_t b = blk.b, h = blk.h, bh = b * p.heads + h, D = p.dim, Dv = p.vdim;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + h * p.k_stride.h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + h * p.v_stride.h;
+  const int64_t bh = blk.b * p.heads + blk.h, D = p.dim, Dv = p.vdim;
+  const T* q = static_cast<const T*>(p.q) + blk.b * p.q_stride.b + blk.h * p.q_stride.h;
+  const T* k = static_cast<const T*>(p.k) + blk.b * p.k_stride.b + blk.h * p.k_stride.h;
+  const T* v = static_cast<const T*>(p.v) + blk.b * p.v_stride.b + blk.h * p.v_stride.h;
   A* state = static_cast<A*>(p.state) + bh * D * Dv;
   A* z = static_cast<A*>(p.z) + bh * D;
   A qz = 0;
-  for (int64_t d = tid; d < D; d += kThreads) qz += phi(to_acc(q[d])) * (z[d] + phi(to_acc(k[d])));
-  qz = warp_sum(qz);  // a warp is one thread row (32 x 16 block)
-  if (tx == 0) scratch[ty] = qz;
-  __syncthreads();
-  if (tid == 0) {
-    A total = 0;
-    for (int g = 0; g < kGroups; ++g) total += scratch[g];
-    inv_den = A(1) / denominator(total, static_cast<A>(p.eps));
+  for (int64_t d = tid; d < D; d += kStepThreads) {
+    const A fqd = phi(to_acc(q[d])), fkd = phi(to_acc(k[d]));
+    fq[d] = fqd, fk[d] = fkd;
+    qz += fqd * (z[d] + fkd);
   }
-  __syncthreads();
-  for (int64_t c0 = 0; c0 < Dv; c0 += kTile) {
-    const int64_t c = c0 + tx;
-    A s = 0;
+  const A inv_den = A(1) / denominator(block_sum(qz, scratch), static_cast<A>(p.eps));  // syncs: fq, fk ready
+  for (int64_t tile0 = 0; tile0 < lay.packs; tile0 += lay.tile) {
+    const int64_t c = (tile0 + j) * W;
+    A s[W] = {};
     if (c < Dv) {
-      const A vc = to_acc(v[c]);
-      for (int64_t d = ty; d < D; d += kGroups) {
-        const A upd = state[d * Dv + c] + phi(to_acc(k[d])) * vc;
-        state[d * Dv + c] = upd;
-        s += phi(to_acc(q[d])) * upd;
-      }
+      A vc[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) vc[i] = to_acc(v[c + i]);
+      step_rows<W>(state + c, Dv, static_cast<int>(D), group, lay.groups, fk, fq, vc, s);
     }
-    part[ty][tx] = s;
+#pragma unroll
+    for (int i = 0; i < W; ++i) part[tid * W + i] = s[i];
     __syncthreads();
-    if (ty == 0 && c < Dv) {
-      A t = 0;
-      for (int g = 0; g < kGroups; ++g) t += part[g][tx];
-      static_cast<T*>(p.o)[bh * Dv + c] = from_acc<T>(t * inv_den);
+    if (group == 0 && c < Dv) {
+#pragma unroll
+      for (int i = 0; i < W; ++i)
+        static_cast<T*>(p.o)[bh * Dv + c + i] = from_acc<T>(step_column_sum<W>(part, lay.tile, lay.groups, j, i) * inv_den);
     }
     __syncthreads();
   }
-  for (int64_t d = tid; d < D; d += kThreads) z[d] += phi(to_acc(k[d]));
+  for (int64_t d = tid; d < D; d += kStepThreads) z[d] += fk[d];
 }
 
 Operand operand(const void* ptr, const RowStrides& s) { return {ptr, s}; }
@@ -344,7 +356,11 @@ void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream) {
               operand(p.o, p.o_stride), operand(p.grad_o, p.grad_o_stride), p.den, p.workspace, p.mask,
               nullptr, 0, 0, nullptr, nullptr, nullptr};
     const int64_t rows = p.s.batch * p.s.heads * p.s.len;
-    gden_kernel<T><<<ceil_div(rows, 8), 256, 0, stream>>>(a);
+    const auto gden_blocks = static_cast<unsigned>(ceil_div(rows, 8));
+    if (rows_aligned<T>(a.go, p.s.vdim) && rows_aligned<T>(a.o, p.s.vdim))
+      gden_kernel<T, kPackWidth<T>><<<gden_blocks, 256, 0, stream>>>(a);
+    else
+      gden_kernel<T, 1><<<gden_blocks, 256, 0, stream>>>(a);
     a.out = p.dq, a.cols = p.s.dim, a.held = p.s.vdim;
     run<T, Mode::kDq>(a, p.causal, stream);
     a.out = p.dk;
@@ -356,7 +372,11 @@ void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream) {
 
 void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    step_kernel<T><<<static_cast<unsigned>(p.batch * p.heads), dim3(kTile, kGroups), 0, stream>>>(p);
+    using A = acc_t<T>;
+    const auto blocks = static_cast<unsigned>(p.batch * p.heads);
+    const StepLayout lay = step_layout(p.vdim, kPackWidth<A>, all_vec_aligned(static_cast<const A*>(p.state)));
+    if (lay.width == kPackWidth<A>) step_kernel<T, kPackWidth<A>><<<blocks, kStepThreads, 0, stream>>>(p, lay);
+    else step_kernel<T, 1><<<blocks, kStepThreads, 0, stream>>>(p, lay);
   });
 }
 

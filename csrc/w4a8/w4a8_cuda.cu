@@ -1,6 +1,6 @@
 // W4A8 CUDA kernels (compiled for sm_80, sm_89, sm_90a).
 //   quantize_fp8_kernel: one block per row; the row is held in registers (up to 2048 values, the
-//     rest re-read) between the block absmax and the e4m3 encode (w4a8_math.h).
+//     rest re-read) between the block absmax and the e4m3 encode (w4a8_math.h); 16-byte loads.
 //   tile_kernel: row-major packed codes -> the kTiled layout (w4a8.h), one thread per byte.
 //   gemm_kernel<MT>: weights are the mma A operand (16 weight rows per warp), activations the B
 //     operand (8 tokens per mma, MT mma tiles = 8 MT tokens per block). Per 64-column k tile each
@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "core/cuda_types.cuh"
+#include "core/vec_cuda.cuh"
 #include "w4a8/w4a8.h"
 #include "w4a8/w4a8_math.h"
 
@@ -56,31 +57,49 @@ __device__ __forceinline__ float block_absmax(float m, float* scratch) {
   return r;
 }
 
-template <typename T>
+// W elements per access: 16-byte packs of x and W-byte stores of the codes when the rows allow
+// (quant_packed), else single elements. The first kQuantPerThread elements per thread stay in
+// registers between the absmax and the encode; longer rows re-read the rest.
+template <typename T, int W>
 __global__ void __launch_bounds__(kQuantThreads) quantize_fp8_kernel(QuantFp8Params p) {
+  constexpr int kPacks = kQuantPerThread / W > 0 ? kQuantPerThread / W : 1;
   __shared__ float scratch[kQuantThreads / 32];
   const T* x = static_cast<const T*>(p.x);
+  const auto index = [](int j) { return (threadIdx.x + static_cast<int64_t>(j) * kQuantThreads) * W; };
+  const auto encode = [](uint8_t* dst, const float (&v)[W], float scale) {
+    Pack<uint8_t, W> codes;
+#pragma unroll
+    for (int i = 0; i < W; ++i) codes.v[i] = float_to_e4m3(v[i] / scale);
+    write_pack<W>(dst, codes);
+  };
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xr = x + row * p.cols;
     uint8_t* qr = p.q + row * p.q_stride;
-    float v[kQuantPerThread];
+    float v[kPacks][W];
     float m = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kQuantPerThread; ++j) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kQuantThreads;
-      v[j] = i < p.cols ? static_cast<float>(to_acc(xr[i])) : 0.0f;
-      m = absmax_update(m, v[j]);
+    for (int j = 0; j < kPacks; ++j) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) v[j][i] = 0.0f;
+      if (index(j) < p.cols) load_acc<W, Cache::kStream>(xr + index(j), v[j]);
+#pragma unroll
+      for (int i = 0; i < W; ++i) m = absmax_update(m, v[j][i]);
     }
-    for (int64_t i = threadIdx.x + kQuantPerThread * kQuantThreads; i < p.cols; i += kQuantThreads)
-      m = absmax_update(m, static_cast<float>(to_acc(xr[i])));
+    for (int64_t i0 = index(kPacks); i0 < p.cols; i0 += kQuantThreads * W) {
+      float t[W];
+      load_acc<W>(xr + i0, t);
+#pragma unroll
+      for (int i = 0; i < W; ++i) m = absmax_update(m, t[i]);
+    }
     const float scale = fp8_row_scale(block_absmax(m, scratch));
 #pragma unroll
-    for (int j = 0; j < kQuantPerThread; ++j) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kQuantThreads;
-      if (i < p.cols) qr[i] = float_to_e4m3(v[j] / scale);
+    for (int j = 0; j < kPacks; ++j)
+      if (index(j) < p.cols) encode(qr + index(j), v[j], scale);
+    for (int64_t i0 = index(kPacks); i0 < p.cols; i0 += kQuantThreads * W) {
+      float t[W];
+      load_acc<W>(xr + i0, t);
+      encode(qr + i0, t, scale);
     }
-    for (int64_t i = threadIdx.x + kQuantPerThread * kQuantThreads; i < p.cols; i += kQuantThreads)
-      qr[i] = float_to_e4m3(static_cast<float>(to_acc(xr[i])) / scale);
     if (threadIdx.x == 0) p.scale[row] = scale;
   }
 }
@@ -327,7 +346,12 @@ GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k) {
 void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
   const int blocks = static_cast<int>(std::min<int64_t>(p.rows, 65535));
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    quantize_fp8_kernel<T><<<blocks, kQuantThreads, 0, stream>>>(p);
+    constexpr int kW = kPackWidth<T>;
+    // 16-byte loads of every x row and kW-byte stores of every code row must start aligned.
+    const bool packed = all_vec_aligned(static_cast<const T*>(p.x)) && p.cols % kW == 0 &&
+                        reinterpret_cast<uintptr_t>(p.q) % kW == 0 && p.q_stride % kW == 0;
+    if (packed) quantize_fp8_kernel<T, kW><<<blocks, kQuantThreads, 0, stream>>>(p);
+    else quantize_fp8_kernel<T, 1><<<blocks, kQuantThreads, 0, stream>>>(p);
   });
 }
 
