@@ -4,6 +4,7 @@
 y = W_down (cats(W_gate x) * (W_up x)) for 1..16 tokens, weights (F, D) (W_down stored
 transposed for slab). Providers:
   dense     the torch MLP: F.linear(silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd) (no sparsity)
+  matmul    the three GEMVs alone, torch.matmul (cuBLAS on GPU): the baseline of the issue's targets
   compile   torch.compile of the masked reference (silu, |s| > t mask, then the dense GEMVs)
   slab      slab.ops.cats_mlp (gate GEMV + threshold fused, up/down only over kept neurons)
 The threshold is the `sparsity`-quantile of |silu(gate)| of the batch's own tokens; "kept" is the
@@ -12,7 +13,11 @@ model): the gate matrix is read in full, up and down only for kept neurons, so t
 over the dense MLP is 3 / (1 + 2 * kept) (= 3 / (3 - 2s) at batch 1); "of ideal" is the achieved
 speedup (dense / slab) over that; "s0/slab" and its "of ideal" measure the same against slab's
 own time at sparsity 0 (what sparsity buys, independent of how fast torch's dense path is for
-that dtype). GB/s counts the bytes slab must read.
+that dtype). "MB read" is the bytes slab must read (the gate matrix, the kept up rows and
+w_down_t rows); GB/s is that over slab's time and "of copy BW" its fraction of the measured copy
+bandwidth. "targets" checks the issue's goals against the matmul baseline: at sparsity 0 within
+1.1x of it, at 0.5 at least 1.7x faster, and at least 80% of copy bandwidth (they are GPU goals;
+on CPU the column is informational).
 
 Token sparsity (LeMo, --tokens): a residual MLP block on (B, N, C) tokens, dense against
 slab.nn.TokenSparseBlock keeping half of the tokens (forward, no grad); target <= 55% of dense.
@@ -65,14 +70,31 @@ def dense_mlp(x, wg, wu, wd):
     return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
+def matmul_gemvs(x, wg, wu, wd):
+    return torch.matmul(torch.matmul(x, wg.t()) * torch.matmul(x, wu.t()), wd.t())
+
+
+def targets(sparsity, vs_matmul, of_copy):
+    """The issue's goals for one row: 'ok' or 'MISS' per goal that applies."""
+    out = []
+    if sparsity == 0:
+        out.append("s0 1.1x " + ("ok" if vs_matmul >= 1 / 1.1 else "MISS"))
+    if abs(sparsity - 0.5) < 1e-9:
+        out.append("1.7x " + ("ok" if vs_matmul >= 1.7 else "MISS"))
+    out.append("80%BW " + ("ok" if of_copy >= 0.8 else "MISS"))
+    return ", ".join(out)
+
+
 def run(cfgs, args, device):
     table = B.Table(
         ["shape", "dtype", "batch", B.Column("sparsity", fmt=".1f"), B.Column("kept", fmt=".2f"),
-         B.Column("dense_ms", "dense ms", ".3f"), B.Column("compile_ms", "compile ms", ".3f"),
-         B.Column("slab_ms", "slab ms", ".3f"), B.Column("speedup", "dense/slab", ".2f"),
+         B.Column("dense_ms", "dense ms", ".3f"), B.Column("matmul_ms", "matmul ms", ".3f"),
+         B.Column("compile_ms", "compile ms", ".3f"), B.Column("slab_ms", "slab ms", ".3f"),
+         B.Column("speedup", "dense/slab", ".2f"), B.Column("vs_matmul", "matmul/slab", ".2f"),
          B.Column("ideal", "ideal", ".2f"), B.Column("of_ideal", "of ideal", ".0%"),
          B.Column("self_speedup", "s0/slab", ".2f"), B.Column("self_of_ideal", "of ideal", ".0%"),
-         B.Column("gbs", "slab GB/s", ".1f"), B.Column("of_copy", "of copy BW", ".0%")],
+         B.Column("mb_read", "MB read", ".1f"), B.Column("gbs", "slab GB/s", ".1f"),
+         B.Column("of_copy", "of copy BW", ".0%"), B.Column("targets", "targets", align="<")],
         title=f"cats_mlp on {B.device_description(device)}",
     )
     copy_bw = B.copy_bandwidth(device)
@@ -97,13 +119,14 @@ def run(cfgs, args, device):
         if err > (1e-4 if c.dtype == torch.float32 else 3e-2):
             sys.exit(f"{c}: slab disagrees with the reference (relative error {err:.3g})")
         tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
-        fns = {"dense": lambda: dense_mlp(x, wg, wu, wd), "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t)}
+        fns = {"dense": lambda: dense_mlp(x, wg, wu, wd), "matmul": lambda: matmul_gemvs(x, wg, wu, wd),
+               "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t)}
         if compiled is not None:
             tt = torch.tensor(t, dtype=torch.float32, device=device)  # a tensor: no recompile per threshold
             fns["compile"] = lambda: compiled(x, wg, wu, wd, tt)
         # interleaved, so a drift of a shared machine hits every provider alike
         times = {k: v.median_ms for k, v in B.time_fns(fns, device, **tm).items()}
-        t_dense, t_slab, t_comp = times["dense"], times["slab"], times.get("compile")
+        t_dense, t_matmul, t_slab, t_comp = times["dense"], times["matmul"], times["slab"], times.get("compile")
         ideal = 3.0 / (1.0 + 2.0 * kept)
         speedup = t_dense / t_slab
         if c.sparsity == 0:
@@ -112,10 +135,13 @@ def run(cfgs, args, device):
         self_speedup = None if t0 is None else t0 / t_slab
         nbytes = (1 + 2 * kept) * f * d * wg.element_size()
         gbs = nbytes / (t_slab * 1e-3) / 1e9
+        of_copy = gbs * 1e9 / copy_bw
         table.add(shape=f"{c.shape} {d}x{f}", dtype=B.dtype_name(c.dtype), batch=c.batch, sparsity=c.sparsity,
-                  kept=kept, dense_ms=t_dense, compile_ms=t_comp, slab_ms=t_slab, speedup=speedup, ideal=ideal,
-                  of_ideal=speedup / ideal, self_speedup=self_speedup,
-                  self_of_ideal=None if self_speedup is None else self_speedup / ideal, gbs=gbs, of_copy=gbs * 1e9 / copy_bw)
+                  kept=kept, dense_ms=t_dense, matmul_ms=t_matmul, compile_ms=t_comp, slab_ms=t_slab,
+                  speedup=speedup, vs_matmul=t_matmul / t_slab, ideal=ideal, of_ideal=speedup / ideal,
+                  self_speedup=self_speedup, self_of_ideal=None if self_speedup is None else self_speedup / ideal,
+                  mb_read=nbytes / 1e6, gbs=gbs, of_copy=of_copy,
+                  targets=targets(c.sparsity, t_matmul / t_slab, of_copy))
         print(table.render().splitlines()[-1], flush=True)
     print()
     table.notes.append(f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s")

@@ -10,6 +10,10 @@ Providers (all step the same parameters with the same gradients):
   AdamW      torch.optim.AdamW(fused=True): the best fused step PyTorch ships (memory reference)
 Verification first: after 3 steps from the same state, slab's parameters are compared with the
 foreach reference (max relative error printed).
+--optimizer Lion / LAMB / LARS times that slab optimizer instead of DoG, against AdamW only (no
+reference providers, no verification). --interleave builds every provider first and times them
+round-robin (B.time_fns), so machine drift hits all alike; --repeats N does that N times and
+prints every round's times with the median.
 
 Bytes per parameter (the floor of each algorithm; reads + writes of one step):
   slab DoG   read g (norm pass) + read x, g, x0 + write x           = 20 B fp32 / 12 B bf16
@@ -23,6 +27,8 @@ Usage:
   python bench/bench_optim.py                    # 10M params, fp32 and bf16, CPU
   python bench/bench_optim.py --params 10e6 100e6 --dtype float32
   python bench/bench_optim.py --device cuda --json out.json --profile
+  python bench/bench_optim.py --dtype float32 --threads 2 --no-compile --interleave --repeats 5
+  python bench/bench_optim.py --optimizer Lion --dtype float32 --threads 2 --interleave --repeats 5
 """
 
 from __future__ import annotations
@@ -119,7 +125,16 @@ def make_params(cfg: Config, device):
     return ps
 
 
-def providers(cfg: Config, device, use_compile: bool) -> dict[str, Callable[[], Callable[[], Any]]]:
+# slab optimizers other than DoG (--optimizer); hyperparameters of a typical run.
+OTHERS: dict[str, Callable[[list], Any]] = {
+    "Lion": lambda ps: slab.optim.Lion(ps, lr=1e-4, weight_decay=0.1),
+    "LAMB": lambda ps: slab.optim.LAMB(ps, lr=1e-3, weight_decay=0.01),
+    "LARS": lambda ps: slab.optim.LARS(ps, lr=0.1),
+}
+
+
+def providers(cfg: Config, device, use_compile: bool,
+              optimizer: str = "DoG") -> dict[str, Callable[[], Callable[[], Any]]]:
     """name -> factory of a step function; each provider's tensors are built only when it is timed
     (and freed after), so large configs hold one provider's memory at a time."""
 
@@ -129,6 +144,9 @@ def providers(cfg: Config, device, use_compile: bool) -> dict[str, Callable[[], 
 
         return factory
 
+    if optimizer != "DoG":
+        return {"slab": make(lambda ps: OTHERS[optimizer](ps).step),
+                "AdamW": make(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True).step)}
     out = {
         "slab": make(lambda ps: slab.optim.DoG(ps, reps_rel=1e-4).step),
         "loop": make(lambda ps: LoopDoG(ps, reps_rel=1e-4).step),
@@ -140,8 +158,12 @@ def providers(cfg: Config, device, use_compile: bool) -> dict[str, Callable[[], 
     return out
 
 
-def bytes_per_param(name: str, dtype: torch.dtype) -> int:
+def bytes_per_param(name: str, dtype: torch.dtype, optimizer: str = "DoG") -> int:
     e = torch.empty((), dtype=dtype).element_size()
+    if name == "slab" and optimizer != "DoG":
+        # Lion: x, g, m + write x, m; LAMB: two passes over x, m, v (+ g, writes m, v, x); LARS: norms of
+        # x and g, then x, g, buf + write x, buf (state fp32)
+        return {"Lion": 3 * e + 8, "LAMB": 4 * e + 20, "LARS": 5 * e + 8}[optimizer]
     if name == "slab":
         return 3 * e + 4 + e  # g (norms), x + g + x0 (fp32) + write x
     if name == "AdamW":
@@ -159,6 +181,30 @@ def verify(cfg: Config, device) -> float:
                for p, q in zip(a, b))
 
 
+def time_each(factories, device, args) -> dict[str, float]:
+    """Median ms per provider, one provider alive and timed at a time."""
+    times = {}
+    for name, factory in factories.items():
+        fn = factory()
+        times[name] = B.time_fn(fn, device, warmup=3, min_reps=5, max_reps=100, budget_s=args.budget).median_ms
+        if args.profile and name == "slab":
+            print(B.profile_table(fn, device))
+        del fn
+    return times
+
+
+def time_interleaved(factories, device, args) -> dict[str, float]:
+    """Median over --repeats rounds of the interleaved medians of every provider (all alive at once)."""
+    fns = {name: factory() for name, factory in factories.items()}
+    rounds = []
+    for r in range(args.repeats):
+        t = B.time_fns(fns, device, warmup=3, min_reps=5, max_reps=100, budget_s=args.budget)
+        rounds.append({name: v.median_ms for name, v in t.items()})
+        print(f"round {r}: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in rounds[-1].items())
+              + (f"; slab / AdamW {rounds[-1]['slab'] / rounds[-1]['AdamW']:.3f}" if "AdamW" in fns else ""))
+    return {name: sorted(x[name] for x in rounds)[len(rounds) // 2] for name in fns}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, nargs="+", default=[10e6])
@@ -169,6 +215,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per provider")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--optimizer", default="DoG", choices=["DoG", *OTHERS])
+    ap.add_argument("--interleave", action="store_true", help="time the providers round-robin")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved timing rounds (with --interleave)")
+    ap.add_argument("--providers", nargs="+", default=None, help="time only these providers (slab is always timed)")
     args = ap.parse_args(argv)
     device = B.start(args.threads, args.device)
     bw = B.copy_bandwidth(device)
@@ -178,28 +228,25 @@ def main(argv=None) -> int:
         ["params", "dtype", "provider", B.Column("ms", fmt=".2f"), B.Column("B/param", fmt="d"),
          B.Column("GB/s", fmt=".1f"), B.Column("of_copy", "of copy", fmt=".0%"),
          B.Column("vs_slab", "time / slab", fmt=".2f")],
-        title="DoG step, 100 tensors of mixed sizes",
+        title=f"{args.optimizer} step, 100 tensors of mixed sizes",
     )
     rows = []
     for n in args.params:
         for dn in args.dtype:
             cfg = Config(int(n), B.parse_dtype(dn))
-            err = verify(cfg, device)
-            print(f"verify {cfg.params:.3g} {dn}: max relative difference slab vs foreach reference "
-                  f"after 3 steps = {err:.2e}")
-            times = {}
-            for name, factory in providers(cfg, device, not args.no_compile).items():
-                fn = factory()
-                t = B.time_fn(fn, device, warmup=3, min_reps=5, max_reps=100, budget_s=args.budget)
-                times[name] = t.median_ms
-                bpp = bytes_per_param(name, cfg.dtype)
-                gbs = bpp * cfg.params / (t.median_ms * 1e-3) / 1e9
-                row = dict(params=f"{cfg.params / 1e6:.0f}M", dtype=B.dtype_name(cfg.dtype), provider=name,
-                           ms=t.median_ms, **{"B/param": bpp}, **{"GB/s": gbs}, of_copy=gbs * 1e9 / bw)
-                rows.append(row)
-                if args.profile and name == "slab":
-                    print(B.profile_table(fn, device))
-                del fn
+            if args.optimizer == "DoG":
+                err = verify(cfg, device)
+                print(f"verify {cfg.params:.3g} {dn}: max relative difference slab vs foreach reference "
+                      f"after 3 steps = {err:.2e}")
+            factories = providers(cfg, device, not args.no_compile, args.optimizer)
+            if args.providers:
+                factories = {k: f for k, f in factories.items() if k == "slab" or k in args.providers}
+            times = time_interleaved(factories, device, args) if args.interleave else time_each(factories, device, args)
+            for name, ms in times.items():
+                bpp = bytes_per_param(name, cfg.dtype, args.optimizer)
+                gbs = bpp * cfg.params / (ms * 1e-3) / 1e9
+                rows.append(dict(params=f"{cfg.params / 1e6:.0f}M", dtype=B.dtype_name(cfg.dtype), provider=name,
+                                 ms=ms, **{"B/param": bpp}, **{"GB/s": gbs}, of_copy=gbs * 1e9 / bw))
             for r in rows[-len(times):]:
                 r["vs_slab"] = r["ms"] / times["slab"]
                 table.add(r)

@@ -808,6 +808,8 @@ _BAD_NAMES = list(_bad_cases("cpu").keys())
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", _BAD_NAMES)
 def test_bad_inputs(case, device):
+    if device == "cuda" and case in ("training 1 kept token", "training 0 kept tokens"):
+        pytest.skip("CUDA gives NaN statistics instead of a host sync (test_prepbn_kernels.py)")
     call, exc, pattern = _bad_cases(device)[case]
     with pytest.raises(exc, match=pattern):
         call()

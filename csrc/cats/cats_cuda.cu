@@ -1,167 +1,48 @@
-// CATS CUDA kernels. Elementwise cats / backward: grid-stride loops. Sparse gated MLP (decode):
-//   1. gate_up_kernel: one warp per neuron row: gate dot products for every token, silu +
-//      threshold (cats_math.h), and the up dot products only when some token keeps the neuron;
-//      writes act[f, m] and keep[f].
-//   2. down_partial_kernel: blocks over (column tile, neuron split); each thread owns one column
-//      and loops over the kept neurons of its split, so a dropped neuron's w_down_t row is skipped
-//      by the whole block; partial sums go to a workspace (no atomics).
-//   3. down_reduce_kernel: sums the splits in order (deterministic) and writes y.
-#include <algorithm>
+// CATS CUDA kernels. Elementwise cats / backward: for_each_pack (16-byte loads and stores, scalar
+// path for misaligned views). Sparse gated MLP (decode, 1..16 tokens), on the schedule described
+// in cats.h (compiled per token bucket MB and width W):
+//   1. gate_up_kernel: a GEMV over neuron rows, several rows per warp and several 16-byte loads of
+//      every row in flight per lane; silu + threshold (cats_math.h), then the up rows of the kept
+//      neurons (the others' loads are predicated off). Writes keep[f] and act[f, m].
+//   2. compact_kernel: kept[] = the kept neurons in ascending order, and their count.
+//   3. down_partial_kernel: blocks over (column tile, split of kept[]); each lane owns one pack of
+//      columns and streams the kept rows of w_down_t, their indices and activations staged in shared
+//      memory, so no weight load waits on a branch; the warps' sums are added in warp order.
+//   4. down_reduce_kernel: sums the splits in order (deterministic) and writes y.
 #include <cstdint>
+#include <type_traits>
 
 #include "cats/cats.h"
 #include "cats/cats_math.h"
 #include "core/cuda_types.cuh"
+#include "core/vec_cuda.cuh"
 
 namespace slab::cats {
 namespace {
 
 constexpr int kElemThreads = 256;
-constexpr int kWarpsPerBlock = 8;     // gate_up: neuron rows per block
-constexpr int kDownThreads = 128;     // down: columns per block
-constexpr int kRowsPerSplit = 64;     // down: fewest neurons per split
-constexpr int kTargetBlocks = 1024;   // down: enough blocks to fill any current GPU, no more (each
-                                      // split adds tokens * dim partial sums to write and reduce)
+constexpr int kScanThreads = 256;
+static_assert(kCompactRows == kScanThreads, "the compaction scans one neuron per thread");
+
+// Blocks per SM the MLP kernels are built for: 2 (at most 128 registers) up to 8 tokens; 16 tokens
+// (and fp64 from 4 tokens) need more accumulators than that. (Without the bound ptxas picks fewer
+// registers for some small instantiations and spills.)
+template <typename T, int MB> constexpr int kMinBlocks = MB >= 16 || (sizeof(T) == 8 && MB >= 4) ? 1 : 2;
+
+int elem_blocks(int64_t n) { return grid_stride_blocks(n, kElemThreads); }
 
 __device__ __forceinline__ float exp_acc(float v) { return __expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 
-int elem_blocks(int64_t n) { return grid_stride_blocks(n, kElemThreads); }
+template <typename A> __device__ __forceinline__ A silu_acc(A v) { return silu_from_sigmoid(v, sigmoid_from_exp(exp_acc(-v))); }
 
-// ---- elementwise ---------------------------------------------------------------------------------
-
-template <typename T>
-__global__ void __launch_bounds__(kElemThreads) cats_kernel(CatsParams p) {
-  using A = acc_t<T>;
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  const A t = static_cast<A>(p.threshold);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const A v = to_acc(x[i]);
-    const A s = silu_from_sigmoid(v, sigmoid_from_exp(exp_acc(-v)));
-    y[i] = from_acc<T>(keep(s, t) ? s : A(0));
-  }
+template <typename A, int W> __device__ __forceinline__ void set_zero(A (&v)[W]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) v[i] = A(0);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kElemThreads) cats_bwd_kernel(CatsBwdParams p) {
-  using A = acc_t<T>;
-  const T* x = static_cast<const T*>(p.x);
-  const T* dy = static_cast<const T*>(p.dy);
-  T* dx = static_cast<T*>(p.dx);
-  const A t = static_cast<A>(p.threshold);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const A v = to_acc(x[i]);
-    const A sig = sigmoid_from_exp(exp_acc(-v));
-    const A d = to_acc(dy[i]) * silu_grad_from_sigmoid(v, sig);
-    dx[i] = from_acc<T>(keep(silu_from_sigmoid(v, sig), t) ? d : A(0));
-  }
-}
-
-// ---- sparse gated MLP ------------------------------------------------------------------------------
-
-// acc[m] = w . x[m] over this lane's columns, then summed over the warp (every lane gets it).
-template <typename T, typename A>
-__device__ __forceinline__ void warp_dots(const T* __restrict__ w, const T* __restrict__ x, int64_t dim,
-                                          int tokens, A (&acc)[kMaxTokens]) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int m = 0; m < kMaxTokens; ++m) acc[m] = A(0);
-  for (int64_t d = lane; d < dim; d += 32) {
-    const A wv = to_acc(w[d]);
-#pragma unroll
-    for (int m = 0; m < kMaxTokens; ++m) {
-      if (m < tokens) acc[m] += wv * to_acc(__ldg(&x[m * dim + d]));
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < kMaxTokens; ++m) acc[m] = warp_sum(acc[m]);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) gate_up_kernel(MlpParams p) {
-  using A = acc_t<T>;
-  const int64_t f = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (f >= p.features) return;  // whole warps leave together
-  const int M = static_cast<int>(p.tokens), lane = threadIdx.x % 32;
-  const T* x = static_cast<const T*>(p.x);
-  const A t = static_cast<A>(p.threshold);
-  A acc[kMaxTokens];
-  warp_dots(static_cast<const T*>(p.w_gate) + f * p.dim, x, p.dim, M, acc);
-  bool any = false;
-#pragma unroll
-  for (int m = 0; m < kMaxTokens; ++m) {
-    if (m < M) {
-      const A s = silu_from_sigmoid(acc[m], sigmoid_from_exp(exp_acc(-acc[m])));
-      const bool k = keep(s, t);
-      acc[m] = k ? s : A(0);
-      any = any || k;
-    }
-  }
-  if (lane == 0) p.keep[f] = any;
-  if (!any) return;  // warp-uniform: the W_up row is never read
-  A up[kMaxTokens];
-  warp_dots(static_cast<const T*>(p.w_up) + f * p.dim, x, p.dim, M, up);
-  A* act = static_cast<A*>(p.act) + f * M;
-#pragma unroll
-  for (int m = 0; m < kMaxTokens; ++m) {
-    if (m < M && lane == m) act[m] = acc[m] * up[m];
-  }
-}
-
-int down_splits(int64_t features, int64_t dim) {
-  const int64_t by_blocks = std::max<int64_t>(1, ceil_div(kTargetBlocks, ceil_div(dim, kDownThreads)));
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(features, kRowsPerSplit), by_blocks)));
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kDownThreads) down_partial_kernel(MlpParams p, int splits) {
-  using A = acc_t<T>;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * kDownThreads + threadIdx.x;
-  const int M = static_cast<int>(p.tokens);
-  const int64_t per = ceil_div(p.features, splits);
-  const int64_t f0 = blockIdx.y * per, f1 = min(p.features, f0 + per);
-  const T* wd = static_cast<const T*>(p.w_down_t);
-  const A* act = static_cast<const A*>(p.act);
-  A acc[kMaxTokens];
-#pragma unroll
-  for (int m = 0; m < kMaxTokens; ++m) acc[m] = A(0);
-  if (d < p.dim) {
-    for (int64_t f = f0; f < f1; ++f) {
-      if (!p.keep[f]) continue;  // block-uniform: the row is skipped by every thread
-      const A w = to_acc(wd[f * p.dim + d]);
-#pragma unroll
-      for (int m = 0; m < kMaxTokens; ++m) {
-        if (m < M) acc[m] += act[f * M + m] * w;
-      }
-    }
-    A* part = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.y) * M * p.dim;
-#pragma unroll
-    for (int m = 0; m < kMaxTokens; ++m) {
-      if (m < M) part[m * p.dim + d] = acc[m];
-    }
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kElemThreads) down_reduce_kernel(MlpParams p, int splits) {
-  using A = acc_t<T>;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x, n = p.tokens * p.dim;
-  if (i >= n) return;
-  const A* part = static_cast<const A*>(p.partial);
-  A total = 0;
-  for (int s = 0; s < splits; ++s) total += part[s * n + i];
-  static_cast<T*>(p.y)[i] = from_acc<T>(total);
-}
-
-// ---- token sparsity -----------------------------------------------------------------------------
-
-constexpr int kScanThreads = 256;
-
-// Exclusive prefix sum of `v` over the block; `total` gets the block's sum. `scratch` holds one
-// value per warp.
+// Exclusive prefix sum of `v` over the block (kScanThreads threads); `total` gets the block's sum.
+// `scratch` holds one value per warp.
 __device__ __forceinline__ int64_t block_exclusive_scan(int64_t v, int64_t* scratch, int64_t& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int64_t inc = v;
@@ -181,6 +62,273 @@ __device__ __forceinline__ int64_t block_exclusive_scan(int64_t v, int64_t* scra
   }
   return before + inc - v;
 }
+
+// ---- elementwise ---------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kElemThreads) cats_kernel(CatsParams p, bool vectorized) {
+  using A = acc_t<T>;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const A t = static_cast<A>(p.threshold);
+  for_each_pack<T>(p.n, vectorized, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    A v[W];
+    load_acc<W, Cache::kStream>(x + i, v);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A s = silu_acc(v[j]);
+      v[j] = keep(s, t) ? s : A(0);
+    }
+    store_acc<W>(y + i, v);
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kElemThreads) cats_bwd_kernel(CatsBwdParams p, bool vectorized) {
+  using A = acc_t<T>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const A t = static_cast<A>(p.threshold);
+  for_each_pack<T>(p.n, vectorized, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    A v[W], g[W];
+    load_acc<W, Cache::kStream>(x + i, v);
+    load_acc<W, Cache::kStream>(dy + i, g);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A sig = sigmoid_from_exp(exp_acc(-v[j]));
+      const A d = g[j] * silu_grad_from_sigmoid(v[j], sig);
+      g[j] = keep(silu_from_sigmoid(v[j], sig), t) ? d : A(0);
+    }
+    store_acc<W>(dx + i, g);
+  });
+}
+
+// ---- sparse gated MLP: gate / up -----------------------------------------------------------------
+
+// A weight pack, loaded only when `pred` (zeros otherwise), left raw: the callers widen it after
+// every load of a step has been issued, so that the loads are in flight together (a conversion
+// next to the load would sit inside the predicated region and wait for it).
+template <int W, typename T>
+__device__ __forceinline__ Pack<T, W> load_pack_if(bool pred, const T* p) {
+  Pack<T, W> out;
+#pragma unroll
+  for (int i = 0; i < W; ++i) out.v[i] = T(0);
+  if (pred) out = load_pack<W, Cache::kStream>(p);
+  return out;
+}
+
+// acc[r][m] = (this lane's items of row r) . x[m], for the rows with use[r] (the loads of the
+// others are predicated off: no memory traffic) and the tokens m < tokens. Each step first issues
+// kGateUnroll * R independent 16-byte weight loads, then the FMAs.
+template <int MB, int R, int W, typename T, typename A>
+__device__ __forceinline__ void lane_dots(const T* const (&rows)[R], const bool (&use)[R], const T* __restrict__ x,
+                                          int64_t dim, int tokens, int64_t items, A (&acc)[R][MB]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) set_zero(acc[r]);
+  for (int64_t k0 = threadIdx.x % 32; k0 < items; k0 += 32 * kGateUnroll) {
+    Pack<T, W> w[kGateUnroll][R];
+#pragma unroll
+    for (int u = 0; u < kGateUnroll; ++u) {
+      const int64_t k = k0 + 32 * u;
+#pragma unroll
+      for (int r = 0; r < R; ++r) w[u][r] = load_pack_if<W>(use[r] && k < items, rows[r] + k * W);
+    }
+#pragma unroll
+    for (int u = 0; u < kGateUnroll; ++u) {
+      const int64_t k = k0 + 32 * u;
+#pragma unroll
+      for (int m = 0; m < MB; ++m) {
+        if (m < tokens && k < items) {
+          A xv[W];
+          load_acc<W, Cache::kReuse>(x + m * dim + k * W, xv);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int i = 0; i < W; ++i) acc[r][m] += to_acc(w[u][r].v[i]) * xv[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int MB, int W>
+__global__ void __launch_bounds__(kGateWarps * 32, kMinBlocks<T, MB>) gate_up_kernel(MlpParams p) {
+  using A = acc_t<T>;
+  constexpr int R = gate_rows_per_warp(MB);
+  const int64_t f0 = gate_first_row(blockIdx.x, threadIdx.x / 32, MB);
+  if (f0 >= p.features) return;  // whole warps leave together
+  const int M = static_cast<int>(p.tokens), lane = threadIdx.x % 32;
+  const int64_t items = p.dim / W;  // W > 1 only when rows are whole packs
+  const T* x = static_cast<const T*>(p.x);
+  const A t = static_cast<A>(p.threshold);
+  const T* gate_rows[R];
+  const T* up_rows[R];
+  bool valid[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    valid[r] = f0 + r < p.features;
+    const int64_t f = valid[r] ? f0 + r : f0;  // rows past the end read nothing (use = false)
+    gate_rows[r] = static_cast<const T*>(p.w_gate) + f * p.dim;
+    up_rows[r] = static_cast<const T*>(p.w_up) + f * p.dim;
+  }
+  A gate[R][MB];
+  lane_dots<MB, R, W>(gate_rows, valid, x, p.dim, M, items, gate);
+  bool kept[R], any = false;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    kept[r] = false;
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      if (valid[r] && m < M) {  // warp-uniform
+        const A s = silu_acc(warp_sum(gate[r][m]));
+        const bool k = keep(s, t);
+        gate[r][m] = k ? s : A(0);
+        kept[r] = kept[r] || k;
+      }
+    }
+    any = any || kept[r];
+    if (lane == 0 && valid[r]) p.keep[f0 + r] = kept[r];
+  }
+  if (!any) return;  // warp-uniform: none of the up rows is read
+  A up[R][MB];
+  lane_dots<MB, R, W>(up_rows, kept, x, p.dim, M, items, up);
+  A* act = static_cast<A*>(p.act) + f0 * M;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      if (kept[r] && m < M) {
+        const A u = warp_sum(up[r][m]);
+        if (lane == 0) act[r * M + m] = gate[r][m] * u;
+      }
+    }
+  }
+}
+
+// ---- sparse gated MLP: compaction ----------------------------------------------------------------
+
+// Block c: the kept neurons among [0, c * kCompactRows) give its offset (integer sums: exact in any
+// order), a scan of its own flags the rank of each kept neuron. The last block writes the count.
+__global__ void __launch_bounds__(kCompactRows) compact_kernel(MlpParams p) {
+  __shared__ int64_t scratch[kScanThreads / 32];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCompactRows, f = first + threadIdx.x;
+  int64_t before = 0;
+  for (int64_t i = threadIdx.x; i < first; i += kCompactRows) before += p.keep[i];
+  int64_t offset, count;
+  block_exclusive_scan(before, scratch, offset);
+  const bool k = f < p.features && p.keep[f];
+  const int64_t rank = block_exclusive_scan(k, scratch, count);
+  if (k) p.kept[offset + rank] = static_cast<int32_t>(f);
+  if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) p.kept[p.features] = static_cast<int32_t>(offset + count);
+}
+
+// ---- sparse gated MLP: down projection -----------------------------------------------------------
+
+// Loads kept rows [c0, c0 + n) of this split into shared memory: their neuron index and their
+// activations, zero for the padding tokens (so the FMA loop needs no token test).
+template <int MB, typename A>
+__device__ __forceinline__ void stage_chunk(const MlpParams& p, int64_t c0, int n, int32_t* rows, A (*act)[MB]) {
+  const A* a = static_cast<const A*>(p.act);
+  const int M = static_cast<int>(p.tokens);
+  for (int j = threadIdx.x; j < n * MB; j += kDownWarps * 32) {
+    const int row = j / MB, m = j % MB;
+    const int32_t f = p.kept[c0 + row];
+    if (m == 0) rows[row] = f;
+    act[row][m] = m < M ? a[static_cast<int64_t>(f) * M + m] : A(0);
+  }
+}
+
+template <typename T, int MB, int W>
+__global__ void __launch_bounds__(kDownWarps * 32, kMinBlocks<T, MB>) down_partial_kernel(MlpParams p, int splits) {
+  using A = acc_t<T>;
+  constexpr int U = down_unroll(MB);
+  __shared__ int32_t s_rows[kDownChunk];
+  __shared__ A s_act[kDownChunk][MB];
+  __shared__ A s_sum[kDownWarps][32 * W];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, M = static_cast<int>(p.tokens);
+  const int64_t d = down_column(blockIdx.x, lane, W);
+  const bool in = d < p.dim;  // the whole pack: dim is a multiple of W
+  const T* wd = static_cast<const T*>(p.w_down_t) + (in ? d : 0);
+  const Range range = down_range(p.kept[p.features], splits, static_cast<int>(blockIdx.y));
+  A acc[MB][W];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) set_zero(acc[m]);
+  for (int64_t c0 = range.begin; c0 < range.end; c0 += kDownChunk) {
+    const int n = static_cast<int>(min64(kDownChunk, range.end - c0));
+    __syncthreads();  // the previous chunk is no longer read
+    stage_chunk<MB>(p, c0, n, s_rows, s_act);
+    __syncthreads();
+    for (int j0 = warp; j0 < n; j0 += kDownWarps * U) {
+      Pack<T, W> w[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + kDownWarps * u;
+        w[u] = load_pack_if<W>(in && j < n, wd + static_cast<int64_t>(s_rows[j < n ? j : 0]) * p.dim);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + kDownWarps * u;
+        if (j < n) {
+#pragma unroll
+          for (int m = 0; m < MB; ++m) {
+            const A a = s_act[j][m];
+#pragma unroll
+            for (int i = 0; i < W; ++i) acc[m][i] += a * to_acc(w[u].v[i]);
+          }
+        }
+      }
+    }
+  }
+  // One token at a time through shared memory: column c of the tile is the sum over warps 0, 1, ...
+  A* part = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.y) * M * p.dim;
+  const int64_t tile0 = down_column(blockIdx.x, 0, W);
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    if (m < M) {  // block-uniform
+      __syncthreads();  // s_sum is no longer read (or the chunk loop is done)
+#pragma unroll
+      for (int i = 0; i < W; ++i) s_sum[warp][lane * W + i] = acc[m][i];
+      __syncthreads();
+      for (int c = threadIdx.x; c < 32 * W; c += kDownWarps * 32) {
+        if (tile0 + c < p.dim) {
+          A total = 0;
+#pragma unroll
+          for (int w = 0; w < kDownWarps; ++w) total += s_sum[w][c];
+          part[m * p.dim + tile0 + c] = total;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kElemThreads) down_reduce_kernel(MlpParams p, int splits) {
+  using A = acc_t<T>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x, n = p.tokens * p.dim;
+  if (i >= n) return;
+  const A* part = static_cast<const A*>(p.partial);
+  A total = 0;
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) total += part[s * n + i];
+  static_cast<T*>(p.y)[i] = from_acc<T>(total);
+}
+
+// Runs body(std::integral_constant<int, MB>{}) with MB = token_bucket(tokens).
+template <typename Body> void token_bucket_switch(int64_t tokens, Body&& body) {
+  switch (token_bucket(tokens)) {
+    case 1: return body(std::integral_constant<int, 1>{});
+    case 2: return body(std::integral_constant<int, 2>{});
+    case 4: return body(std::integral_constant<int, 4>{});
+    case 8: return body(std::integral_constant<int, 8>{});
+    default: return body(std::integral_constant<int, 16>{});
+  }
+}
+
+// ---- token sparsity -----------------------------------------------------------------------------
 
 // One block per sequence, chunks of kScanThreads tokens in order: a scan of the ties gives each
 // token its ties_before, a scan of the kept flags its output position.
@@ -209,8 +357,7 @@ __global__ void __launch_bounds__(kScanThreads) token_index_kernel(TokenIndexPar
   for (int64_t j = kept + threadIdx.x; j < p.keep; j += kScanThreads) out[j] = -1;
 }
 
-// One thread per 32-bit word (rows are a whole number of words when row_bytes % 4 == 0; else
-// 16-bit halves).
+// One thread per word W (copy_word_bytes: up to 16 bytes, narrower for odd row sizes or offsets).
 template <typename W>
 __global__ void __launch_bounds__(kElemThreads) token_rows_kernel(TokenRowsParams p) {
   const int64_t words = p.row_bytes / static_cast<int64_t>(sizeof(W));
@@ -239,24 +386,34 @@ void token_rows_cuda(const TokenRowsParams& p, CUstream_st* stream) {
   });
 }
 
-int64_t workspace_elems_cuda(int64_t tokens, int64_t dim, int64_t features) {
-  return static_cast<int64_t>(down_splits(features, dim)) * tokens * dim;
-}
-
 void cats_cuda(const CatsParams& p, CUstream_st* stream) {
-  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] { cats_kernel<T><<<elem_blocks(p.n), kElemThreads, 0, stream>>>(p); });
+  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
+    const bool vec = all_vec_aligned(p.x, p.y);
+    cats_kernel<T><<<pack_blocks<T>(p.n, kElemThreads, vec), kElemThreads, 0, stream>>>(p, vec);
+  });
 }
 
 void cats_bwd_cuda(const CatsBwdParams& p, CUstream_st* stream) {
-  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T,
-                    [&] { cats_bwd_kernel<T><<<elem_blocks(p.n), kElemThreads, 0, stream>>>(p); });
+  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
+    const bool vec = all_vec_aligned(p.dy, p.x, p.dx);
+    cats_bwd_kernel<T><<<pack_blocks<T>(p.n, kElemThreads, vec), kElemThreads, 0, stream>>>(p, vec);
+  });
 }
 
 void mlp_cuda(const MlpParams& p, CUstream_st* stream) {
-  const int splits = down_splits(p.features, p.dim);
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    gate_up_kernel<T><<<ceil_div(p.features, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(p);
-    down_partial_kernel<T><<<dim3(ceil_div(p.dim, kDownThreads), splits), kDownThreads, 0, stream>>>(p, splits);
+    constexpr int kBytes = static_cast<int>(sizeof(T));
+    const int splits = down_splits(p.tokens, p.dim, p.features, kBytes);
+    SLAB_BOOL_SWITCH(mlp_vectorized(p, kBytes), kVec, [&] {
+      constexpr int W = kVec ? kPackWidth<T> : 1;
+      token_bucket_switch(p.tokens, [&](auto bucket) {
+        constexpr int MB = decltype(bucket)::value;
+        gate_up_kernel<T, MB, W><<<static_cast<unsigned>(gate_blocks(p.features, MB)), kGateWarps * 32, 0, stream>>>(p);
+        compact_kernel<<<static_cast<unsigned>(compact_blocks(p.features)), kCompactRows, 0, stream>>>(p);
+        const dim3 grid(static_cast<unsigned>(down_tiles(p.dim, W)), static_cast<unsigned>(splits));
+        down_partial_kernel<T, MB, W><<<grid, kDownWarps * 32, 0, stream>>>(p, splits);
+      });
+    });
     down_reduce_kernel<T><<<ceil_div(p.tokens * p.dim, kElemThreads), kElemThreads, 0, stream>>>(p, splits);
   });
 }

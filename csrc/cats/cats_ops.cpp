@@ -64,12 +64,15 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
   Tensor y = empty({M, D}, x.scalar_type(), x.device());
   Tensor act = empty({F, M}, acc_dtype(x.scalar_type()), x.device());
   Tensor keep = empty({F}, ScalarType::Byte, x.device());
-  Tensor partial;
+  Tensor partial, kept;
 #ifdef SLAB_WITH_CUDA
-  partial = empty({workspace_elems_cuda(M, D, F)}, act.scalar_type(), x.device());
+  SLAB_CHECK(F < std::numeric_limits<int32_t>::max(), "w_gate must have fewer than 2^31 - 1 rows on CUDA, got ", F);
+  partial = empty({down_partial_elems(M, D, F, static_cast<int>(x.element_size()))}, act.scalar_type(), x.device());
+  kept = empty({F + 1}, ScalarType::Int, x.device());
 #endif
   MlpParams p{dtype, M, D, F, xc.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), y.data_ptr(),
-              act.data_ptr(), keep.mutable_data_ptr<uint8_t>(), data_or_null(partial), threshold};
+              act.data_ptr(), keep.mutable_data_ptr<uint8_t>(), data_or_null(partial),
+              static_cast<int32_t*>(data_or_null(kept)), threshold};
   launch(x, p, mlp_cpu, SLAB_CUDA_FN(mlp_cuda));
   return y;
 }

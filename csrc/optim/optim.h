@@ -1,16 +1,21 @@
 // Fused optimizer steps: parameter structs and launchers of the multi-tensor engine. No torch
 // headers; the binding layer (optim_ops.cpp) checks the tensor lists and fills these structs.
 //
-// The engine walks a list of contiguous tensors of one (device, dtype) in chunks: on the CPU
-// at::parallel_for over the chunks of all tensors, on CUDA one block per chunk from a chunk table
-// passed as a kernel argument. Per-element work comes from optim_math.h. Reductions are per
-// tensor: every chunk writes one partial sum and the partials of a tensor are added in chunk
-// order, so results do not depend on thread counts or block scheduling.
+// The engine walks lists of contiguous tensors of one (device, dtype) in chunks and applies a
+// rule (optim_math.h) to the elements: on the CPU parallel_for over the chunks of all tensors
+// (for_each_chunk in optim_cpu.cpp), on CUDA one kernel template over (chunk table, rule), one
+// block per chunk (optim_cuda.cu). Reductions are per tensor: every chunk writes one partial sum
+// per term and the partials of a tensor are added in chunk order, so results do not depend on
+// thread counts or block scheduling. The CUDA work split (launch tables, chunk -> tensor map,
+// thread -> pack map) is below, host-callable, so tests/host/optim_engine.cpp runs it on the CPU.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "core/common.h"
+#include "core/vec.h"
 
 struct CUstream_st;
 
@@ -155,6 +160,96 @@ inline int64_t workspace_floats(const TensorList& list) {
   int64_t n = 0;
   for (int64_t i = 0; i < list.count; ++i) n += ceil_div(list.numel[i], kCudaChunk);
   return n;
+}
+
+// f(std::integral_constant<int, I>{}) for I = 0 .. N-1: a loop over the lists of a rule whose
+// index is a compile-time constant (each list has its own element type).
+template <int N, typename F, int... I>
+SLAB_HD void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+SLAB_HD void static_for(F&& f) {
+  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// ---- the CUDA work split (host-callable) ---------------------------------------------------------
+
+constexpr int kMaxTensors = 48;  // per launch; keeps the table under the 4 KiB argument limit
+constexpr int kMaxLists = 4;
+constexpr int kMaxSums = 2;      // partial-sum terms per rule (LAMB stage 1: ||x||^2, ||u||^2)
+
+// One launch's tensors, a __grid_constant__ kernel argument: the `count` tensors' sizes, the
+// first chunk of every tensor (prefix sums of their chunk counts; first_chunk[count] = blocks),
+// their data in every list (null: an absent optional list) and their position in the whole list.
+struct ChunkTable {
+  int count;
+  int first_chunk[kMaxTensors + 1];
+  int index[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  void* data[kMaxLists][kMaxTensors];
+};
+
+// The slot of the table chunk `c` (< first_chunk[count]) belongs to: the last slot whose first
+// chunk is <= c. An empty tensor owns no chunk: its first chunk equals the next slot's, which is
+// the one found. Binary search over the prefix sums.
+SLAB_HD int slot_of_chunk(const int* first_chunk, int count, int c) {
+  int lo = 0, hi = count - 1;  // invariant: first_chunk[lo] <= c; answer in [lo, hi]
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_chunk[mid] <= c) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Chunk `c` of a launch: its slot and its elements [begin, begin + n) inside that tensor.
+struct ChunkSpan {
+  int slot;
+  int64_t begin, n;
+};
+
+SLAB_HD ChunkSpan chunk_span(const ChunkTable& t, int c) {
+  const int slot = slot_of_chunk(t.first_chunk, t.count, c);
+  const int64_t begin = static_cast<int64_t>(c - t.first_chunk[slot]) * kCudaChunk;
+  const int64_t left = t.numel[slot] - begin;
+  return {slot, begin, left < kCudaChunk ? left : kCudaChunk};
+}
+
+// The thread -> element map inside a chunk of n elements: thread `tid` of `threads` takes packs
+// tid, tid + threads, ... of kW elements (when `vectorized`), then the scalar tail the same way;
+// body(offset, std::integral_constant<int, W>{}) with W = kW or 1. A chunk starts at a multiple of
+// kCudaChunk, so it is aligned exactly when its tensors' bases are.
+template <int kW, typename Body>
+SLAB_HD void for_each_item(int64_t n, bool vectorized, int tid, int threads, Body&& body) {
+  const PackSplit split = pack_split(n, kW, vectorized);
+  for (int64_t k = tid; k < split.packs; k += threads) body(k * kW, std::integral_constant<int, kW>{});
+  for (int64_t k = tid; k < split.tail; k += threads) body(split.packs * kW + k, std::integral_constant<int, 1>{});
+}
+
+// Splits `nlists` lists of one length into launches of at most kMaxTensors tensors and calls
+// launch(table, chunk_offset) for each; chunk_offset (the chunks of the launches before) indexes
+// the partial sums. Empty tensors stay in the table with no chunk, so their sums come out as 0;
+// a launch may have no chunk at all (its sums still need writing). Host only.
+template <typename Launch>
+void for_each_launch(const TensorList* lists, int nlists, const Launch& launch) {
+  const TensorList& lead = lists[0];
+  int64_t chunk_offset = 0;
+  for (int64_t begin = 0; begin < lead.count; begin += kMaxTensors) {
+    ChunkTable t{};
+    int blocks = 0;
+    for (int64_t i = begin; i < lead.count && t.count < kMaxTensors; ++i) {
+      const int k = t.count++;
+      t.numel[k] = lead.numel[i];
+      t.first_chunk[k] = blocks;
+      t.index[k] = static_cast<int>(i);
+      blocks += static_cast<int>(ceil_div(lead.numel[i], kCudaChunk));
+      for (int l = 0; l < nlists; ++l) t.data[l][k] = lists[l].count ? lists[l].data[i] : nullptr;
+    }
+    t.first_chunk[t.count] = blocks;
+    launch(static_cast<const ChunkTable&>(t), chunk_offset);
+    chunk_offset += blocks;
+  }
 }
 
 }  // namespace slab::optim

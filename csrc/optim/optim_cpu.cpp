@@ -1,6 +1,7 @@
 // CPU side of the multi-tensor engine: the chunks of all tensors of a list are one flat task
-// list for parallel_for (torch's thread pool); each chunk runs at::vec over its elements and, for reductions,
-// writes one partial sum, added per tensor in chunk order (thread-count independent results).
+// list for parallel_for (torch's thread pool); each chunk runs a rule (optim_math.h) on at::vec
+// vectors of its elements and, for reductions, writes one partial sum per term, added per tensor
+// in chunk order (thread-count independent results).
 
 #include <algorithm>
 #include <cmath>
@@ -25,126 +26,164 @@ std::vector<Chunk> chunks(const TensorList& list) {
   return out;
 }
 
-// Runs fn(chunk) -> partial over every chunk in parallel; returns the per-tensor sums.
-template <typename A, typename Fn>
-std::vector<A> for_each_chunk(const TensorList& list, const Fn& fn) {
-  const std::vector<Chunk> cs = chunks(list);
-  std::vector<A> partial(cs.size(), A(0));
-  parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) partial[i] = fn(cs[i]);
-  });
-  std::vector<A> sums(list.count, A(0));
-  for (size_t i = 0; i < cs.size(); ++i) sums[cs[i].tensor] += partial[i];
-  return sums;
-}
-
 template <typename T>
 const T* in(const TensorList& l, int64_t t) { return static_cast<const T*>(l.data[t]); }
 template <typename T>
 T* out(const TensorList& l, int64_t t) { return static_cast<T*>(l.data[t]); }
 
-// Reciprocal gradient scale (GradScaler's scale), negated for maximize.
-float grad_factor(const float* grad_scale, bool maximize) {
-  const float s = grad_scale ? 1.0f / *grad_scale : 1.0f;
-  return maximize ? -s : s;
+// What the rules need that differs between at::vec vectors and scalars.
+template <typename T>
+struct VecOps {
+  using V = AccVec<T>;
+  static V sqrt(const V& v) { return v.sqrt(); }
+  static V sign(const V& c) { return V::blendv(V(0), V(1), c > V(0)) - V::blendv(V(0), V(1), c < V(0)); }
+  static V stored(const V& v) {  // rounded to T and back, as a store and reload would give
+    if constexpr (std::is_same_v<T, acc_t<T>>) {
+      return v;
+    } else {
+      T buf[kVecWidth<T>];
+      store_vec(buf, v);
+      return load_vec(buf);
+    }
+  }
+};
+
+// One vector step of a rule at element i of a chunk ending at `end` (a shorter, zero-padded
+// piece at the tail): load every list, apply, store the written lists, add the squares of the sum
+// terms (padded lanes masked out unless kFull: a whole vector, no masking) into acc.
+// Always inlined: the accumulators must stay in registers across the steps of a chunk.
+template <typename T, typename Rule, bool kFull, typename K>
+[[gnu::always_inline]] inline void rule_step(const K& k, void* const (&ptr)[kMaxLists], int64_t i, int64_t end, AccVec<T> (&acc)[kMaxSums]) {
+  using V = AccVec<T>;
+  V r[kMaxLists], s[kMaxSums];
+  static_for<Rule::kLists>([&](auto l) {
+    using E = ListElem<T, Rule, decltype(l)::value>;
+    r[l] = ptr[l] ? load_at(static_cast<const E*>(ptr[l]), i, end) : V(0);
+  });
+  Rule::template apply<VecOps<T>>(k, r, s);
+  static_for<Rule::kLists>([&](auto l) {
+    using E = ListElem<T, Rule, decltype(l)::value>;
+    if constexpr (((Rule::kWritten >> decltype(l)::value) & 1) != 0) store_at(static_cast<E*>(ptr[l]), i, end, r[l]);
+  });
+  static_for<Rule::kSums>([&](auto j) {
+    const V t = kFull ? s[j] : keep_first_n(s[j], end - i);
+    acc[j] = at::vec::fmadd(t, t, acc[j]);
+  });
 }
 
-bool skip_step(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
+// The rule over one chunk; out[j] = its j-th sum. Sums use Rule::kCpuAccs independent
+// accumulators (the add latency, not memory, would bound one chain), added pairwise at the end.
+template <typename T, typename Rule>
+void rule_chunk(const Rule& rule, const TensorList (&lists)[Rule::kLists], const Chunk& c, acc_t<T>* out) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  constexpr int64_t w = kVecWidth<T>;
+  constexpr int kU = Rule::kSums > 0 ? Rule::kCpuAccs : 1;
+  void* ptr[kMaxLists] = {};
+  for (int l = 0; l < Rule::kLists; ++l) ptr[l] = lists[l].count ? lists[l].data[c.tensor] : nullptr;
+  const auto k = rule.template consts<V>(c.tensor);
+  V acc[kU][kMaxSums];
+  for (auto& a : acc)
+    for (auto& v : a) v = V(0);
+  int64_t i = c.begin;
+  for (; i + kU * w <= c.end; i += kU * w)
+    for (int u = 0; u < kU; ++u) rule_step<T, Rule, true>(k, ptr, i + u * w, c.end, acc[u]);
+  for (; i < c.end; i += w) rule_step<T, Rule, false>(k, ptr, i, c.end, acc[0]);
+  for (int h = 1; h < kU; h *= 2)
+    for (int u = 0; u + h < kU; u += 2 * h)
+      for (int j = 0; j < Rule::kSums; ++j) acc[u][j] = acc[u][j] + acc[u + h][j];
+  for (int j = 0; j < Rule::kSums; ++j) out[j] = at::vec::vec_reduce_all<A>(std::plus<V>(), acc[0][j]);
+}
 
-// ---- squared norms ---------------------------------------------------------------------------
+// Runs `rule` over every element of `lists` (all chunks in parallel). Returns its sums per
+// tensor, term j of tensor t at [j * count + t]; empty when the step is skipped (*found_inf != 0).
+template <typename T, typename Rule>
+std::vector<acc_t<T>> for_each_chunk(const Rule& rule, const TensorList (&lists)[Rule::kLists]) {
+  using A = acc_t<T>;
+  constexpr int kS = Rule::kSums;
+  if (skip_step(rule.found_inf)) return {};
+  const std::vector<Chunk> cs = chunks(lists[0]);
+  std::vector<A> partial(kS * cs.size(), A(0));
+  parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) rule_chunk<T>(rule, lists, cs[i], partial.data() + kS * i);
+  });
+  const int64_t n = lists[0].count;
+  std::vector<A> sums(std::max<int64_t>(kS * n, 1), A(0));
+  for (size_t i = 0; i < cs.size(); ++i)
+    for (int j = 0; j < kS; ++j) sums[j * n + cs[i].tensor] += partial[kS * i + j];
+  return sums;
+}
+
+// ---- the optimizers: a rule and its lists each ------------------------------------------------
 
 template <typename T>
 void sq_norm(const SqNormParams& p) {
   using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  const V scale(static_cast<A>(grad_factor(p.grad_scale, false))), wd(static_cast<A>(p.weight_decay));
-  const bool has_b = p.b.count > 0;
-  const auto sums = for_each_chunk<A>(p.a, [&](const Chunk& c) {
-    const T* a = in<T>(p.a, c.tensor);
-    const T* b = has_b ? in<T>(p.b, c.tensor) : nullptr;
-    auto term = [&](int64_t i) {
-      const V bv = has_b ? load_at(b, i, c.end) : V(0);
-      const V d = effective_grad<V>(load_at(a, i, c.end), bv, scale, wd);  // tail lanes load as 0
-      return d * d;
-    };
-    // Four independent accumulators: the add latency, not memory, would bound one chain.
-    V acc0(0), acc1(0), acc2(0), acc3(0);
-    int64_t i = c.begin;
-    for (; i + 4 * w <= c.end; i += 4 * w) {
-      acc0 = acc0 + term(i);
-      acc1 = acc1 + term(i + w);
-      acc2 = acc2 + term(i + 2 * w);
-      acc3 = acc3 + term(i + 3 * w);
-    }
-    for (; i < c.end; i += w) acc0 = acc0 + term(i);
-    return at::vec::vec_reduce_all<A>(std::plus<V>(), (acc0 + acc1) + (acc2 + acc3));
-  });
-  std::copy(sums.begin(), sums.end(), static_cast<A*>(p.out));
+  const SqNormRule<A> rule{nullptr, p.grad_scale, static_cast<A>(p.weight_decay)};
+  const auto sums = for_each_chunk<T>(rule, {p.a, p.b});
+  std::copy(sums.begin(), sums.begin() + p.a.count, static_cast<A*>(p.out));
 }
-
-// ---- DoG update + distance of the new iterate --------------------------------------------------
 
 template <typename T>
 void dog_update(const DogUpdateParams& p) {
   using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  if (skip_step(p.found_inf)) return;
-  const V scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), wd(static_cast<A>(p.weight_decay));
-  const auto* eta = static_cast<const A*>(p.eta);
-  const auto sums = for_each_chunk<A>(p.x, [&](const Chunk& c) {
-    T* x = out<T>(p.x, c.tensor);
-    const T* g = in<T>(p.g, c.tensor);
-    const A* x0 = in<A>(p.x0, c.tensor);
-    const V eta_v(eta[c.tensor]);
-    V acc(0);
-    for (int64_t i = c.begin; i < c.end; i += w) {
-      const V xv = load_at(x, i, c.end);
-      const V d = effective_grad<V>(load_at(g, i, c.end), xv, scale, wd);
-      store_at(x, i, c.end, sgd_step<V>(xv, d, eta_v));
-      // The distance is of the stored (for bf16: rounded) iterate, as the reference measures it.
-      acc = acc + sq_diff<V>(load_at(x, i, c.end), load_at(x0, i, c.end));
-    }
-    return at::vec::vec_reduce_all<A>(std::plus<V>(), acc);
-  });
+  const DogRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(p.weight_decay),
+                        static_cast<const A*>(p.eta)};
+  const auto sums = for_each_chunk<T>(rule, {p.x, p.g, p.x0});
+  if (sums.empty()) return;  // skipped: dist2 keeps its value
   for (int64_t t = 0; t < p.x.count; ++t) *static_cast<A*>(p.dist2[t]) = sums[t];
-}
-
-// ---- Lion --------------------------------------------------------------------------------------
-
-template <typename V>
-V sign_vec(const V& c) {
-  return V::blendv(V(0), V(1), c > V(0)) - V::blendv(V(0), V(1), c < V(0));
 }
 
 template <typename T>
 void lion(const LionParams& p) {
   using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  if (skip_step(p.found_inf)) return;
-  const V scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize)));
-  const V b1(static_cast<A>(1.0 - p.beta1)), b2(static_cast<A>(1.0 - p.beta2)), wd(static_cast<A>(p.weight_decay));
-  const V lr(*static_cast<const A*>(p.lr));
-  for_each_chunk<A>(p.x, [&](const Chunk& c) {
-    T* x = out<T>(p.x, c.tensor);
-    const T* g = in<T>(p.g, c.tensor);
-    A* m = out<A>(p.m, c.tensor);
-    for (int64_t i = c.begin; i < c.end; i += w) {
-      const V gv = load_at(g, i, c.end) * scale, mv = load_at(m, i, c.end);
-      const V sgn = sign_vec(lion_direction<V>(mv, gv, b1));
-      store_at(x, i, c.end, lion_step<V>(load_at(x, i, c.end), sgn, lr, wd));
-      store_at(m, i, c.end, lion_momentum<V>(mv, gv, b2));
-    }
-    return A(0);
-  });
+  const LionRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1),
+                         static_cast<A>(1.0 - p.beta2), static_cast<A>(p.weight_decay), static_cast<const A*>(p.lr)};
+  for_each_chunk<T>(rule, {p.x, p.g, p.m});
 }
 
-// ---- LAMB ------------------------------------------------------------------------------------------
+template <typename A>
+AdamConsts<A> lamb_consts(const LambParams& p) {
+  return {p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1), static_cast<A>(1.0 - p.beta2),
+          static_cast<A>(p.eps), static_cast<const A*>(p.bias_corr)};
+}
+
+template <typename T>
+void lamb_stage1(const LambParams& p) {
+  using A = acc_t<T>;
+  const LambStage1Rule<A> rule{lamb_consts<A>(p), static_cast<A>(p.weight_decay)};
+  const auto sums = for_each_chunk<T>(rule, {p.x, p.g, p.m, p.v});
+  auto* norms = static_cast<A*>(p.norms);  // [t, 0] = ||x||^2, [t, 1] = ||u||^2; 0 when skipped
+  for (int64_t t = 0; t < p.x.count; ++t) {
+    norms[2 * t] = sums.empty() ? A(0) : sums[t];
+    norms[2 * t + 1] = sums.empty() ? A(0) : sums[p.x.count + t];
+  }
+}
+
+template <typename T>
+void lamb_stage2(const LambParams& p) {
+  using A = acc_t<T>;
+  const LambStage2Rule<A> rule{lamb_consts<A>(p), static_cast<A>(p.weight_decay), static_cast<const A*>(p.lr)};
+  for_each_chunk<T>(rule, {p.x, p.m, p.v});
+}
+
+template <typename T>
+void momentum(const MomentumParams& p) {
+  using A = acc_t<T>;
+  const MomentumRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(p.momentum),
+                             static_cast<A>(p.weight_decay), static_cast<const A*>(p.scale),
+                             static_cast<const A*>(p.lr)};
+  for_each_chunk<T>(rule, {p.x, p.g, p.buf});
+}
+
+template <typename T>
+void lerp(const LerpParams& p) {
+  using A = acc_t<T>;
+  for_each_chunk<T>(LerpRule<A>{nullptr, static_cast<A>(p.weight)}, {p.avg, p.x});
+}
 
 // The bias corrections (1 / bc1, 1 / sqrt(bc2)) of tensor `t`, as vectors: each tensor counts its
-// own steps (LAMB and AdamP).
+// own steps.
 template <typename V, typename A>
 struct BiasCorr {
   V inv_bc1, rsqrt_bc2;
@@ -152,106 +191,10 @@ struct BiasCorr {
       : inv_bc1(static_cast<const A*>(bias_corr)[2 * t]), rsqrt_bc2(static_cast<const A*>(bias_corr)[2 * t + 1]) {}
 };
 
-template <typename T>
-void lamb_stage1(const LambParams& p) {
-  using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  auto* norms = static_cast<A*>(p.norms);
-  if (skip_step(p.found_inf)) {
-    std::fill(norms, norms + 2 * p.x.count, A(0));
-    return;
-  }
-  const V scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), b1(static_cast<A>(1.0 - p.beta1)),
-      b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay));
-  const auto sqrt_v = [](const V& v) { return v.sqrt(); };
-  // Two sums per chunk: ||x||^2 and ||u||^2, added per tensor in chunk order.
-  const std::vector<Chunk> cs = chunks(p.x);
-  std::vector<A> part(2 * cs.size(), A(0));
-  parallel_for(0, static_cast<int64_t>(cs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ci = begin; ci < end; ++ci) {
-      const Chunk& c = cs[ci];
-      const T* x = in<T>(p.x, c.tensor);
-      const T* g = in<T>(p.g, c.tensor);
-      A* m = out<A>(p.m, c.tensor);
-      A* v = out<A>(p.v, c.tensor);
-      const BiasCorr<V, A> bc(p.bias_corr, c.tensor);
-      V xs(0), us(0);
-      for (int64_t i = c.begin; i < c.end; i += w) {
-        const V xv = load_at(x, i, c.end), gv = load_at(g, i, c.end) * scale;
-        const V mv = first_moment<V>(load_at(m, i, c.end), gv, b1);
-        const V vv = second_moment<V>(load_at(v, i, c.end), gv, b2);
-        store_at(m, i, c.end, mv);
-        store_at(v, i, c.end, vv);
-        const V u = lamb_direction<V>(mv, vv, xv, bc.inv_bc1, bc.rsqrt_bc2, eps, wd, sqrt_v);
-        const V u_kept = keep_first_n(u, c.end - i);  // padded lanes are 0/eps (NaN when eps = 0)
-        xs = xs + xv * xv;
-        us = us + u_kept * u_kept;
-      }
-      part[2 * ci] = at::vec::vec_reduce_all<A>(std::plus<V>(), xs);
-      part[2 * ci + 1] = at::vec::vec_reduce_all<A>(std::plus<V>(), us);
-    }
-  });
-  std::fill(norms, norms + 2 * p.x.count, A(0));
-  for (size_t ci = 0; ci < cs.size(); ++ci) {
-    norms[2 * cs[ci].tensor] += part[2 * ci];
-    norms[2 * cs[ci].tensor + 1] += part[2 * ci + 1];
-  }
-}
-
-template <typename T>
-void lamb_stage2(const LambParams& p) {
-  using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  if (skip_step(p.found_inf)) return;
-  const V eps(static_cast<A>(p.eps)), wd(static_cast<A>(p.weight_decay));
-  const auto sqrt_v = [](const V& v) { return v.sqrt(); };
-  const auto* lr = static_cast<const A*>(p.lr);
-  for_each_chunk<A>(p.x, [&](const Chunk& c) {
-    T* x = out<T>(p.x, c.tensor);
-    const A* m = in<A>(p.m, c.tensor);
-    const A* v = in<A>(p.v, c.tensor);
-    const V step(lr[c.tensor]);
-    const BiasCorr<V, A> bc(p.bias_corr, c.tensor);
-    for (int64_t i = c.begin; i < c.end; i += w) {
-      const V xv = load_at(x, i, c.end);
-      const V u = lamb_direction<V>(load_at(m, i, c.end), load_at(v, i, c.end), xv, bc.inv_bc1, bc.rsqrt_bc2, eps,
-                                    wd, sqrt_v);
-      store_at(x, i, c.end, sgd_step<V>(xv, u, step));
-    }
-    return A(0);
-  });
-}
-
-// ---- momentum SGD with per-tensor scale (LARS) ----------------------------------------------------
-
-template <typename T>
-void momentum(const MomentumParams& p) {
-  using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  if (skip_step(p.found_inf)) return;
-  const V scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), mu(static_cast<A>(p.momentum)),
-      wd(static_cast<A>(p.weight_decay)), lr(*static_cast<const A*>(p.lr));
-  const auto* tensor_scale = static_cast<const A*>(p.scale);
-  for_each_chunk<A>(p.x, [&](const Chunk& c) {
-    T* x = out<T>(p.x, c.tensor);
-    const T* g = in<T>(p.g, c.tensor);
-    A* buf = out<A>(p.buf, c.tensor);
-    const V ts(tensor_scale[c.tensor]);
-    for (int64_t i = c.begin; i < c.end; i += w) {
-      const V xv = load_at(x, i, c.end);
-      const V d = effective_grad<V>(load_at(g, i, c.end), xv, scale, wd);
-      const V b = momentum_buffer<V>(load_at(buf, i, c.end), d, mu, ts);
-      store_at(buf, i, c.end, b);
-      store_at(x, i, c.end, sgd_step<V>(xv, b, lr));
-    }
-    return A(0);
-  });
-}
-
 // ---- AdamP (row-wise: one task = whole rows of one tensor) ----------------------------------------
+// Not a rule of the engine: its sums are per row (size(0) of each tensor, thousands per list)
+// and stage 2 needs each element's row coefficient, so its unit of work is a run of whole rows,
+// not a fixed-size chunk. The per-element arithmetic is optim_math.h's, as for the rules.
 
 struct RowTask {
   int64_t tensor, row_begin, row_end, row_base;  // row_base: first row of the tensor in row_sums
@@ -363,23 +306,6 @@ void adamp_stage2(const AdamPParams& p) {
         }
       }
     }
-  });
-}
-
-// ---- averaging lerp ------------------------------------------------------------------------------
-
-template <typename T>
-void lerp(const LerpParams& p) {
-  using A = acc_t<T>;
-  using V = AccVec<T>;
-  constexpr int64_t w = kVecWidth<T>;
-  const V wv(static_cast<A>(p.weight));
-  for_each_chunk<A>(p.avg, [&](const Chunk& c) {
-    T* avg = out<T>(p.avg, c.tensor);
-    const T* x = in<T>(p.x, c.tensor);
-    for (int64_t i = c.begin; i < c.end; i += w)
-      store_at(avg, i, c.end, lerp_to<V>(load_at(avg, i, c.end), load_at(x, i, c.end), wv));
-    return A(0);
   });
 }
 

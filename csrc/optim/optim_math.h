@@ -3,6 +3,7 @@
 // the accumulation type; broadcasting constructors V(a) build the constants.
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #include "core/common.h"
 
@@ -19,13 +20,6 @@ SLAB_HD V effective_grad(const V& g, const V& x, const V& g_scale, const V& weig
 template <typename V>
 SLAB_HD V sgd_step(const V& x, const V& d, const V& eta) {
   return x - eta * d;
-}
-
-// Squared distance contribution of one element: (x - x0)^2.
-template <typename V>
-SLAB_HD V sq_diff(const V& x, const V& x0) {
-  const V d = x - x0;
-  return d * d;
 }
 
 // The interpolations below take 1 - beta computed in double by the caller: 1 - float(0.999)
@@ -95,5 +89,196 @@ template <typename V>
 SLAB_HD V lerp_to(const V& avg, const V& x, const V& w) {
   return avg + w * (x - avg);
 }
+
+
+// ---- the rules of the multi-tensor engine -------------------------------------------------------
+//
+// A rule is what one optimizer does to the elements of its lists; the engine (optim.h) loads the
+// element of every list into registers, calls apply, stores the lists the rule writes and adds
+// its sum terms into per-chunk partials. Members:
+//   kLists        lists read, in the order the op passes its TensorLists (<= kMaxLists)
+//   kState        bit l set: list l holds the accumulation type (moments, x0), else the param dtype
+//   kWritten      bit l set: list l is stored back
+//   kSums         sums of squares reduced per tensor (<= kMaxSums); kCpuAccs: independent CPU
+//                 accumulators
+//   found_inf     nonzero *found_inf: the step is skipped (null: never)
+//   consts<V>(t)  the constants of tensor t (its position in the whole list) as V, once per chunk
+//   apply<Ops>(k, r, s)  r[l]: element of list l, updated in place; s[j]: the value whose square
+//                 sum j adds (every reduction here is a squared norm; the engine adds s * s with
+//                 one fused multiply-add, as the per-optimizer loops before it compiled to)
+// V is an at::vec vector on the CPU and the accumulation type on CUDA; Ops supplies what differs
+// between them: sqrt, sign and stored (the value after a round trip through the param dtype). A
+// list that is absent (null data, e.g. sq_norm's `others`) reads as 0. A new optimizer is one rule
+// here plus one binding.
+
+// The element type of list L of a rule: the accumulation type for state lists, else T.
+template <typename T, typename Rule, int L>
+using ListElem = std::conditional_t<((Rule::kState >> L) & 1) != 0, acc_t<T>, T>;
+
+// Reciprocal gradient scale (GradScaler's scale), negated for maximize.
+SLAB_HD float grad_factor(const float* grad_scale, bool maximize) {
+  const float s = grad_scale ? 1.0f / *grad_scale : 1.0f;
+  return maximize ? -s : s;
+}
+
+SLAB_HD bool skip_step(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
+
+// out[t] = ||a_t * scale + weight_decay * b_t||^2 (b optional).
+template <typename A>
+struct SqNormRule {
+  static constexpr int kLists = 2, kSums = 1, kCpuAccs = 4;
+  static constexpr unsigned kState = 0, kWritten = 0;
+  const float* found_inf;
+  const float* grad_scale;
+  A weight_decay;
+  template <typename V> struct Consts { V scale, wd; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t) const {
+    return {V(static_cast<A>(grad_factor(grad_scale, false))), V(weight_decay)};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&s)[S]) {
+    s[0] = effective_grad<V>(r[0], r[1], k.scale, k.wd);
+  }
+};
+
+// DoG/SGD: lists x, g, x0; x <- x - eta[t] * d; sum ||x_new - x0||^2 of the stored iterate.
+template <typename A>
+struct DogRule {
+  static constexpr int kLists = 3, kSums = 1, kCpuAccs = 1;
+  static constexpr unsigned kState = 0b100, kWritten = 0b001;
+  const float* found_inf;
+  const float* grad_scale;
+  bool maximize;
+  A weight_decay;
+  const A* eta;  // [count]
+  template <typename V> struct Consts { V scale, wd, eta; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+    return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(weight_decay), V(eta[t])};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&s)[S]) {
+    const V d = effective_grad<V>(r[1], r[0], k.scale, k.wd);
+    r[0] = Ops::stored(sgd_step<V>(r[0], d, k.eta));  // the distance is of the rounded iterate
+    s[0] = r[0] - r[2];
+  }
+};
+
+// Lion: lists x, g, m.
+template <typename A>
+struct LionRule {
+  static constexpr int kLists = 3, kSums = 0, kCpuAccs = 1;
+  static constexpr unsigned kState = 0b100, kWritten = 0b101;
+  const float* found_inf;
+  const float* grad_scale;
+  bool maximize;
+  A one_minus_beta1, one_minus_beta2, weight_decay;
+  const A* lr;  // [1]
+  template <typename V> struct Consts { V scale, b1, b2, wd, lr; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t) const {
+    return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(one_minus_beta1), V(one_minus_beta2),
+            V(weight_decay), V(*lr)};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&)[S]) {
+    const V g = r[1] * k.scale, m = r[2];
+    r[0] = lion_step<V>(r[0], Ops::sign(lion_direction<V>(m, g, k.b1)), k.lr, k.wd);
+    r[2] = lion_momentum<V>(m, g, k.b2);
+  }
+};
+
+// Ops::sqrt as the function object lamb_direction / adamp_direction take.
+template <typename Ops>
+struct SqrtOf {
+  template <typename V> SLAB_HD V operator()(const V& v) const { return Ops::sqrt(v); }
+};
+
+// LAMB's and AdamP's constants shared by both stages; bias_corr: [count, 2] = 1 / bc1, 1 / sqrt(bc2).
+template <typename A>
+struct AdamConsts {
+  const float* found_inf;
+  const float* grad_scale;
+  bool maximize;
+  A one_minus_beta1, one_minus_beta2, eps;
+  const A* bias_corr;
+};
+
+// LAMB stage 1: lists x, g, m, v; writes m, v; sums ||x||^2 and ||u||^2.
+template <typename A>
+struct LambStage1Rule : AdamConsts<A> {
+  static constexpr int kLists = 4, kSums = 2, kCpuAccs = 1;
+  static constexpr unsigned kState = 0b1100, kWritten = 0b1100;
+  A weight_decay;
+  template <typename V> struct Consts { V scale, b1, b2, eps, wd, inv_bc1, rsqrt_bc2; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+    return {V(static_cast<A>(grad_factor(this->grad_scale, this->maximize))), V(this->one_minus_beta1),
+            V(this->one_minus_beta2), V(this->eps), V(weight_decay), V(this->bias_corr[2 * t]),
+            V(this->bias_corr[2 * t + 1])};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&s)[S]) {
+    const V g = r[1] * k.scale;
+    r[2] = first_moment<V>(r[2], g, k.b1);
+    r[3] = second_moment<V>(r[3], g, k.b2);
+    const V u = lamb_direction<V>(r[2], r[3], r[0], k.inv_bc1, k.rsqrt_bc2, k.eps, k.wd, SqrtOf<Ops>{});
+    s[0] = r[0];
+    s[1] = u;
+  }
+};
+
+// LAMB stage 2: lists x, m, v; x <- x - lr[t] * u (u recomputed from the stored moments).
+template <typename A>
+struct LambStage2Rule : AdamConsts<A> {
+  static constexpr int kLists = 3, kSums = 0, kCpuAccs = 1;
+  static constexpr unsigned kState = 0b110, kWritten = 0b001;
+  A weight_decay;
+  const A* lr;  // [count]: lr * trust ratio
+  template <typename V> struct Consts { V eps, wd, inv_bc1, rsqrt_bc2, lr; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+    return {V(this->eps), V(weight_decay), V(this->bias_corr[2 * t]), V(this->bias_corr[2 * t + 1]), V(lr[t])};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&)[S]) {
+    const V u = lamb_direction<V>(r[1], r[2], r[0], k.inv_bc1, k.rsqrt_bc2, k.eps, k.wd, SqrtOf<Ops>{});
+    r[0] = sgd_step<V>(r[0], u, k.lr);
+  }
+};
+
+// Momentum SGD with a per-tensor scale (LARS): lists x, g, buf.
+template <typename A>
+struct MomentumRule {
+  static constexpr int kLists = 3, kSums = 0, kCpuAccs = 1;
+  static constexpr unsigned kState = 0b100, kWritten = 0b101;
+  const float* found_inf;
+  const float* grad_scale;
+  bool maximize;
+  A momentum, weight_decay;
+  const A* scale;  // [count]
+  const A* lr;     // [1]
+  template <typename V> struct Consts { V gscale, mu, wd, lr, ts; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+    return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(momentum), V(weight_decay), V(*lr), V(scale[t])};
+  }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&)[S]) {
+    const V d = effective_grad<V>(r[1], r[0], k.gscale, k.wd);
+    r[2] = momentum_buffer<V>(r[2], d, k.mu, k.ts);
+    r[0] = sgd_step<V>(r[0], r[2], k.lr);
+  }
+};
+
+// Averaging lerp: lists avg, x.
+template <typename A>
+struct LerpRule {
+  static constexpr int kLists = 2, kSums = 0, kCpuAccs = 1;
+  static constexpr unsigned kState = 0, kWritten = 0b01;
+  const float* found_inf;  // always null
+  A weight;
+  template <typename V> struct Consts { V w; };
+  template <typename V> SLAB_HD Consts<V> consts(int64_t) const { return {V(weight)}; }
+  template <typename Ops, typename V, int L, int S>
+  SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&)[S]) {
+    r[0] = lerp_to<V>(r[0], r[1], k.w);
+  }
+};
 
 }  // namespace slab::optim

@@ -1,6 +1,8 @@
 // PRepBN per-element arithmetic, shared by the CPU and CUDA kernels. Every function is a
 // template over the arithmetic type A, so the CPU kernels also call them on at::vec vectors.
 #pragma once
+#include <cmath>
+
 #include "core/common.h"
 
 namespace slab::prepbn {
@@ -15,6 +17,29 @@ SLAB_HD void merge_moments(A& mean, A& m2, S n_a, const A& mean_b, const A& m2_b
   const A delta = mean_b - mean;
   mean = mean + delta * w_b;
   m2 = m2 + m2_b + delta * delta * A(n_a) * w_b;
+}
+
+// One more kept row v in a running (mean, m2) of n rows, inv_n = 1 / n (n counts v already; the
+// same for every channel of a row, hence one reciprocal per row): Welford's update, as the CPU
+// kernel does it on vectors.
+template <typename A>
+SLAB_HD void welford_push(A& mean, A& m2, A inv_n, A v) {
+  const A delta = v - mean;
+  mean += delta * inv_n;
+  m2 += delta * (v - mean);
+}
+
+// The batch statistics of the forward from the merged moments: mean, 1/sqrt(biased var + eps)
+// and the unbiased variance (the running-stat update). With fewer than 2 kept rows all three are
+// NaN: the CUDA forward does not read the count to the host (it would sync), so such a batch
+// shows as NaN outputs instead of the CPU's error.
+template <typename A> struct BatchStats { A mean, rstd, var; };
+
+template <typename A>
+SLAB_HD BatchStats<A> batch_stats(A mean, A m2, A count, A eps) {
+  using std::sqrt;
+  if (!(count > A(1))) return {A(NAN), A(NAN), A(NAN)};
+  return {mean, A(1) / sqrt(m2 / count + eps), m2 / (count - A(1))};
 }
 
 // Per-channel coefficients of the forward output, folded once per channel:
@@ -61,6 +86,12 @@ SLAB_HD A bwd_elem(A dy, A x, A mu, A rstd, A p, A c0, A c1, A kept, A h, A row_
                    A h_mean, A hx_mean) {
   const A xhat_bn = (x - mu) * rstd;
   return p * dy - kept * (c0 + xhat_bn * c1) + row_rstd * (h - h_mean - xhat_row * hx_mean);
+}
+
+// One channel's term of d_alpha = (1 - lam) * sum_c (sum dy*xhat_bn / bn_rstd + bn_mean * sum dy).
+template <typename A>
+SLAB_HD A alpha_grad_term(A sum_dy, A sum_dy_xhat, A bn_mean, A bn_rstd, A lam) {
+  return (A(1) - lam) * (sum_dy_xhat / bn_rstd + bn_mean * sum_dy);
 }
 
 }  // namespace slab::prepbn

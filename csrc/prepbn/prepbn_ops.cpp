@@ -104,16 +104,19 @@ std::tuple<Tensor, Tensor, Tensor> stats_op(const Tensor& x, const OptTensor& ma
   Tensor mean = empty({channels}, acc, x.device()), m2 = empty({channels}, acc, x.device()),
          count = empty({1}, acc, x.device());
   Tensor ws = workspace(x, rows, channels);
-  StatsParams p{kernel_dtype(x, "x"), rows,           channels,        xc.data_ptr(),   mask_ptr(mask),
-                mean.data_ptr(),      m2.data_ptr(),  count.data_ptr(), data_or_null(ws)};
+  StatsParams p{kernel_dtype(x, "x"), rows,          channels,         xc.data_ptr(),    mask_ptr(mask),
+                mean.data_ptr(),      m2.data_ptr(), count.data_ptr(), data_or_null(ws), 0.0,
+                nullptr,              nullptr};
   launch(x, p, stats_cpu, SLAB_CUDA_FN(stats_cuda));
   return {mean, m2, count};
 }
 
-std::tuple<Tensor, Tensor, Tensor> apply_op(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
-                                            const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha,
-                                            const Tensor& bn_mean, const Tensor& bn_rstd, double lam, double norm_eps,
-                                            const std::string& norm_name) {
+// The apply stage: checks, outputs and the launch; `amend` may set the fused op's extra fields.
+template <typename Amend>
+std::tuple<Tensor, Tensor, Tensor> apply_impl(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
+                                              const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha,
+                                              const Tensor& bn_mean, const Tensor& bn_rstd, double lam, double norm_eps,
+                                              const std::string& norm_name, Amend&& amend) {
   const auto [rows, channels] = check_x(x);
   const Norm norm = parse_norm(norm_name);
   check_norm_weight(norm, norm_weight, norm_name);
@@ -134,14 +137,26 @@ std::tuple<Tensor, Tensor, Tensor> apply_op(const Tensor& x, const OptTensor& no
   Tensor row_mean = empty({row_stats}, acc, x.device()), row_rstd = empty({row_stats}, acc, x.device());
   ApplyParams p{kernel_dtype(x, "x"), norm, rows, channels, xc.data_ptr(), y.data_ptr(),
                 data_or_null(nw), data_or_null(nb), bw.data_ptr(), bb.data_ptr(), al.data_ptr(),
-                mean.data_ptr(), rstd.data_ptr(), lam, norm_eps, row_mean.data_ptr(), row_rstd.data_ptr()};
+                mean.data_ptr(), rstd.data_ptr(), lam, norm_eps, row_mean.data_ptr(), row_rstd.data_ptr(),
+                nullptr, 0.0, nullptr, nullptr, nullptr};
+  amend(p);
   launch(x, p, apply_cpu, SLAB_CUDA_FN(apply_cuda));
   return {y, row_mean, row_rstd};
 }
 
-std::tuple<Tensor, Tensor> bwd_reduce_op(const Tensor& dy, const Tensor& x, const Tensor& row_mean,
-                                         const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd,
-                                         const std::string& norm_name, const OptTensor& mask_in) {
+std::tuple<Tensor, Tensor, Tensor> apply_op(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
+                                            const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha,
+                                            const Tensor& bn_mean, const Tensor& bn_rstd, double lam, double norm_eps,
+                                            const std::string& norm_name) {
+  return apply_impl(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd, lam, norm_eps, norm_name,
+                    [](ApplyParams&) {});
+}
+
+// The backward reduction stage; `amend` may set the fused op's extra fields.
+template <typename Amend>
+std::tuple<Tensor, Tensor> bwd_reduce_impl(const Tensor& dy, const Tensor& x, const Tensor& row_mean,
+                                           const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd,
+                                           const std::string& norm_name, const OptTensor& mask_in, Amend&& amend) {
   const auto [rows, channels] = check_x(x);
   check_same_shape(dy, x, "dy");
   const Norm norm = parse_norm(norm_name);
@@ -157,9 +172,16 @@ std::tuple<Tensor, Tensor> bwd_reduce_op(const Tensor& dy, const Tensor& x, cons
   Tensor ws = workspace(x, rows, channels);
   BwdReduceParams p{kernel_dtype(x, "x"), norm, rows, channels, dyc.data_ptr(), xc.data_ptr(), mask_ptr(mask),
                     rm.data_ptr(), rr.data_ptr(), mean.data_ptr(), rstd.data_ptr(), sums.data_ptr(),
-                    count.data_ptr(), data_or_null(ws)};
+                    count.data_ptr(), data_or_null(ws), 0.0, nullptr, nullptr, nullptr, nullptr, nullptr};
+  amend(p);
   launch(x, p, bwd_reduce_cpu, SLAB_CUDA_FN(bwd_reduce_cuda));
   return {sums, count};
+}
+
+std::tuple<Tensor, Tensor> bwd_reduce_op(const Tensor& dy, const Tensor& x, const Tensor& row_mean,
+                                         const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd,
+                                         const std::string& norm_name, const OptTensor& mask_in) {
+  return bwd_reduce_impl(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm_name, mask_in, [](BwdReduceParams&) {});
 }
 
 Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight,
@@ -206,23 +228,68 @@ double host_count(const Tensor& count) {
                                                    : static_cast<double>(*host.const_data_ptr<float>());
 }
 
-void check_training_count(const Tensor& x, int64_t rows, const OptTensor& mask, const Tensor& count) {
+void check_training_rows(const Tensor& x, int64_t rows) {
   // Like torch's batch norm: the unbiased running variance needs two values per channel.
   SLAB_CHECK(rows > 1, "Expected more than 1 value per channel when training, got x of shape ", x.sizes());
+}
+
+void check_training_count(const Tensor& x, int64_t rows, const OptTensor& mask, const Tensor& count) {
+  check_training_rows(x, rows);
   if (mask.has_value()) {  // the kept count is data: reading it costs a host sync on CUDA
     const double kept = host_count(count);
     SLAB_CHECK(kept > 1, "Expected more than 1 unmasked token when training, got ", kept);
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fwd_op(
-    const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias, const Tensor& bn_weight,
-    const Tensor& bn_bias, const Tensor& alpha, const Tensor& running_mean, const Tensor& running_var, double lam,
-    bool training, double eps, double norm_eps, const std::string& norm, const OptTensor& mask) {
+using FwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// CUDA: two launches (stats with its in-kernel merge and finalisation, then apply) in training,
+// one (apply, the running statistics folded in) in eval; no host sync. Fewer than 2 kept tokens
+// (a mask is data) cannot raise here without reading the count to the host, which would sync
+// every layer and break CUDA-graph capture: the batch statistics are NaN instead (batch_stats in
+// prepbn_math.h), so y, the gradients and the updated running statistics are NaN. The CPU raises.
+FwdOutputs fwd_cuda(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
+                    const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha, const Tensor& rmean,
+                    const Tensor& rvar, double lam, bool training, double eps, double norm_eps,
+                    const std::string& norm, const OptTensor& mask_in, int64_t rows, int64_t channels) {
+  const ScalarType acc = acc_dtype(x.scalar_type());
+  Tensor bn_mean = empty({channels}, acc, x.device()), bn_rstd = empty({channels}, acc, x.device()),
+         bn_var = empty({channels}, acc, x.device());
+  const Tensor xc = contiguous(x);
+  if (training) {
+    check_training_rows(x, rows);
+    const auto mask = check_mask(mask_in, x);
+    Tensor count = empty({1}, acc, x.device());
+    Tensor ws = workspace(x, rows, channels);
+    StatsParams p{kernel_dtype(x, "x"), rows,    channels,         xc.data_ptr(),    mask_ptr(mask),
+                  bn_mean.data_ptr(),   nullptr, count.data_ptr(), data_or_null(ws), eps,
+                  bn_rstd.data_ptr(),   bn_var.data_ptr()};
+    launch(x, p, stats_cpu, SLAB_CUDA_FN(stats_cuda));
+    auto [y, row_mean, row_rstd] = apply_impl(xc, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd,
+                                              lam, norm_eps, norm, [](ApplyParams&) {});
+    return {y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var};
+  }
+  auto [y, row_mean, row_rstd] =
+      apply_impl(xc, norm_weight, norm_bias, bn_weight, bn_bias, alpha, rmean, bn_rstd, lam, norm_eps, norm,
+                 [&](ApplyParams& p) {
+                   p.bn_var = rvar.data_ptr(), p.eps = eps;
+                   p.out_mean = bn_mean.data_ptr(), p.out_rstd = bn_rstd.data_ptr(), p.out_var = bn_var.data_ptr();
+                 });
+  return {y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var};
+}
+
+FwdOutputs fwd_op(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias, const Tensor& bn_weight,
+                  const Tensor& bn_bias, const Tensor& alpha, const Tensor& running_mean, const Tensor& running_var,
+                  double lam, bool training, double eps, double norm_eps, const std::string& norm,
+                  const OptTensor& mask) {
   const auto [rows, channels] = check_x(x);
   check_finite(eps, "eps");
   const Tensor rmean = channel_vector(running_mean, x, channels, "running_mean");
   const Tensor rvar = channel_vector(running_var, x, channels, "running_var");
+  if (!x.is_cpu())
+    return fwd_cuda(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, rmean, rvar, lam, training, eps, norm_eps,
+                    norm, mask, rows, channels);
+  // CPU: the stage kernels and ATen ops for the scalar glue.
   const ScalarType acc = acc_dtype(x.scalar_type());
   const Tensor eps_t = scalar(eps, acc);
   Tensor bn_mean, bn_var, bn_rstd;
@@ -242,11 +309,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fwd_op(
   return {y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var};
 }
 
+using BwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// CUDA: two launches; the reduction's merging blocks write the parameter gradients and d_alpha.
+BwdOutputs bwd_cuda(const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight,
+                    const Tensor& alpha, const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean,
+                    const Tensor& bn_rstd, double lam, bool training, const std::string& norm, const OptTensor& mask) {
+  const int64_t channels = check_x(x).channels;
+  const ScalarType acc = acc_dtype(x.scalar_type());
+  Tensor d_nw = empty({channels}, acc, x.device()), d_nb = empty({channels}, acc, x.device()),
+         d_bw = empty({channels}, acc, x.device()), d_bb = empty({channels}, acc, x.device()),
+         d_alpha = empty({1}, acc, x.device());
+  auto [sums, count] = bwd_reduce_impl(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask, [&](BwdReduceParams& p) {
+    p.lam = lam;
+    p.d_norm_weight = d_nw.data_ptr(), p.d_norm_bias = d_nb.data_ptr();
+    p.d_bn_weight = d_bw.data_ptr(), p.d_bn_bias = d_bb.data_ptr(), p.d_alpha = d_alpha.data_ptr();
+  });
+  Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count,
+                           lam, training, norm, mask);
+  return {dx, d_nw, d_nb, d_bw, d_bb, d_alpha};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
     const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight, const Tensor& alpha,
     const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd, double lam,
     bool training, const std::string& norm, const OptTensor& mask) {
   check_finite(lam, "lam", /*non_negative=*/false);
+  check_x(x);
+  if (!x.is_cpu())
+    return bwd_cuda(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm,
+                    mask);
+  // CPU: the stage kernels and ATen ops for the parameter gradients.
   auto [sums, count] = bwd_reduce_op(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask);
   Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count,
                            lam, training, norm, mask);

@@ -2,7 +2,8 @@
 
 Importing slab loads the op library, which registers ``torch.ops.slab.*``; the Python API is
 ``slab.ops`` (functional ops with autograd), ``slab.nn`` (modules), ``slab.optim`` (fused
-optimizers), ``slab.sparse`` (activation-sparsity calibration) and ``slab.deploy``. ``slab info``
+optimizers), ``slab.sparse`` (activation-sparsity calibration), ``slab.deploy`` (fold norms away for
+inference) and ``slab.tune`` / ``slab.untune`` (Tune mode: Conv + frozen BN as one convolution). ``slab info``
 (also ``python -m slab info``) prints the build and runtime facts a bug report needs.
 """
 
@@ -29,6 +30,8 @@ from . import nn  # noqa: E402
 from . import optim  # noqa: E402
 from . import sparse  # noqa: E402
 from . import quant  # noqa: E402
-from .deploy import deploy  # noqa: E402
+from .deploy import deploy, register_bn_act, register_conv_bn_block  # noqa: E402
+from .tune import tune, tuned, untune  # noqa: E402
 
-__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "quant", "deploy"]
+__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "quant", "deploy", "tune", "untune",
+           "tuned", "register_conv_bn_block", "register_bn_act"]

@@ -23,7 +23,7 @@ import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from slab.nn._args import check_flag
 from slab.nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
 
-__all__ = ["deploy", "DeployReport", "Folded", "Left"]
+__all__ = ["deploy", "DeployReport", "Folded", "Left", "register_conv_bn_block", "register_bn_act"]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -83,6 +83,88 @@ class DeployReport:
         lines += [f"{c.norm} -> ChannelAffine: {c.reason}" for c in self.converted]
         lines += [f"left {k.norm}: {k.reason}" for k in self.left]
         return "\n".join(lines) or "no norms"
+
+    def summary(self) -> str:
+        """One line: how many BatchNorms/norms were folded, converted and left."""
+        return f"{len(self.folded)} folded, {len(self.converted)} converted to ChannelAffine, {len(self.left)} left"
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: modules that hold a Conv -> BN(-activation) pair as attributes, and BatchNorm
+# subclasses that apply more after normalising. Keyed by qualified class name, so that slab never
+# imports the libraries that define them; a subclass matches when it keeps the registered forward.
+# ----------------------------------------------------------------------------------------------
+class _Block(NamedTuple):
+    conv: str  # attribute names of the pair
+    bn: str
+
+
+_BLOCKS: dict[str, _Block] = {}
+_BN_ACTS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def _qualname(cls: Union[type, str]) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_conv_bn_block(cls: Union[type, str], conv: str = "conv", bn: str = "bn") -> None:
+    """Declares that modules of class ``cls`` (a class or its qualified name) feed the output of
+    their ``conv`` attribute only to their ``bn`` attribute, whatever else their forward does
+    (ultralytics' ``Conv``: ``act(bn(conv(x)))``). :func:`deploy` then folds such a BN into the conv
+    in place (the BN becomes ``nn.Identity``, or the tail of a :func:`register_bn_act` class), and
+    :func:`slab.tune` computes the pair as one convolution, even in models torch.fx cannot trace.
+    Subclasses match as long as they keep ``cls.forward``. Registered by default: ultralytics
+    ``Conv`` (and ``DWConv``), timm ``ConvNormAct``."""
+    for attr, value in (("conv", conv), ("bn", bn)):
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ValueError(f"register_conv_bn_block: {attr} must be an attribute name, got {value!r}")
+    _BLOCKS[_qualname(cls)] = _Block(conv, bn)
+
+
+def register_bn_act(cls: Union[type, str], tail: Callable[[nn.Module], nn.Module]) -> None:
+    """Declares a BatchNorm subclass (a class or its qualified name) whose forward normalises as
+    its BatchNorm base does and then applies ``tail(bn)`` (a module built from the BN's own
+    submodules). Folding such a BN leaves ``tail(bn)`` in its place. Registered by default: timm's
+    ``BatchNormAct2d`` (``tail = Sequential(bn.drop, bn.act)``)."""
+    if not callable(tail):
+        raise ValueError(f"register_bn_act: tail must be callable, got {type(tail).__name__}")
+    _BN_ACTS[_qualname(cls)] = tail
+
+
+register_conv_bn_block("ultralytics.nn.modules.conv.Conv")
+register_conv_bn_block("timm.layers.conv_bn_act.ConvNormAct")
+register_bn_act("timm.layers.norm_act.BatchNormAct2d", lambda bn: nn.Sequential(bn.drop, bn.act))
+
+_TORCH_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _registered(m: nn.Module, table: dict):
+    """The entry of the first class in type(m)'s MRO registered in ``table`` whose forward m keeps."""
+    for base in type(m).__mro__:
+        entry = table.get(_qualname(base))
+        if entry is not None:
+            return entry if type(m).forward is base.forward else None
+    return None
+
+
+def _block_of(m: nn.Module) -> Optional[_Block]:
+    return _registered(m, _BLOCKS)
+
+
+def _bn_tail(bn: nn.Module) -> Optional[nn.Module]:
+    """What replaces a folded BN: None (nothing) for torch's BNs, ``tail(bn)`` for a registered one."""
+    tail = _registered(bn, _BN_ACTS)
+    return None if tail is None else tail(bn)
+
+
+def _bn_kind(bn: nn.Module) -> Optional[type]:
+    """The torch BatchNorm class whose normalisation ``bn`` computes: its own type, or the torch
+    base of a registered BN-with-activation; None for other BatchNorm subclasses."""
+    if type(bn) in _TORCH_BNS:
+        return type(bn)
+    if _registered(bn, _BN_ACTS) is not None:
+        return next((c for c in type(bn).__mro__ if c in _TORCH_BNS), None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +224,10 @@ def _pair_problem(name: str, layer: nn.Module, bn: nn.Module, rank: Optional[int
         return f"it follows {name} ({type(layer).__name__}), not a Conv or Linear"
     channels, batched, bns = layout
     what = f"{type(bn).__name__} after {name} ({type(layer).__name__})"
-    if type(bn) not in bns:
+    kind = _bn_kind(bn)
+    if kind is None:
+        return f"{what}: {type(bn).__name__} overrides BatchNorm's forward (register_bn_act declares such classes)"
+    if kind not in bns:
         return f"{what}: this BN type does not normalise the layer's output channels"
     if bn.num_features != channels:
         return f"{what}: num_features {bn.num_features} != the layer's {channels} output channels"
@@ -292,7 +377,8 @@ def _to_affine(norm: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (RepBN, PRepBN, ChannelAffine)):
+        # Registered BN-with-activation classes stay one call, so that the BN is seen after its conv.
+        if isinstance(m, (RepBN, PRepBN, ChannelAffine)) or _registered(m, _BN_ACTS) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -336,12 +422,17 @@ def _describe(node) -> str:
 class _GraphFolder:
     """Folds the norms of one traced model, recording every decision in ``report``."""
 
-    def __init__(self, gm: fx.GraphModule, report: DeployReport) -> None:
+    def __init__(self, gm: fx.GraphModule, report: DeployReport, write_back: bool = False) -> None:
         self.gm, self.graph, self.report = gm, gm.graph, report
         self.modules = dict(gm.named_modules())
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         self.attrs = [n.target for n in self.graph.nodes if n.op == "get_attr"]
         self.why_not: dict[str, str] = {}  # norm -> why one of its calls did not fold
+        # write_back: the changes are also applied, by module path, to the module that was traced
+        # (see _write_back), so a norm must then be called exactly once (its module becomes the
+        # Identity that its dropped call was).
+        self.write_back = write_back
+        self.replaced: dict[str, nn.Module] = {}  # module path -> what takes its place
 
     def mod(self, node) -> Optional[nn.Module]:
         return self.modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
@@ -355,15 +446,29 @@ class _GraphFolder:
             return f"{node.target} is called more than once or its weights are read directly"
         return None
 
-    def fold_into(self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node) -> None:
+    def replace(self, target: str, new: nn.Module) -> None:
+        self.gm.add_submodule(target, new)  # replaces the module at that path
+        self.modules[target] = new
+        self.replaced[target] = new
+
+    def fold_into(self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node,
+                  tail: Optional[nn.Module] = None) -> None:
         """Replaces the module of ``into`` by ``new`` and drops the norm call ``node`` (its uses
-        read ``keep`` instead)."""
-        self.gm.add_submodule(into.target, new)  # replaces the module at that path
-        self.modules[into.target] = new
-        node.replace_all_uses_with(keep)
-        self.graph.erase_node(node)
-        self.calls[node.target] -= 1
+        read ``keep`` instead), or, for a BN with an activation tail, makes ``node`` call the tail."""
+        self.replace(into.target, new)
+        if tail is not None:
+            self.replace(node.target, tail)
+        else:
+            node.replace_all_uses_with(keep)
+            self.graph.erase_node(node)
+            self.calls[node.target] -= 1
+            self.replaced[node.target] = nn.Identity()
         self.report.folded.append(Folded(node.target, into.target))
+
+    def problem_dropping(self, node: fx.Node) -> Optional[str]:
+        if self.write_back and (self.calls[node.target] != 1 or self.read_directly(node.target)):
+            return f"{node.target} is called more than once or its parameters are read directly"
+        return None
 
     # 1. layer -> eval BN (Efficient ConvBN): the BN disappears into the layer.
     def fold_bns(self) -> None:
@@ -376,7 +481,7 @@ class _GraphFolder:
             if why is not None:
                 self.report.left.append(Left(node.target, why))
             else:
-                self.fold_into(node, src, _fold_bn_into_layer(self.mod(src), bn), src)
+                self.fold_into(node, src, _fold_bn_into_layer(self.mod(src), bn), src, _bn_tail(bn))
 
     def bn_problem(self, node: fx.Node, bn: nn.Module, src) -> Optional[str]:
         if not _is_eval_bn(bn):
@@ -389,7 +494,22 @@ class _GraphFolder:
         why = _pair_problem(src.target, layer, bn, _rank(src, self.modules))
         if why is None and _data_users(src) != [node]:
             why = f"the output of {src.target} is also used elsewhere"
-        return why or self.problem_rewriting(src)
+        return why or self.problem_rewriting(src) or self.problem_dropping(node)
+
+    def bn_pairs(self) -> tuple[list[tuple[str, str]], list[Left]]:
+        """``(layer path, BN path)`` of every pair fold_bns would fold (write-back rules), and the
+        BNs it would leave, changing nothing."""
+        pairs, left = [], []
+        for node in self.graph.nodes:
+            bn = self.mod(node)
+            if isinstance(bn, _BatchNorm):
+                src = _input_of(node, "input")
+                why = self.bn_problem(node, bn, src)
+                if why is None:
+                    pairs.append((src.target, node.target))
+                else:
+                    left.append(Left(node.target, why))
+        return pairs, left
 
     # 2. eval norm -> Linear (its only consumer): the norm disappears into the Linear.
     def fold_norms(self) -> None:
@@ -421,7 +541,7 @@ class _GraphFolder:
             return f"it feeds {_describe(user)}, not an nn.Linear"
         if _input_of(user, "input") is not node:
             return f"{user.target} is called with more than its output"
-        return self.problem_rewriting(user)
+        return self.problem_rewriting(user) or self.problem_dropping(node)
 
     # 3. every remaining eval norm becomes one per-channel affine.
     def convert_rest(self) -> None:
@@ -435,7 +555,7 @@ class _GraphFolder:
             elif self.read_directly(target):
                 self.report.left.append(Left(target, f"{why}; its parameters are read directly"))
             else:
-                self.gm.add_submodule(target, _to_affine(m))
+                self.replace(target, _to_affine(m))
                 self.report.converted.append(Left(target, why))
 
     def run(self) -> fx.GraphModule:
@@ -448,19 +568,130 @@ class _GraphFolder:
         return self.gm
 
 
-def _traced(model: nn.Module) -> Optional[fx.GraphModule]:
+def _traced(model: nn.Module, warn: bool = True) -> Optional[fx.GraphModule]:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure selects the fallback
-        warnings.warn(
-            f"slab.deploy: torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: "
-            f"{exc}); folding only adjacent nn.Sequential children and converting the other "
-            "RepBN/PRepBN to ChannelAffine",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                f"slab.deploy: torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: "
+                f"{exc}); folding its registered Conv-BN blocks, inside its traceable submodules and "
+                "between adjacent nn.Sequential children, and converting the other RepBN/PRepBN to "
+                "ChannelAffine",
+                stacklevel=3,
+            )
         return None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models torch.fx cannot trace as a whole: registered blocks, then every traceable submodule
+# (folded in its graph, the changes written back by module path so the model keeps its classes
+# and forward), then nn.Sequential adjacency for what is left.
+# ----------------------------------------------------------------------------------------------
+def _fold_blocks(model: nn.Module, report: DeployReport) -> dict[int, str]:
+    """Folds the BN of every registered Conv-BN block in place; returns id(BN) -> why it was left."""
+    names = {id(m): name for name, m in model.named_modules()}
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    why_not: dict[int, str] = {}
+    for name, m in list(model.named_modules()):
+        block = _block_of(m)
+        bn = getattr(m, block.bn, None) if block else None
+        if not isinstance(bn, _BatchNorm) or not _is_eval_bn(bn):
+            continue  # no BN (built without one), or one that report_left describes
+        conv = getattr(m, block.conv, None)
+        conv_name = names.get(id(conv), f"{name}.{block.conv}")
+        why = _pair_problem(conv_name, conv, bn, None)
+        if why is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
+            why = f"{conv_name} or its BN is used more than once"
+        if why is not None:
+            why_not[id(bn)] = why
+            continue
+        setattr(m, block.conv, _fold_bn_into_layer(conv, bn))
+        tail = _bn_tail(bn)
+        setattr(m, block.bn, tail if tail is not None else nn.Identity())
+        report.folded.append(Folded(names[id(bn)], conv_name))
+    return why_not
+
+
+def conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[Left]]:
+    """``(layer name, BN name)`` of every eval BN that :func:`deploy` would fold into the Conv or
+    Linear before it (registered blocks, the graph of the model or of its traceable submodules,
+    nn.Sequential adjacency), and the BNs it would leave with the reason; changes nothing."""
+    pairs: list[tuple[str, str]] = []
+    left: dict[str, str] = {}
+    names = {id(m): name for name, m in model.named_modules()}
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for name, m in model.named_modules():
+        block = _block_of(m)
+        bn = getattr(m, block.bn, None) if block else None
+        if isinstance(bn, _BatchNorm) and _is_eval_bn(bn):
+            conv = getattr(m, block.conv, None)
+            why = _pair_problem(names.get(id(conv), ""), conv, bn, None)
+            if why is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
+                why = "the conv or its BN is used more than once"
+            if why is None:
+                pairs.append((names[id(conv)], names[id(bn)]))
+            else:
+                left[names[id(bn)]] = why
+    claimed = {b for _, b in pairs}
+
+    def search(module: nn.Module, prefix: str) -> None:
+        gm = _traced(module, warn=False)
+        if gm is not None:
+            found, why_not = _GraphFolder(gm, DeployReport(), write_back=True).bn_pairs()
+            pairs.extend((prefix + a, prefix + b) for a, b in found if prefix + b not in claimed)
+            left.update((prefix + k.norm, k.reason) for k in why_not if prefix + k.norm not in claimed)
+            return
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            kids = list(module.named_children())
+            for (a, layer), (b, bn) in zip(kids, kids[1:]):
+                if _is_eval_bn(bn) and _output_layout(layer) is not None and prefix + b not in claimed:
+                    rank = _prefix_rank([m for _, m in kids[:kids.index((a, layer)) + 1]])
+                    why = _pair_problem(prefix + a, layer, bn, rank)
+                    if why is None and (uses[id(layer)] > 1 or uses[id(bn)] > 1):
+                        why = "the layer or its BN is used more than once"
+                    if why is None:
+                        pairs.append((prefix + a, prefix + b))
+                    else:
+                        left[prefix + b] = why
+        for name, child in module.named_children():
+            if _has_foldable(child) and not isinstance(child, (_BatchNorm, RepBN, PRepBN)):
+                search(child, f"{prefix}{name}.")
+
+    search(model, "")
+    found = {b for _, b in pairs}
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and name not in found and name not in left:
+            left[name] = _not_eval(m) if not _is_eval_bn(m) else "it follows no Conv or Linear that deploy can prove"
+    return pairs, [Left(k, v) for k, v in left.items() if k not in found]
+
+
+def _has_foldable(m: nn.Module) -> bool:
+    return any(isinstance(x, (_BatchNorm, RepBN, PRepBN)) for x in m.modules())
+
+
+def _fold_parts(module: nn.Module, prefix: str, report: DeployReport, why_not: dict[int, str]) -> None:
+    """Folds inside every maximal traceable submodule of ``module`` (the children that trace, and
+    the same search inside those that do not)."""
+    for name, child in module.named_children():
+        path = prefix + name
+        if isinstance(child, (_BatchNorm, RepBN, PRepBN, ChannelAffine)) or not _has_foldable(child):
+            continue  # a norm called by the untraceable parent is the adjacency pass's
+        gm = _traced(child, warn=False)
+        if gm is None:
+            _fold_parts(child, path + ".", report, why_not)
+            continue
+        part = DeployReport()
+        folder = _GraphFolder(gm, part, write_back=True)
+        folder.run()
+        for k in part.left:
+            why_not[id(child.get_submodule(k.norm))] = k.reason
+        for target, new in folder.replaced.items():
+            child.set_submodule(target, new)
+        report.folded += [Folded(f"{path}.{f.norm}", f"{path}.{f.into}") for f in part.folded]
+        report.converted += [Left(f"{path}.{c.norm}", c.reason) for c in part.converted]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,13 +704,13 @@ _UNTRACED_BN = "torch.fx could not trace the model, and it follows no Conv or Li
 class _SequentialFolder:
     """Folds adjacent children of the plain nn.Sequential containers of an untraceable model."""
 
-    def __init__(self, model: nn.Module, report: DeployReport) -> None:
+    def __init__(self, model: nn.Module, report: DeployReport, why_not: dict[int, str]) -> None:
         self.model, self.report = model, report
         self.names = {id(m): name for name, m in model.named_modules()}
         self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.seqs = [m for m in model.modules()
                      if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
-        self.why_not: dict[int, str] = {}  # id(BN) -> why it did not fold into the layer before it
+        self.why_not = why_not  # id(BN) -> why it did not fold (here or in an earlier pass)
 
     def pairs(self, seq: nn.Sequential) -> list[tuple[str, str, list[nn.Module]]]:
         """``(name, next name, the children up to name)`` for each adjacent pair of children."""
@@ -637,7 +868,9 @@ def deploy(model: nn.Module, inplace: bool = False, example_inputs: Union[Tensor
     else:
         gm = _traced(model)
         if gm is None:
-            out = _SequentialFolder(model, report).run()
+            why_not = _fold_blocks(model, report)
+            _fold_parts(model, "", report, why_not)
+            out = _SequentialFolder(model, report, why_not).run()
         else:
             if example_inputs is not None:
                 _propagate_shapes(gm, example_inputs)

@@ -1044,3 +1044,8 @@ def all_cases() -> list[Case]:
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     return cases
+
+
+# ---- further families, in files of their own -------------------------------------------------------
+
+from . import convbn_cases  # noqa: E402,F401  (registers its ops into TABLE)

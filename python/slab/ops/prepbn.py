@@ -4,7 +4,7 @@ Schemas and kernels live in C++ (csrc/prepbn/prepbn_ops.cpp); this module regist
 torch.compile (fake tensors) and autograd need, next to the public wrappers, and the kernels that
 are compositions of other ops: the public ``slab::rep_bn`` / ``slab::prep_bn``
 (CompositeImplicitAutograd: ``prep_bn_fwd`` with autograd, then the in-place running-stat update)
-and ``slab::bn_update_running_stats`` (CompositeExplicitAutograd: two ``lerp_``).
+and ``slab::bn_update_running_stats`` (CompositeExplicitAutograd: one ``_foreach_lerp_``).
 """
 
 from __future__ import annotations
@@ -321,8 +321,9 @@ def _bn_update_running_stats(running_mean, running_var, mean, var, momentum):
     _check_stat(mean, running_mean, "mean")
     _check_stat(var, running_mean, "var")
     _running_stats_alias_check(running_mean, running_var).read(mean, "mean").read(var, "var").check()
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(var.to(running_var.dtype), momentum)
+    # One multi-tensor launch on CUDA for both (the same lerp, element for element, as two lerp_).
+    torch._foreach_lerp_([running_mean, running_var], [mean.to(running_mean.dtype), var.to(running_var.dtype)],
+                         momentum)
 
 
 def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
