@@ -76,13 +76,7 @@ __global__ void __launch_bounds__(kThreads) rule_kernel(const __grid_constant__ 
   if (skip_step(rule.found_inf)) return;
   const ChunkSpan c = chunk_span(t, blockIdx.x);
   void* ptr[kMaxLists] = {};
-  bool aligned = true;
-  static_for<Rule::kLists>([&](auto l) {
-    using E = ListElem<T, Rule, decltype(l)::value>;
-    E* base = static_cast<E*>(t.data[l][c.slot]);
-    ptr[l] = base ? base + c.begin : nullptr;
-    aligned = aligned && all_vec_aligned(static_cast<const E*>(ptr[l]));
-  });
+  const bool aligned = chunk_pointers<T, Rule>(t, c, ptr);
   const auto k = rule.template consts<A>(t.index[c.slot]);
   A acc[kMaxSums] = {};
   for_each_item<kPackWidth<T>>(c.n, aligned, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {

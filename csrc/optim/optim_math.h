@@ -6,6 +6,8 @@
 #include <type_traits>
 
 #include "core/common.h"
+#include "core/vec.h"
+#include "optim/optim.h"
 
 namespace slab::optim {
 
@@ -114,6 +116,21 @@ SLAB_HD V lerp_to(const V& avg, const V& x, const V& w) {
 // The element type of list L of a rule: the accumulation type for state lists, else T.
 template <typename T, typename Rule, int L>
 using ListElem = std::conditional_t<((Rule::kState >> L) & 1) != 0, acc_t<T>, T>;
+
+// The first element of chunk c in every list of a rule (null for an absent optional list), and
+// whether all of them allow 16-byte packs. Shared by the CUDA rule kernel and its host emulation
+// (tests/host/optim_engine.cpp).
+template <typename T, typename Rule>
+SLAB_HD bool chunk_pointers(const ChunkTable& t, const ChunkSpan& c, void* (&ptr)[kMaxLists]) {
+  bool aligned = true;
+  static_for<Rule::kLists>([&](auto l) {
+    using E = ListElem<T, Rule, decltype(l)::value>;
+    E* base = static_cast<E*>(t.data[l][c.slot]);
+    ptr[l] = base ? base + c.begin : nullptr;
+    aligned = aligned && all_vec_aligned(static_cast<const E*>(ptr[l]));
+  });
+  return aligned;
+}
 
 // Reciprocal gradient scale (GradScaler's scale), negated for maximize.
 SLAB_HD float grad_factor(const float* grad_scale, bool maximize) {

@@ -70,13 +70,7 @@ std::vector<double> emulate(const Rule& rule, const TensorList (&lists)[Rule::kL
       HOST_CHECK(c.n > 0 && c.n <= kCudaChunk && c.begin + c.n <= t.numel[c.slot], "chunk %d: [%lld, +%lld) of %lld",
                  block, (long long)c.begin, (long long)c.n, (long long)t.numel[c.slot]);
       void* ptr[kMaxLists] = {};
-      bool aligned = true;
-      static_for<Rule::kLists>([&](auto l) {
-        using E = ListElem<T, Rule, decltype(l)::value>;
-        E* base = static_cast<E*>(t.data[l][c.slot]);
-        ptr[l] = base ? base + c.begin : nullptr;
-        aligned = aligned && all_vec_aligned(static_cast<const E*>(ptr[l]));
-      });
+      const bool aligned = chunk_pointers<T, Rule>(t, c, ptr);
       const auto k = rule.template consts<A>(t.index[c.slot]);
       A block_acc[kMaxSums] = {};
       for (int tid = 0; tid < kThreads; ++tid) {
