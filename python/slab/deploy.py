@@ -590,28 +590,42 @@ def _traced(model: nn.Module, warn: bool = True) -> Optional[fx.GraphModule]:
 # (folded in its graph, the changes written back by module path so the model keeps its classes
 # and forward), then nn.Sequential adjacency for what is left.
 # ----------------------------------------------------------------------------------------------
-def _fold_blocks(model: nn.Module, report: DeployReport) -> dict[int, str]:
-    """Folds the BN of every registered Conv-BN block in place; returns id(BN) -> why it was left."""
+def _held_pair_problem(name: str, layer: nn.Module, bn: nn.Module, rank: Optional[int], uses: Counter) -> Optional[str]:
+    """:func:`_pair_problem` for a pair found by module structure (a registered block, adjacent
+    nn.Sequential children), where no graph shows other uses: both modules must be used once."""
+    why = _pair_problem(name, layer, bn, rank)
+    if why is None and (uses[id(layer)] > 1 or uses[id(bn)] > 1):
+        why = f"{name} or the BN is used more than once"
+    return why
+
+
+def _block_pairs(model: nn.Module):
+    """``(block, entry, conv name, BN name, why)`` for every registered Conv-BN block of ``model``
+    whose BN is in eval mode; ``why`` is None where the pair may fold."""
     names = {id(m): name for name, m in model.named_modules()}
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    why_not: dict[int, str] = {}
     for name, m in list(model.named_modules()):
         block = _block_of(m)
         bn = getattr(m, block.bn, None) if block else None
         if not isinstance(bn, _BatchNorm) or not _is_eval_bn(bn):
-            continue  # no BN (built without one), or one that report_left describes
+            continue  # no BN (built without one), or one that the report describes elsewhere
         conv = getattr(m, block.conv, None)
         conv_name = names.get(id(conv), f"{name}.{block.conv}")
-        why = _pair_problem(conv_name, conv, bn, None)
-        if why is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
-            why = f"{conv_name} or its BN is used more than once"
+        yield m, block, conv_name, names[id(bn)], _held_pair_problem(conv_name, conv, bn, None, uses)
+
+
+def _fold_blocks(model: nn.Module, report: DeployReport) -> dict[int, str]:
+    """Folds the BN of every registered Conv-BN block in place; returns id(BN) -> why it was left."""
+    why_not: dict[int, str] = {}
+    for m, block, conv_name, bn_name, why in _block_pairs(model):
+        conv, bn = getattr(m, block.conv), getattr(m, block.bn)
         if why is not None:
             why_not[id(bn)] = why
             continue
         setattr(m, block.conv, _fold_bn_into_layer(conv, bn))
         tail = _bn_tail(bn)
         setattr(m, block.bn, tail if tail is not None else nn.Identity())
-        report.folded.append(Folded(names[id(bn)], conv_name))
+        report.folded.append(Folded(bn_name, conv_name))
     return why_not
 
 
@@ -621,20 +635,12 @@ def conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[Left]]:
     nn.Sequential adjacency), and the BNs it would leave with the reason; changes nothing."""
     pairs: list[tuple[str, str]] = []
     left: dict[str, str] = {}
-    names = {id(m): name for name, m in model.named_modules()}
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    for name, m in model.named_modules():
-        block = _block_of(m)
-        bn = getattr(m, block.bn, None) if block else None
-        if isinstance(bn, _BatchNorm) and _is_eval_bn(bn):
-            conv = getattr(m, block.conv, None)
-            why = _pair_problem(names.get(id(conv), ""), conv, bn, None)
-            if why is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
-                why = "the conv or its BN is used more than once"
-            if why is None:
-                pairs.append((names[id(conv)], names[id(bn)]))
-            else:
-                left[names[id(bn)]] = why
+    for _, _, conv_name, bn_name, why in _block_pairs(model):
+        if why is None:
+            pairs.append((conv_name, bn_name))
+        else:
+            left[bn_name] = why
     claimed = {b for _, b in pairs}
 
     def search(module: nn.Module, prefix: str) -> None:
@@ -646,12 +652,10 @@ def conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[Left]]:
             return
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             kids = list(module.named_children())
-            for (a, layer), (b, bn) in zip(kids, kids[1:]):
+            for i, ((a, layer), (b, bn)) in enumerate(zip(kids, kids[1:])):
                 if _is_eval_bn(bn) and _output_layout(layer) is not None and prefix + b not in claimed:
-                    rank = _prefix_rank([m for _, m in kids[:kids.index((a, layer)) + 1]])
-                    why = _pair_problem(prefix + a, layer, bn, rank)
-                    if why is None and (uses[id(layer)] > 1 or uses[id(bn)] > 1):
-                        why = "the layer or its BN is used more than once"
+                    rank = _prefix_rank([m for _, m in kids[:i + 1]])
+                    why = _held_pair_problem(prefix + a, layer, bn, rank, uses)
                     if why is None:
                         pairs.append((prefix + a, prefix + b))
                     else:
@@ -729,9 +733,7 @@ class _SequentialFolder:
                 layer, bn = seq._modules[a], seq._modules[b]
                 if not _is_eval_bn(bn) or _output_layout(layer) is None:
                     continue
-                why = _pair_problem(self.names[id(layer)], layer, bn, _prefix_rank(upto_a))
-                if why is None and (self.uses[id(layer)] > 1 or self.uses[id(bn)] > 1):
-                    why = f"{self.names[id(layer)]} or the BN is used more than once"
+                why = _held_pair_problem(self.names[id(layer)], layer, bn, _prefix_rank(upto_a), self.uses)
                 if why is not None:
                     self.why_not[id(bn)] = why
                     continue
