@@ -81,13 +81,13 @@ def _kernels(fn):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_at_most_two_launches(shape, dtype, training, device):
     x, p, mask, args = _fused_args(shape, dtype, training)
-    fwd = _kernels(lambda: OPS.prep_bn_fwd(*args))
-    assert len(fwd) <= (2 if training else 1), f"prep_bn_fwd ran {len(fwd)} kernels: {fwd}"
-    y, row_mean, row_rstd, bn_mean, bn_rstd, _ = OPS.prep_bn_fwd(*args)
+    fwd = _kernels(lambda: OPS.prep_bn_forward(*args))
+    assert len(fwd) <= (2 if training else 1), f"prep_bn_forward ran {len(fwd)} kernels: {fwd}"
+    y, row_mean, row_rstd, bn_mean, bn_rstd, _ = OPS.prep_bn_forward(*args)
     dy = torch.randn_like(y)
-    bwd = _kernels(lambda: OPS.prep_bn_bwd(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], row_mean, row_rstd,
+    bwd = _kernels(lambda: OPS.prep_bn_backward(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], row_mean, row_rstd,
                                            bn_mean, bn_rstd, 0.4, training, "layer", mask))
-    assert len(bwd) <= 2, f"prep_bn_bwd ran {len(bwd)} kernels: {bwd}"
+    assert len(bwd) <= 2, f"prep_bn_backward ran {len(bwd)} kernels: {bwd}"
     # The public op adds the in-place running-stat update in training (one _foreach_lerp_).
     params = [p[k] for k in PARAM_NAMES]
     public = _kernels(lambda: slab.ops.prep_bn(x, *params, p["running_mean"], p["running_var"], 0.4, training,
@@ -98,14 +98,14 @@ def test_at_most_two_launches(shape, dtype, training, device):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_deterministic(device):
     x, p, mask, args = _fused_args((64, 196, 384), torch.bfloat16, True)
-    a, b = OPS.prep_bn_fwd(*args), OPS.prep_bn_fwd(*args)
+    a, b = OPS.prep_bn_forward(*args), OPS.prep_bn_forward(*args)
     for i, (u, v) in enumerate(zip(a, b)):
-        assert torch.equal(u, v), f"prep_bn_fwd output {i} differs between two runs"
+        assert torch.equal(u, v), f"prep_bn_forward output {i} differs between two runs"
     dy = torch.randn_like(a[0])
-    bwd = lambda: OPS.prep_bn_bwd(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], *a[1:5], 0.4, True,  # noqa: E731
+    bwd = lambda: OPS.prep_bn_backward(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], *a[1:5], 0.4, True,  # noqa: E731
                                   "layer", mask)
     for i, (u, v) in enumerate(zip(bwd(), bwd())):
-        assert torch.equal(u, v), f"prep_bn_bwd output {i} differs between two runs"
+        assert torch.equal(u, v), f"prep_bn_backward output {i} differs between two runs"
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])

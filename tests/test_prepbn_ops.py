@@ -373,7 +373,7 @@ def test_large_values_fp32(op, kind, device):
     # Batch statistics (through the running-stat update: momentum 0.1 of the batch value).
     assert_close(got["running_mean"], want["running_mean"], rtol=1e-5, atol=1e-6, name=f"{ctx} running_mean")
     assert_close(got["running_var"], want["running_var"], rtol=1e-4, atol=1e-5, name=f"{ctx} running_var")
-    fwd = OPS.prep_bn_fwd(x, None, None, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"],
+    fwd = OPS.prep_bn_forward(x, None, None, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"],
                           p["running_var"], 0.0, True, 1e-5, 0.0, "none", None)
     mean, var, n = ref.batch_stats(x.double().cpu())
     # The mean is good to a few ulps of the data (|x| up to ~4e4 here), not of the mean itself.
@@ -446,7 +446,7 @@ def test_gradcheck_raw_prep_bn_fwd():
     leaves = [p[k].clone().requires_grad_(True) for k in PARAM_NAMES]
 
     def f(x, nw, nb, bw, bb, al):
-        return OPS.prep_bn_fwd(x, nw, nb, bw, bb, al, p["running_mean"], p["running_var"], 0.6, True,
+        return OPS.prep_bn_forward(x, nw, nb, bw, bb, al, p["running_mean"], p["running_var"], 0.6, True,
                                1e-5, 1e-6, "layer", None)[0]
 
     assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -468,28 +468,28 @@ def _opcheck_cases():
 
     nw, nb, bw, bb, al = (p[k] for k in PARAM_NAMES)
     rm, rv = p["running_mean"], p["running_var"]
-    fwd = OPS.prep_bn_fwd(x, nw, nb, bw, bb, al, rm, rv, 0.3, True, 1e-5, 1e-6, "layer", mask)
+    fwd = OPS.prep_bn_forward(x, nw, nb, bw, bb, al, rm, rv, 0.3, True, 1e-5, 1e-6, "layer", mask)
     _, row_mean, row_rstd, bn_mean, bn_rstd, bn_var = fwd
-    sums, count = OPS.prep_bn_bwd_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
+    sums, count = OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
     cases = {
-        "prep_bn_fwd_train": (OPS.prep_bn_fwd.default,
+        "prep_bn_forward_train": (OPS.prep_bn_forward.default,
                               (g(x), g(nw), g(nb), g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, True, 1e-5,
                                1e-6, "layer", mask)),
-        "prep_bn_fwd_eval_rms": (OPS.prep_bn_fwd.default,
+        "prep_bn_forward_eval_rms": (OPS.prep_bn_forward.default,
                                  (g(x), g(nw), None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, False,
                                   1e-5, 1e-6, "rms", None)),
-        "prep_bn_fwd_none": (OPS.prep_bn_fwd.default,
+        "prep_bn_forward_none": (OPS.prep_bn_forward.default,
                              (g(x), None, None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.0, True, 1e-5,
                               0.0, "none", None)),
-        "prep_bn_bwd": (OPS.prep_bn_bwd.default,
+        "prep_bn_backward": (OPS.prep_bn_backward.default,
                         (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3, True, "layer", mask)),
         "prep_bn_stats": (OPS.prep_bn_stats.default, (x, mask)),
         "prep_bn_stats_nomask": (OPS.prep_bn_stats.default, (x, None)),
         "prep_bn_apply": (OPS.prep_bn_apply.default,
                           (x, nw, nb, bw, bb, al, bn_mean, bn_rstd, 0.3, 1e-6, "layer")),
-        "prep_bn_bwd_reduce": (OPS.prep_bn_bwd_reduce.default,
+        "prep_bn_backward_reduce": (OPS.prep_bn_backward_reduce.default,
                                (dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)),
-        "prep_bn_bwd_apply": (OPS.prep_bn_bwd_apply.default,
+        "prep_bn_backward_apply": (OPS.prep_bn_backward_apply.default,
                               (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, 0.3, True,
                                "layer", mask)),
         "bn_update_running_stats": (OPS.bn_update_running_stats.default,
@@ -509,8 +509,8 @@ def _opcheck_cases():
 
 
 _OPCHECK_NAMES = [
-    "prep_bn_fwd_train", "prep_bn_fwd_eval_rms", "prep_bn_fwd_none", "prep_bn_bwd", "prep_bn_stats",
-    "prep_bn_stats_nomask", "prep_bn_apply", "prep_bn_bwd_reduce", "prep_bn_bwd_apply",
+    "prep_bn_forward_train", "prep_bn_forward_eval_rms", "prep_bn_forward_none", "prep_bn_backward", "prep_bn_stats",
+    "prep_bn_stats_nomask", "prep_bn_apply", "prep_bn_backward_reduce", "prep_bn_backward_apply",
     "bn_update_running_stats", "rep_bn_train", "rep_bn_eval", "prep_bn_train", "prep_bn_eval_rms",
 ]
 
@@ -522,8 +522,8 @@ def test_opcheck(case):
 
 
 def test_every_contract_op_is_registered():
-    for name in ("prep_bn_fwd", "prep_bn_bwd", "prep_bn_stats", "prep_bn_apply", "prep_bn_bwd_reduce",
-                 "prep_bn_bwd_apply", "bn_update_running_stats", "rep_bn", "prep_bn"):
+    for name in ("prep_bn_forward", "prep_bn_backward", "prep_bn_stats", "prep_bn_apply", "prep_bn_backward_reduce",
+                 "prep_bn_backward_apply", "bn_update_running_stats", "rep_bn", "prep_bn"):
         assert hasattr(OPS, name), f"torch.ops.slab.{name} is missing"
     # Mutation of the running stats is declared in the schemas.
     for name in ("rep_bn", "prep_bn", "bn_update_running_stats"):
@@ -589,7 +589,7 @@ def test_stages_match_fused(dtype, norm, masked, training, device):
     eps, norm_eps = 1e-5, 1e-6
     acc = torch.float32
 
-    fwd = OPS.prep_bn_fwd(x, nw, nb, bw, bb, al, rm, rv, lam, training, eps, norm_eps, norm, mask)
+    fwd = OPS.prep_bn_forward(x, nw, nb, bw, bb, al, rm, rv, lam, training, eps, norm_eps, norm, mask)
     y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var = fwd
     rows = x.numel() // c
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -632,7 +632,7 @@ def test_stages_match_fused(dtype, norm, masked, training, device):
     else:
         _, want = run_both(x, p, op="prep_bn", lam=lam, training=training, norm=norm, mask=mask, dy=dy)
     sc = want["scales"]
-    sums, cnt = OPS.prep_bn_bwd_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask)
+    sums, cnt = OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask)
     assert sums.shape == (3, c) and sums.dtype == acc and float(cnt) == n
     dyd = dy.double().cpu().reshape(rows, c)
     xr = xd.reshape(rows, c)
@@ -644,9 +644,9 @@ def test_stages_match_fused(dtype, norm, masked, training, device):
         xhat_n = (xr - rmu) * row_rstd.double().cpu()[:, None]
         assert_close(sums[2], (dyd * xhat_n).sum(0), name="sums[2] = sum dy*xhat_norm",
                      scale=sc["grad_norm_weight"])
-    dx_staged = OPS.prep_bn_bwd_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, cnt, lam,
+    dx_staged = OPS.prep_bn_backward_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, cnt, lam,
                                       training, norm, mask)
-    bwd = OPS.prep_bn_bwd(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm, mask)
+    bwd = OPS.prep_bn_backward(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm, mask)
     dx, d_nw, d_nb, d_bw, d_bb, d_al = bwd
     assert_close(dx_staged, dx, name="bwd_apply dx vs bwd dx")
     from_sums = {
@@ -700,19 +700,19 @@ def test_inputs_not_written(training, device):
     dy = torch.randn(shape, device=device)
     nw, nb, bw, bb, al = (p[k] for k in PARAM_NAMES)
     rm, rv = p["running_mean"], p["running_var"]
-    fwd = OPS.prep_bn_fwd(x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6, "layer", mask)
+    fwd = OPS.prep_bn_forward(x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6, "layer", mask)
     _, row_mean, row_rstd, bn_mean, bn_rstd, _ = fwd
-    sums, cnt = OPS.prep_bn_bwd_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
+    sums, cnt = OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
     calls = {
-        "prep_bn_fwd": lambda: OPS.prep_bn_fwd(x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6,
+        "prep_bn_forward": lambda: OPS.prep_bn_forward(x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6,
                                                "layer", mask),
         "prep_bn_stats": lambda: OPS.prep_bn_stats(x, mask),
         "prep_bn_apply": lambda: OPS.prep_bn_apply(x, nw, nb, bw, bb, al, bn_mean, bn_rstd, 0.3, 1e-6, "layer"),
-        "prep_bn_bwd_reduce": lambda: OPS.prep_bn_bwd_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd,
+        "prep_bn_backward_reduce": lambda: OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd,
                                                              "layer", mask),
-        "prep_bn_bwd_apply": lambda: OPS.prep_bn_bwd_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean,
+        "prep_bn_backward_apply": lambda: OPS.prep_bn_backward_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean,
                                                            bn_rstd, sums, cnt, 0.3, training, "layer", mask),
-        "prep_bn_bwd": lambda: OPS.prep_bn_bwd(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3,
+        "prep_bn_backward": lambda: OPS.prep_bn_backward(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3,
                                                training, "layer", mask),
     }
     inputs = {"x": x, "mask": mask, "dy": dy, "running_mean": rm, "running_var": rv, "row_mean": row_mean,

@@ -384,10 +384,10 @@ def test_sla_opcheck(causal):
     mask = make_mask(2, 70, "cpu")
     for m in (None, mask):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 1e-6, m)
-        torch.library.opcheck(OPS.sla_fwd.default, args)
-        o, den, _, _ = OPS.sla_fwd(q.detach(), k.detach(), v.detach(), causal, 1e-6, m)
+        torch.library.opcheck(OPS.sla_forward.default, args)
+        o, den, _, _ = OPS.sla_forward(q.detach(), k.detach(), v.detach(), causal, 1e-6, m)
         go = torch.randn_like(o)
-        torch.library.opcheck(OPS.sla_bwd.default, (go, q.detach(), k.detach(), v.detach(), o, den, causal, m))
+        torch.library.opcheck(OPS.sla_backward.default, (go, q.detach(), k.detach(), v.detach(), o, den, causal, m))
 
 
 def test_sla_step_opcheck():
@@ -458,11 +458,11 @@ def test_sla_errors():
         slab.ops.sla(q, k, v, mask=torch.ones(2, 10))
     with pytest.raises(RuntimeError, match="mask must have shape"):
         slab.ops.sla(q, k, v, mask=torch.ones(2, 9, dtype=torch.bool))
-    o, den, _, _ = OPS.sla_fwd(q, k, v, True, 1e-6, None)
+    o, den, _, _ = OPS.sla_forward(q, k, v, True, 1e-6, None)
     with pytest.raises(RuntimeError, match="den must be"):
-        OPS.sla_bwd(o, q, k, v, o, den.double(), True, None)
+        OPS.sla_backward(o, q, k, v, o, den.double(), True, None)
     with pytest.raises(RuntimeError, match="grad_o must have the shape"):
-        OPS.sla_bwd(o[:, :, :5], q, k, v, o, den, True, None)
+        OPS.sla_backward(o[:, :, :5], q, k, v, o, den, True, None)
 
 
 def test_sla_step_errors():

@@ -1,4 +1,4 @@
-// C++ benchmark of the PRepBN kernels (slab::prep_bn_fwd / slab::prep_bn_bwd) through the
+// C++ benchmark of the PRepBN kernels (slab::prep_bn_forward / slab::prep_bn_backward) through the
 // PyTorch dispatcher, against the ATen composite SLAB's modules compute (layer_norm + batch_norm)
 // and plain at::layer_norm. Google Benchmark drives the timing; the shared machinery (flags,
 // verification, timing, counters, main's defaults) is bench_common.h.
@@ -100,8 +100,8 @@ void parse_own_flags(int* argc, char** argv) {
 // ---- the ops -----------------------------------------------------------------------------------
 // Typed handles of the benchmarked ops, looked up once.
 struct Ops {
-  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::prep_bn_fwd");
-  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::prep_bn_bwd");
+  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::prep_bn_forward");
+  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::prep_bn_backward");
 };
 const Ops& ops() {
   static const Ops handles;

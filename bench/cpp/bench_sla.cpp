@@ -1,4 +1,4 @@
-// C++ benchmark of the SLA kernels (simplified linear attention, SLAB: slab::sla_fwd, sla_bwd,
+// C++ benchmark of the SLA kernels (simplified linear attention, SLAB: slab::sla_forward, sla_backward,
 // sla_step) through the PyTorch dispatcher, against the eager ATen composites SLAB's modules
 // compute and against softmax attention (at::scaled_dot_product_attention). Google Benchmark
 // drives the timing; the shared machinery (flags, verification, timing, counters) is bench_common.h.
@@ -25,8 +25,8 @@
 // Counters (see bench_common.h): GBps, frac_bw, x_floor, and GFLOPs.
 //   floor: read q, k, v (+ grad_o) once, write o (+ dq, dk, dv) once; decode: read q, k, v and the
 //     float32 state and z, write o, state and z.
-//   moved: slab -- every op's inputs and outputs (+ den, the final state and z of sla_fwd, read
-//     back by sla_bwd); references -- the floor (their N x N intermediates are not counted).
+//   moved: slab -- every op's inputs and outputs (+ den, the final state and z of sla_forward, read
+//     back by sla_backward); references -- the floor (their N x N intermediates are not counted).
 //   GFLOPs: the useful FLOPs of slab's chunked algorithm (2 per multiply-add; the O(D) terms of z
 //     and the denominators left out) over the time, for every provider -- for the references an
 //     effective rate of the same job, not their own arithmetic. Per (batch, head), per token, with
@@ -92,8 +92,8 @@ void parse_own_flags(int* argc, char** argv) {
 // ---- the ops -----------------------------------------------------------------------------------
 // Typed handles of the benchmarked ops, looked up once.
 struct Ops {
-  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::sla_fwd");
-  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::sla_bwd");
+  c10::TypedOperatorHandle<FwdFn> fwd = find_op<FwdFn>("slab::sla_forward");
+  c10::TypedOperatorHandle<BwdFn> bwd = find_op<BwdFn>("slab::sla_backward");
   c10::TypedOperatorHandle<StepFn> step = find_op<StepFn>("slab::sla_step");
 };
 const Ops& ops() {
@@ -258,7 +258,7 @@ Traffic traffic(Provider provider, Kind kind, const Dims& d, double e) {
   if (provider != Provider::kSlab) return {floor, floor};
   const double slab_fwd = fwd + rows * 4 + state;  // + den, final state and z
   if (kind != Kind::kCausalFwdBwd) return {slab_fwd, floor};
-  // sla_bwd reads grad_o, q, k, v, o, den and writes dq, dk, dv.
+  // sla_backward reads grad_o, q, k, v, o, den and writes dq, dk, dv.
   return {slab_fwd + rows * ((2 * d.D + 3 * d.Dv) * e + 4) + rows * (2 * d.D + d.Dv) * e, floor};
 }
 

@@ -2,7 +2,7 @@
 // headers; the binding layer (cats_ops.cpp) checks inputs, allocates outputs and fills these.
 //
 //   cats:      y = silu(x) where |silu(x)| > threshold, else 0 (elementwise, any shape)
-//   cats_bwd:  dx = dy * silu'(x) where kept, else 0
+//   cats_backward:  dx = dy * silu'(x) where kept, else 0
 //   cats_mlp:  y[m] = W_down (cats(W_gate x[m]) * (W_up x[m])) for M <= kMaxTokens decode tokens,
 //              reading the W_up row and the W_down column (a row of w_down_t) of a neuron only
 //              when some token keeps it (the union of the tokens' masks).
@@ -161,13 +161,13 @@ SLAB_HD bool mlp_vectorized(const MlpParams& p, int elem_bytes) {
 }
 
 void cats_cpu(const CatsParams& p);
-void cats_bwd_cpu(const CatsBwdParams& p);
+void cats_backward_cpu(const CatsBwdParams& p);
 void mlp_cpu(const MlpParams& p);
 void token_index_cpu(const TokenIndexParams& p);
 void token_rows_cpu(const TokenRowsParams& p);
 
 void cats_cuda(const CatsParams& p, CUstream_st* stream);
-void cats_bwd_cuda(const CatsBwdParams& p, CUstream_st* stream);
+void cats_backward_cuda(const CatsBwdParams& p, CUstream_st* stream);
 void mlp_cuda(const MlpParams& p, CUstream_st* stream);
 void token_index_cuda(const TokenIndexParams& p, CUstream_st* stream);
 void token_rows_cuda(const TokenRowsParams& p, CUstream_st* stream);

@@ -21,7 +21,7 @@ constexpr int64_t kPrefetchBytes = 512;  // distance of the software prefetch in
 // ---- elementwise cats and its backward ---------------------------------------------------------
 
 template <typename T>
-void cats_fwd(const CatsParams& p) {
+void cats_forward(const CatsParams& p) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const auto* x = static_cast<const T*>(p.x);
@@ -38,7 +38,7 @@ void cats_fwd(const CatsParams& p) {
 }
 
 template <typename T>
-void cats_bwd(const CatsBwdParams& p) {
+void cats_backward(const CatsBwdParams& p) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const auto* x = static_cast<const T*>(p.x);
@@ -327,8 +327,8 @@ void token_rows_cpu(const TokenRowsParams& p) {
   });
 }
 
-void cats_cpu(const CatsParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_fwd<T>(p); }); }
-void cats_bwd_cpu(const CatsBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_bwd<T>(p); }); }
+void cats_cpu(const CatsParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_forward<T>(p); }); }
+void cats_backward_cpu(const CatsBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_backward<T>(p); }); }
 void mlp_cpu(const MlpParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { mlp<T>(p); }); }
 
 }  // namespace slab::cats

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kElemThreads) cats_kernel(CatsParams p, bool v
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kElemThreads) cats_bwd_kernel(CatsBwdParams p, bool vectorized) {
+__global__ void __launch_bounds__(kElemThreads) cats_backward_kernel(CatsBwdParams p, bool vectorized) {
   using A = acc_t<T>;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
@@ -393,10 +393,10 @@ void cats_cuda(const CatsParams& p, CUstream_st* stream) {
   });
 }
 
-void cats_bwd_cuda(const CatsBwdParams& p, CUstream_st* stream) {
+void cats_backward_cuda(const CatsBwdParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
     const bool vec = all_vec_aligned(p.dy, p.x, p.dx);
-    cats_bwd_kernel<T><<<pack_blocks<T>(p.n, kElemThreads, vec), kElemThreads, 0, stream>>>(p, vec);
+    cats_backward_kernel<T><<<pack_blocks<T>(p.n, kElemThreads, vec), kElemThreads, 0, stream>>>(p, vec);
   });
 }
 

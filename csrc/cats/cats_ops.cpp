@@ -20,7 +20,7 @@ Tensor cats_op(const Tensor& x, double threshold) {
   return y;
 }
 
-Tensor cats_bwd_op(const Tensor& dy, const Tensor& x, double threshold) {
+Tensor cats_backward_op(const Tensor& dy, const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
   check_finite(threshold, "threshold", /*non_negative=*/false);
   check_same_device(dy, x, "grad");
@@ -30,7 +30,7 @@ Tensor cats_bwd_op(const Tensor& dy, const Tensor& x, double threshold) {
   Tensor dx = torch::stable::empty_like(xc);
   if (xc.numel() == 0) return dx;
   CatsBwdParams p{dtype, xc.numel(), dyc.data_ptr(), xc.data_ptr(), dx.data_ptr(), threshold};
-  launch(x, p, cats_bwd_cpu, SLAB_CUDA_FN(cats_bwd_cuda));
+  launch(x, p, cats_backward_cpu, SLAB_CUDA_FN(cats_backward_cuda));
   return dx;
 }
 
@@ -173,7 +173,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(slab, SLAB_KERNEL_KEY, m) {
   m.impl("cats", TORCH_BOX(&slab::cats::cats_op));
-  m.impl("cats_backward", TORCH_BOX(&slab::cats::cats_bwd_op));
+  m.impl("cats_backward", TORCH_BOX(&slab::cats::cats_backward_op));
   m.impl("cats_mlp", TORCH_BOX(&slab::cats::cats_mlp_op));
   m.impl("token_select_index", TORCH_BOX(&slab::cats::token_select_index_op));
   m.impl("token_gather", TORCH_BOX(&slab::cats::token_gather_op));

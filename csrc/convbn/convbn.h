@@ -118,9 +118,9 @@ SLAB_HD Range bwd_range(int64_t items, int64_t per_split, int s) {
 SLAB_HD int64_t bwd_partials(int64_t channels, int64_t k) { return channels * bwd_splits(channels, k); }
 
 void fold_cpu(const FoldParams& p);
-void fold_bwd_cpu(const FoldBwdParams& p);
+void fold_backward_cpu(const FoldBwdParams& p);
 
 void fold_cuda(const FoldParams& p, CUstream_st* stream);
-void fold_bwd_cuda(const FoldBwdParams& p, CUstream_st* stream);
+void fold_backward_cuda(const FoldBwdParams& p, CUstream_st* stream);
 
 }  // namespace slab::convbn

@@ -17,7 +17,7 @@ constexpr int64_t kElemGrain = 32768;  // elements per task (at::internal::GRAIN
 template <typename A> const A* vec(const void* p) { return static_cast<const A*>(p); }
 
 template <typename T>
-void fold_fwd(const FoldParams& p) {
+void fold_forward(const FoldParams& p) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const auto* w = static_cast<const T*>(p.weight);
@@ -61,7 +61,7 @@ acc_t<T> bwd_row(const T* gw, const T* w, T* dw, int64_t k, acc_t<T> g) {
 }
 
 template <typename T>
-void fold_bwd(const FoldBwdParams& p) {
+void fold_backward(const FoldBwdParams& p) {
   using A = acc_t<T>;
   const auto* gw = static_cast<const T*>(p.grad_weight);
   const auto* w = static_cast<const T*>(p.weight);
@@ -93,11 +93,11 @@ void fold_bwd(const FoldBwdParams& p) {
 }  // namespace
 
 void fold_cpu(const FoldParams& p) {
-  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fold_fwd<T>(p); });
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fold_forward<T>(p); });
 }
 
-void fold_bwd_cpu(const FoldBwdParams& p) {
-  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fold_bwd<T>(p); });
+void fold_backward_cpu(const FoldBwdParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fold_backward<T>(p); });
 }
 
 }  // namespace slab::convbn

@@ -109,7 +109,7 @@ void fold_launch(const FoldParams& p, CUstream_st* stream) {
 }
 
 template <typename T>
-void fold_bwd_launch(const FoldBwdParams& p, CUstream_st* stream) {
+void fold_backward_launch(const FoldBwdParams& p, CUstream_st* stream) {
   using A = acc_t<T>;
   const int width = fold_width(kPackWidth<T>, p.k, sizeof(T), p.grad_weight, p.weight, p.grad_weight_out);
   const int64_t items = bwd_items(p.k, width);
@@ -135,8 +135,8 @@ void fold_cuda(const FoldParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] { fold_launch<T>(p, stream); });
 }
 
-void fold_bwd_cuda(const FoldBwdParams& p, CUstream_st* stream) {
-  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] { fold_bwd_launch<T>(p, stream); });
+void fold_backward_cuda(const FoldBwdParams& p, CUstream_st* stream) {
+  SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] { fold_backward_launch<T>(p, stream); });
 }
 
 }  // namespace slab::convbn

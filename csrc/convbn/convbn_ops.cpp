@@ -63,7 +63,7 @@ std::tuple<Tensor, Tensor> fold_op(const Tensor& weight, const OptTensor& bias, 
 
 // Gradients of fold_op: (dw in weight's dtype, or shape (0,) unless weight_grad; db, dgamma (shape
 // (0,) unless bn_weight_grad) and dbeta, (O,) in the accumulation dtype).
-std::tuple<Tensor, Tensor, Tensor, Tensor> fold_bwd_op(const Tensor& grad_weight, const OptTensor& grad_bias,
+std::tuple<Tensor, Tensor, Tensor, Tensor> fold_backward_op(const Tensor& grad_weight, const OptTensor& grad_bias,
                                                        const Tensor& weight, const OptTensor& bias,
                                                        const OptTensor& bn_weight, const Tensor& running_mean,
                                                        const Tensor& running_var, double eps, bool weight_grad,
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fold_bwd_op(const Tensor& grad_weight
                   data_or_null(gamma), mean.data_ptr(), var.data_ptr(), eps,
                   weight_grad ? dw.data_ptr() : nullptr, d_bias.data_ptr(),
                   bn_weight_grad ? d_gamma.data_ptr() : nullptr, d_beta.data_ptr(), data_or_null(workspace)};
-  launch(weight, p, fold_bwd_cpu, SLAB_CUDA_FN(fold_bwd_cuda));
+  launch(weight, p, fold_backward_cpu, SLAB_CUDA_FN(fold_backward_cuda));
   return {dw, d_bias, d_gamma, d_beta};
 }
 
@@ -117,5 +117,5 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(slab, SLAB_KERNEL_KEY, m) {
   m.impl("fold_conv_bn", TORCH_BOX(&slab::convbn::fold_op));
-  m.impl("fold_conv_bn_backward", TORCH_BOX(&slab::convbn::fold_bwd_op));
+  m.impl("fold_conv_bn_backward", TORCH_BOX(&slab::convbn::fold_backward_op));
 }

@@ -366,12 +366,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
       "Tensor(a!) running_mean, Tensor(b!) running_var, float lam, bool training, float momentum=0.1, "
       "float eps=1e-05, float norm_eps=1e-06, str norm=\"layer\", Tensor? mask=None) -> Tensor");
   m.def(
-      "prep_bn_fwd(Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor bn_weight, Tensor bn_bias, "
+      "prep_bn_forward(Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor alpha, Tensor running_mean, Tensor running_var, float lam, bool training, float eps, "
       "float norm_eps, str norm, Tensor? mask) -> (Tensor y, Tensor row_mean, Tensor row_rstd, Tensor bn_mean, "
       "Tensor bn_rstd, Tensor bn_var)");
   m.def(
-      "prep_bn_bwd(Tensor dy, Tensor x, Tensor? norm_weight, Tensor bn_weight, Tensor alpha, Tensor row_mean, "
+      "prep_bn_backward(Tensor dy, Tensor x, Tensor? norm_weight, Tensor bn_weight, Tensor alpha, Tensor row_mean, "
       "Tensor row_rstd, Tensor bn_mean, Tensor bn_rstd, float lam, bool training, str norm, Tensor? mask) -> "
       "(Tensor dx, Tensor d_norm_weight, Tensor d_norm_bias, Tensor d_bn_weight, Tensor d_bn_bias, "
       "Tensor d_alpha)");
@@ -381,10 +381,10 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
       "Tensor alpha, Tensor bn_mean, Tensor bn_rstd, float lam, float norm_eps, str norm) -> "
       "(Tensor y, Tensor row_mean, Tensor row_rstd)");
   m.def(
-      "prep_bn_bwd_reduce(Tensor dy, Tensor x, Tensor row_mean, Tensor row_rstd, Tensor bn_mean, "
+      "prep_bn_backward_reduce(Tensor dy, Tensor x, Tensor row_mean, Tensor row_rstd, Tensor bn_mean, "
       "Tensor bn_rstd, str norm, Tensor? mask) -> (Tensor sums, Tensor count)");
   m.def(
-      "prep_bn_bwd_apply(Tensor dy, Tensor x, Tensor? norm_weight, Tensor bn_weight, Tensor alpha, "
+      "prep_bn_backward_apply(Tensor dy, Tensor x, Tensor? norm_weight, Tensor bn_weight, Tensor alpha, "
       "Tensor row_mean, Tensor row_rstd, Tensor bn_mean, Tensor bn_rstd, Tensor sums, Tensor count, float lam, "
       "bool training, str norm, Tensor? mask) -> Tensor");
   m.def(
@@ -394,10 +394,10 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
 #endif
 
 STABLE_TORCH_LIBRARY_IMPL(slab, SLAB_KERNEL_KEY, m) {
-  m.impl("prep_bn_fwd", TORCH_BOX(&slab::prepbn::fwd_op));
-  m.impl("prep_bn_bwd", TORCH_BOX(&slab::prepbn::bwd_op));
+  m.impl("prep_bn_forward", TORCH_BOX(&slab::prepbn::fwd_op));
+  m.impl("prep_bn_backward", TORCH_BOX(&slab::prepbn::bwd_op));
   m.impl("prep_bn_stats", TORCH_BOX(&slab::prepbn::stats_op));
   m.impl("prep_bn_apply", TORCH_BOX(&slab::prepbn::apply_op));
-  m.impl("prep_bn_bwd_reduce", TORCH_BOX(&slab::prepbn::bwd_reduce_op));
-  m.impl("prep_bn_bwd_apply", TORCH_BOX(&slab::prepbn::bwd_apply_op));
+  m.impl("prep_bn_backward_reduce", TORCH_BOX(&slab::prepbn::bwd_reduce_op));
+  m.impl("prep_bn_backward_apply", TORCH_BOX(&slab::prepbn::bwd_apply_op));
 }

@@ -158,12 +158,12 @@ SLAB_HD A step_column_sum(const A* part, int tile, int groups, int j, int i) {
   return t;
 }
 
-void sla_fwd_cpu(const SlaFwdParams& p);
-void sla_bwd_cpu(const SlaBwdParams& p);
+void sla_forward_cpu(const SlaFwdParams& p);
+void sla_backward_cpu(const SlaBwdParams& p);
 void sla_step_cpu(const SlaStepParams& p);
 
-void sla_fwd_cuda(const SlaFwdParams& p, CUstream_st* stream);
-void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream);
+void sla_forward_cuda(const SlaFwdParams& p, CUstream_st* stream);
+void sla_backward_cuda(const SlaBwdParams& p, CUstream_st* stream);
 void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream);
 
 }  // namespace slab::sla

@@ -582,8 +582,8 @@ void step(const SlaStepParams& p) {
 
 }  // namespace
 
-void sla_fwd_cpu(const SlaFwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fwd<T>(p); }); }
-void sla_bwd_cpu(const SlaBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { bwd<T>(p); }); }
+void sla_forward_cpu(const SlaFwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fwd<T>(p); }); }
+void sla_backward_cpu(const SlaBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { bwd<T>(p); }); }
 void sla_step_cpu(const SlaStepParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { step<T>(p); }); }
 
 }  // namespace slab::sla

@@ -342,7 +342,7 @@ void run(const RecArgs& a, bool causal, CUstream_st* stream) {
 
 }  // namespace
 
-void sla_fwd_cuda(const SlaFwdParams& p, CUstream_st* stream) {
+void sla_forward_cuda(const SlaFwdParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
     RecArgs a{p.s, p.eps, operand(p.q, p.q_stride), operand(p.k, p.k_stride), operand(p.v, p.v_stride), {}, {},
               nullptr, nullptr, p.mask, p.o, p.s.vdim, p.s.dim, p.den, p.state, p.z};
@@ -350,7 +350,7 @@ void sla_fwd_cuda(const SlaFwdParams& p, CUstream_st* stream) {
   });
 }
 
-void sla_bwd_cuda(const SlaBwdParams& p, CUstream_st* stream) {
+void sla_backward_cuda(const SlaBwdParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
     RecArgs a{p.s, 0.0, operand(p.q, p.q_stride), operand(p.k, p.k_stride), operand(p.v, p.v_stride),
               operand(p.o, p.o_stride), operand(p.grad_o, p.grad_o_stride), p.den, p.workspace, p.mask,

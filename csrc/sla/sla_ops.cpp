@@ -2,8 +2,8 @@
 // torch's stable ABI (core/binding.h). Fake tensors and autograd are registered in
 // python/slab/ops/sla.py.
 //
-//   sla_fwd(q, k, v, causal, eps, mask) -> (o, den, state, z)
-//   sla_bwd(grad_o, q, k, v, o, den, causal, mask) -> (dq, dk, dv)
+//   sla_forward(q, k, v, causal, eps, mask) -> (o, den, state, z)
+//   sla_backward(grad_o, q, k, v, o, den, causal, mask) -> (dq, dk, dv)
 //   sla_step(q, k, v, state!, z!, eps) -> o          (decode; state and z updated in place)
 #include <algorithm>
 #include <tuple>
@@ -72,7 +72,7 @@ const bool* mask_ptr(const OptTensor& m) { return m.has_value() ? m->const_data_
 
 bool is_empty(const SlaShape& s) { return s.batch == 0 || s.heads == 0 || s.len == 0 || s.dim == 0 || s.vdim == 0; }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> sla_fwd_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+std::tuple<Tensor, Tensor, Tensor, Tensor> sla_forward_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                       bool causal, double eps, const OptTensor& mask_in) {
   const SlaShape s = check_qkv(q_in, k_in, v_in);
   check_finite(eps, "eps");
@@ -91,11 +91,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sla_fwd_op(const Tensor& q_in, const 
   SlaFwdParams p{kernel_dtype(q, "q"), s, causal, eps, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k),
                  v.data_ptr(), strides_of(v), mask_ptr(mask), o.data_ptr(), den.data_ptr(), state.data_ptr(),
                  z.data_ptr()};
-  launch(q, p, sla_fwd_cpu, SLAB_CUDA_FN(sla_fwd_cuda));
+  launch(q, p, sla_forward_cpu, SLAB_CUDA_FN(sla_forward_cuda));
   return {o, den, state, z};
 }
 
-std::tuple<Tensor, Tensor, Tensor> sla_bwd_op(const Tensor& grad_o_in, const Tensor& q_in, const Tensor& k_in,
+std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, const Tensor& q_in, const Tensor& k_in,
                                               const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
                                               bool causal, const OptTensor& mask_in) {
   const SlaShape s = check_qkv(q_in, k_in, v_in);
@@ -128,7 +128,7 @@ std::tuple<Tensor, Tensor, Tensor> sla_bwd_op(const Tensor& grad_o_in, const Ten
   SlaBwdParams p{kernel_dtype(q, "q"), s, causal, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k),
                  v.data_ptr(), strides_of(v), o.data_ptr(), strides_of(o), go.data_ptr(), strides_of(go),
                  den.data_ptr(), mask_ptr(mask), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), data_or_null(ws)};
-  launch(q, p, sla_bwd_cpu, SLAB_CUDA_FN(sla_bwd_cuda));
+  launch(q, p, sla_backward_cpu, SLAB_CUDA_FN(sla_backward_cuda));
   return {dq, dk, dv};
 }
 
@@ -191,16 +191,16 @@ Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, T
 
 #ifndef SLAB_WITH_CUDA
 STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
-  m.def("sla_fwd(Tensor q, Tensor k, Tensor v, bool causal, float eps, Tensor? mask) "
+  m.def("sla_forward(Tensor q, Tensor k, Tensor v, bool causal, float eps, Tensor? mask) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("sla_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, bool causal, Tensor? mask) "
+  m.def("sla_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, bool causal, Tensor? mask) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("sla_step(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor(b!) z, float eps) -> Tensor");
 }
 #endif
 
 STABLE_TORCH_LIBRARY_IMPL(slab, SLAB_KERNEL_KEY, m) {
-  m.impl("sla_fwd", TORCH_BOX(&slab::sla::sla_fwd_op));
-  m.impl("sla_bwd", TORCH_BOX(&slab::sla::sla_bwd_op));
+  m.impl("sla_forward", TORCH_BOX(&slab::sla::sla_forward_op));
+  m.impl("sla_backward", TORCH_BOX(&slab::sla::sla_backward_op));
   m.impl("sla_step", TORCH_BOX(&slab::sla::sla_step_op));
 }

@@ -244,7 +244,7 @@ def _sla_fwd_strided():
     return dict(q=qkv[0], k=qkv[1], v=swap_last(rand(2, 3, 7, 5)), causal=False, eps=1e-6, mask=None)
 
 
-op("sla_fwd", _sla_fwd,
+op("sla_forward", _sla_fwd,
    rank("q", lambda t: t[0]),
    rank("v", lambda t: t[0]),
    shape("k", lambda t: t[..., :4]),
@@ -260,11 +260,11 @@ op("sla_fwd", _sla_fwd,
 
 def _sla_bwd():
     a = _sla_fwd()
-    o, den, _, _ = torch.ops.slab.sla_fwd(a["q"], a["k"], a["v"], True, 1e-6, a["mask"])
+    o, den, _, _ = torch.ops.slab.sla_forward(a["q"], a["k"], a["v"], True, 1e-6, a["mask"])
     return dict(grad_o=rand(*o.shape), q=a["q"], k=a["k"], v=a["v"], o=o, den=den, causal=True, mask=a["mask"])
 
 
-op("sla_bwd", _sla_bwd,
+op("sla_backward", _sla_bwd,
    rank("q", lambda t: t[0]),
    shape("grad_o", lambda t: t[..., :2]),
    shape("o", lambda t: t[:, :, :6]),
@@ -391,11 +391,11 @@ def _bn_state():
     d = dict(x=rand(3, 5, c), dy=rand(3, 5, c), norm_weight=rand(c), norm_bias=rand(c), bn_weight=rand(c),
              bn_bias=rand(c), alpha=rand(1), running_mean=rand(c), running_var=pos(c), mask=mask(3, 5),
              lam=0.3, training=True, momentum=0.1, eps=1e-5, norm_eps=1e-6, norm="layer")
-    outs = torch.ops.slab.prep_bn_fwd(d["x"], d["norm_weight"], d["norm_bias"], d["bn_weight"], d["bn_bias"],
+    outs = torch.ops.slab.prep_bn_forward(d["x"], d["norm_weight"], d["norm_bias"], d["bn_weight"], d["bn_bias"],
                                       d["alpha"], d["running_mean"], d["running_var"], d["lam"], True, d["eps"],
                                       d["norm_eps"], "layer", d["mask"])
     d.update(zip(("y", "row_mean", "row_rstd", "bn_mean", "bn_rstd", "bn_var"), outs))
-    d["sums"], d["count"] = torch.ops.slab.prep_bn_bwd_reduce(d["dy"], d["x"], d["row_mean"], d["row_rstd"],
+    d["sums"], d["count"] = torch.ops.slab.prep_bn_backward_reduce(d["dy"], d["x"], d["row_mean"], d["row_rstd"],
                                                               d["bn_mean"], d["bn_rstd"], "layer", d["mask"])
     return d
 
@@ -486,7 +486,7 @@ def _prep_bn_fwd_eval_repbn():
     return dict(_prep_bn_fwd(), norm_weight=None, norm_bias=None, norm="none", training=False, mask=None)
 
 
-op("prep_bn_fwd", _prep_bn_fwd,
+op("prep_bn_forward", _prep_bn_fwd,
    rank("x", lambda t: t[0, 0, 0]),
    bad("layer_without_norm_weight", "norm_weight", norm_weight=None),
    shape("norm_weight", lambda t: t[:6]),
@@ -505,7 +505,7 @@ op("prep_bn_fwd", _prep_bn_fwd,
    variants=(("valid:eval_repbn", _prep_bn_fwd_eval_repbn),))
 
 
-op("prep_bn_bwd", _bn_args("dy", "x", "norm_weight", "bn_weight", "alpha", "row_mean", "row_rstd", "bn_mean",
+op("prep_bn_backward", _bn_args("dy", "x", "norm_weight", "bn_weight", "alpha", "row_mean", "row_rstd", "bn_mean",
                            "bn_rstd", "lam", "training", "norm", "mask"),
    shape("dy", lambda t: t[:2]),
    rank("x", lambda t: t[0, 0, 0], expected=("x", "dy")),
@@ -544,7 +544,7 @@ op("prep_bn_apply", _bn_args("x", "norm_weight", "norm_bias", "bn_weight", "bn_b
    meta("norm_weight"), meta("norm_bias"))
 
 
-op("prep_bn_bwd_reduce", _bn_args("dy", "x", "row_mean", "row_rstd", "bn_mean", "bn_rstd", "norm", "mask"),
+op("prep_bn_backward_reduce", _bn_args("dy", "x", "row_mean", "row_rstd", "bn_mean", "bn_rstd", "norm", "mask"),
    shape("dy", lambda t: t[..., :6]),
    rank("x", lambda t: t[0, 0, 0], expected=("x", "dy")),
    shape("row_mean", lambda t: t[:14]),
@@ -557,7 +557,7 @@ op("prep_bn_bwd_reduce", _bn_args("dy", "x", "row_mean", "row_rstd", "bn_mean", 
    meta("mask"))
 
 
-op("prep_bn_bwd_apply", _bn_args("dy", "x", "norm_weight", "bn_weight", "alpha", "row_mean", "row_rstd", "bn_mean",
+op("prep_bn_backward_apply", _bn_args("dy", "x", "norm_weight", "bn_weight", "alpha", "row_mean", "row_rstd", "bn_mean",
                                  "bn_rstd", "sums", "count", "lam", "training", "norm", "mask"),
    shape("dy", lambda t: t[:, :4]),
    shape("sums", lambda t: t[:2]),

@@ -4,7 +4,7 @@ Every rank holds a slice of the global batch.  ``prep_bn_sync`` makes each rank 
 with the batch statistics of the *whole* global batch (only tokens whose mask is True count), and
 its backward returns, on each rank, exactly the gradient a single process would compute for that
 rank's slice of the concatenated batch.  It is built from the raw stage ops of the PRepBN family
-(``torch.ops.slab.prep_bn_stats``, ``prep_bn_apply``, ``prep_bn_bwd_reduce``, ``prep_bn_bwd_apply``,
+(``torch.ops.slab.prep_bn_stats``, ``prep_bn_apply``, ``prep_bn_backward_reduce``, ``prep_bn_backward_apply``,
 ``bn_update_running_stats``), so the per-element arithmetic is the same as in the fused
 single-process kernels.
 
@@ -121,7 +121,7 @@ class _PRepBNSync(torch.autograd.Function):
         dx = d_nw = d_nb = d_bw = d_bb = d_alpha = None
 
         # Local per-channel sums over ALL local tokens: [sum dy, sum dy*xhat_bn, sum dy*xhat_norm].
-        sums, _local_count = torch.ops.slab.prep_bn_bwd_reduce(
+        sums, _local_count = torch.ops.slab.prep_bn_backward_reduce(
             dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask)
 
         if need[0]:
@@ -129,7 +129,7 @@ class _PRepBNSync(torch.autograd.Function):
             g = sums[0:2].clone()
             _all_reduce_(g, ctx.process_group, ctx.world)
             g_sums = torch.cat([g, sums[2:3]])
-            dx = torch.ops.slab.prep_bn_bwd_apply(
+            dx = torch.ops.slab.prep_bn_backward_apply(
                 dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd,
                 g_sums, g_count, lam, True, norm, mask)
 

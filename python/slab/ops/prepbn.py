@@ -3,7 +3,7 @@
 Schemas and kernels live in C++ (csrc/prepbn/prepbn_ops.cpp); this module registers what
 torch.compile (fake tensors) and autograd need, next to the public wrappers, and the kernels that
 are compositions of other ops: the public ``slab::rep_bn`` / ``slab::prep_bn``
-(CompositeImplicitAutograd: ``prep_bn_fwd`` with autograd, then the in-place running-stat update)
+(CompositeImplicitAutograd: ``prep_bn_forward`` with autograd, then the in-place running-stat update)
 and ``slab::bn_update_running_stats`` (CompositeExplicitAutograd: one ``_foreach_lerp_``).
 """
 
@@ -85,7 +85,7 @@ def _row_stat_len(x: Tensor, norm: str) -> int:
     return 0 if norm == "none" else x.numel() // x.shape[-1]
 
 
-@register_fake("prep_bn_fwd")
+@register_fake("prep_bn_forward")
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training,
       eps, norm_eps, norm, mask):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
@@ -97,7 +97,7 @@ def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, runnin
             stat(c), stat(c), stat(c))
 
 
-@register_fake("prep_bn_bwd")
+@register_fake("prep_bn_backward")
 def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm,
       mask):
     c, acc = x.shape[-1], _acc_dtype(x)
@@ -119,13 +119,13 @@ def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd, la
             x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc))
 
 
-@register_fake("prep_bn_bwd_reduce")
+@register_fake("prep_bn_backward_reduce")
 def _(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask):
     c, acc = x.shape[-1], _acc_dtype(x)
     return x.new_empty((3, c), dtype=acc), x.new_empty((1,), dtype=acc)
 
 
-@register_fake("prep_bn_bwd_apply")
+@register_fake("prep_bn_backward_apply")
 def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam,
       training, norm, mask):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -147,7 +147,7 @@ def _prep_bn_fwd_setup_context(ctx, inputs, output):
 
 def _prep_bn_fwd_backward(ctx, dy, *_unused_stat_grads):
     x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, mask = ctx.saved_tensors
-    dx, d_nw, d_nb, d_bw, d_bb, d_alpha = _lib.prep_bn_bwd(
+    dx, d_nw, d_nb, d_bw, d_bb, d_alpha = _lib.prep_bn_backward(
         dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd,
         ctx.lam, ctx.training, ctx.norm, mask,
     )
@@ -158,7 +158,7 @@ def _prep_bn_fwd_backward(ctx, dy, *_unused_stat_grads):
 
 
 torch.library.register_autograd(
-    "slab::prep_bn_fwd", _prep_bn_fwd_backward, setup_context=_prep_bn_fwd_setup_context
+    "slab::prep_bn_forward", _prep_bn_fwd_backward, setup_context=_prep_bn_fwd_setup_context
 )
 
 
@@ -328,7 +328,7 @@ def _bn_update_running_stats(running_mean, running_var, mean, var, momentum):
 
 def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
                        training, momentum, eps, norm_eps, norm, mask, weight_name, bias_name):
-    """The public ops: ``prep_bn_fwd`` (with autograd) and, in training, the in-place running-stat update."""
+    """The public ops: ``prep_bn_forward`` (with autograd) and, in training, the in-place running-stat update."""
     _check_unit_interval(momentum, "momentum")
     if _is_concrete(x) and not torch.compiler.is_compiling():
         # The stage ops name the affine bn_weight / bn_bias; check it here under the caller's names.
@@ -339,7 +339,7 @@ def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, run
             (_running_stats_alias_check(running_mean, running_var)
              .read(x, "x").read(norm_weight, "norm_weight").read(norm_bias, "norm_bias").read(bn_weight, weight_name)
              .read(bn_bias, bias_name).read(alpha, "alpha").read(mask, "mask").check())
-    outs = _lib.prep_bn_fwd.default(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
+    outs = _lib.prep_bn_forward.default(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
                                     lam, training, eps, norm_eps, norm, mask)
     if training:
         _lib.bn_update_running_stats.default(running_mean, running_var, outs[3], outs[5], momentum)

@@ -5,8 +5,8 @@ tensors and autograd.
   q, k, v), optionally returning the final state for decoding.
 * :func:`sla_step` -- one decode token per sequence, updating the state in place (inference only).
 
-Raw ops (csrc/sla/sla_ops.cpp): ``sla_fwd(q, k, v, causal, eps, mask) -> (o, den, state, z)``,
-``sla_bwd(grad_o, q, k, v, o, den, causal, mask) -> (dq, dk, dv)`` and the mutable
+Raw ops (csrc/sla/sla_ops.cpp): ``sla_forward(q, k, v, causal, eps, mask) -> (o, den, state, z)``,
+``sla_backward(grad_o, q, k, v, o, den, causal, mask) -> (dq, dk, dv)`` and the mutable
 ``sla_step(q, k, v, state!, z!, eps) -> o``.
 """
 
@@ -60,7 +60,7 @@ def sla(
     (B, H, D), float32, over all (unmasked) tokens: for ``causal=True`` the state after the last
     token, from which :func:`sla_step` continues decoding. They carry no gradient.
     """
-    o, _den, state, z = _lib.sla_fwd(q, k, v, bool(causal), float(eps), mask)
+    o, _den, state, z = _lib.sla_forward(q, k, v, bool(causal), float(eps), mask)
     if return_state:
         return o, state, z
     return o
@@ -90,7 +90,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 # ---- fake tensors ------------------------------------------------------------------------------
 
 
-@register_fake("sla_fwd")
+@register_fake("sla_forward")
 def _(q, k, v, causal, eps, mask):
     torch._check(q.dim() == 4, lambda: "q must have shape (B, H, N, D)")
     torch._check(k.shape == q.shape, lambda: "k must have the shape of q")
@@ -101,7 +101,7 @@ def _(q, k, v, causal, eps, mask):
             q.new_empty((b, h, d), dtype=acc))
 
 
-@register_fake("sla_bwd")
+@register_fake("sla_backward")
 def _(grad_o, q, k, v, o, den, causal, mask):
     torch._check(q.dim() == 4 and k.shape == q.shape and grad_o.shape == v.shape,
                  lambda: "q, k must be (B, H, N, D) and grad_o (B, H, N, Dv)")
@@ -132,9 +132,9 @@ def _sla_backward(ctx, grad_o, _grad_den, _grad_state, _grad_z):
     q, k, v, o, den, mask = ctx.saved_tensors
     if grad_o is None or not any(ctx.needs_input_grad[:3]):
         return None, None, None, None, None, None
-    dq, dk, dv = _lib.sla_bwd(grad_o, q, k, v, o, den, ctx.causal, mask)
+    dq, dk, dv = _lib.sla_backward(grad_o, q, k, v, o, den, ctx.causal, mask)
     need = ctx.needs_input_grad
     return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
 
 
-torch.library.register_autograd("slab::sla_fwd", _sla_backward, setup_context=_sla_setup_context)
+torch.library.register_autograd("slab::sla_forward", _sla_backward, setup_context=_sla_setup_context)
