@@ -37,7 +37,7 @@ t_start=$(now)
 # ---- 1. build tools and test deps ---------------------------------------------------------------
 t0=$(now)
 say "python: $(command -v "$py") ($("$py" -c 'import sys; print(sys.version.split()[0])'))"
-pkgs=("cmake>=3.26" "ninja>=1.11" "scikit-build-core>=0.10" "pytest>=7" "numpy" "transformers" "timm" "ultralytics")
+pkgs=("cmake>=3.26" "ninja>=1.11" "scikit-build-core>=0.10" "pytest>=7" "transformers" "timm" "ultralytics" "scikit-learn" "tqdm" "matplotlib")
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
   pkgs+=("${SLAB_TORCH:-torch}")
   say "no torch importable: installing ${SLAB_TORCH:-torch} as well"
