@@ -41,7 +41,7 @@ struct CatsBwdParams {
 // All matrices contiguous, row-major, one dtype. act/keep are scratch the caller allocates:
 // act [features, tokens] in the accumulation type (cats(gate) * up of kept neurons; the CPU writes
 // 0 for dropped ones, CUDA leaves them unwritten), keep [features] bytes (1 = some token keeps the
-// neuron); CUDA also needs partial (down_partial_elems(...) accumulation-type values) and kept.
+// neuron); CUDA also needs partial (mlp_workspace_elems(...) accumulation-type values) and kept.
 struct MlpParams {
   DType dtype;
   int64_t tokens, dim, features;  // M, D, F
@@ -141,7 +141,7 @@ SLAB_HD constexpr int down_splits(int64_t tokens, int64_t dim, int64_t features,
   return static_cast<int>(max64(1, min64(by_blocks, min64(by_rows, by_traffic))));
 }
 // Accumulation-type elements of MlpParams::partial.
-SLAB_HD constexpr int64_t down_partial_elems(int64_t tokens, int64_t dim, int64_t features, int elem_bytes) {
+SLAB_HD constexpr int64_t mlp_workspace_elems(int64_t tokens, int64_t dim, int64_t features, int elem_bytes) {
   return down_splits(tokens, dim, features, elem_bytes) * tokens * dim;
 }
 

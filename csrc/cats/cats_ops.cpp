@@ -67,7 +67,7 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
   Tensor partial, kept;
 #ifdef SLAB_WITH_CUDA
   SLAB_CHECK(F < std::numeric_limits<int32_t>::max(), "w_gate must have fewer than 2^31 - 1 rows on CUDA, got ", F);
-  partial = empty({down_partial_elems(M, D, F, static_cast<int>(x.element_size()))}, act.scalar_type(), x.device());
+  partial = empty({mlp_workspace_elems(M, D, F, static_cast<int>(x.element_size()))}, act.scalar_type(), x.device());
   kept = empty({F + 1}, ScalarType::Int, x.device());
 #endif
   MlpParams p{dtype, M, D, F, xc.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), y.data_ptr(),

@@ -53,7 +53,7 @@ struct FoldBwdParams {
   void* d_bias;           // [channels]
   void* d_bn_weight;      // [channels] or null
   void* d_bn_bias;        // [channels]
-  void* workspace;        // CUDA: bwd_partials(channels, k) accumulation-type values; unused on CPU
+  void* workspace;        // CUDA: fold_backward_workspace_elems(channels, k) accumulation-type values; unused on CPU
 };
 
 // ---- CUDA work decomposition (host-callable: tests/host/convbn_schedule.cpp runs it on the CPU) ----
@@ -115,7 +115,9 @@ SLAB_HD Range bwd_range(int64_t items, int64_t per_split, int s) {
 
 // Accumulation-type values of FoldBwdParams::workspace on CUDA: enough for either width (the
 // scalar path has the most packs per row, hence the most splits).
-SLAB_HD int64_t bwd_partials(int64_t channels, int64_t k) { return channels * bwd_splits(channels, k); }
+SLAB_HD int64_t fold_backward_workspace_elems(int64_t channels, int64_t k) {
+  return channels * bwd_splits(channels, k);
+}
 
 void fold_cpu(const FoldParams& p);
 void fold_backward_cpu(const FoldBwdParams& p);

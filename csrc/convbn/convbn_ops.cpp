@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fold_backward_op(const Tensor& grad_w
   const Tensor w = bn_weight_grad ? contiguous(weight) : Tensor();
   Tensor workspace;
 #ifdef SLAB_WITH_CUDA
-  workspace = empty({bwd_partials(s.channels, s.k)}, acc, dev);
+  workspace = empty({fold_backward_workspace_elems(s.channels, s.k)}, acc, dev);
 #endif
   FoldBwdParams p{dtype, s.channels, s.k, gw.data_ptr(), data_or_null(gb), data_or_null(w), data_or_null(b),
                   data_or_null(gamma), mean.data_ptr(), var.data_ptr(), eps,

@@ -85,6 +85,71 @@ inline V keep_first_n(const V& v, int64_t n) {
   return n >= V::size() ? v : V::set(V(0), v, n);
 }
 
+// Loops over the vectors of a row of n elements: body(c, full) for c = 0, w, 2w, ..., with `full` a
+// std::true_type for whole vectors and a std::false_type for the shorter last piece, so the body's
+// loads and stores (load_piece / store_piece) have no tail test in the hot loop; with a test
+// there, GCC keeps the loop's vectors on the stack.
+template <int64_t W, typename Body>
+inline void for_each_vec(int64_t n, const Body& body) {
+  int64_t c = 0;
+  for (; c + W <= n; c += W) body(c, std::true_type{});
+  if (c < n) body(c, std::false_type{});
+}
+
+template <typename T, typename Full>
+inline AccVec<T> load_piece(const T* p, int64_t i, int64_t end, Full) {
+  if constexpr (Full::value) return load_vec(p + i);
+  else return load_vec_n(p + i, end - i);
+}
+
+template <typename T, typename Full>
+inline void store_piece(T* p, int64_t i, int64_t end, const AccVec<T>& v, Full) {
+  if constexpr (Full::value) store_vec(p + i, v);
+  else store_vec_n(p + i, end - i, v);
+}
+
+// Sum over the vectors of a row of n elements of term(c, full) (as for_each_vec; a V each), the
+// lanes at and past n of the last piece zeroed. Four independent accumulators: one chain of
+// dependent adds costs the add's latency (about 4 cycles) per vector, four let the adds overlap.
+// sum_vec_pairs does the same for a term that yields two vectors (a VecPair {V a, b}).
+template <typename V, typename Term>
+inline V sum_vecs(int64_t n, const Term& term) {
+  constexpr int64_t w = V::size();
+  constexpr std::true_type full;
+  V a0(0), a1(0), a2(0), a3(0);
+  int64_t c = 0;
+  for (; c + 4 * w <= n; c += 4 * w) {
+    a0 = a0 + term(c, full), a1 = a1 + term(c + w, full), a2 = a2 + term(c + 2 * w, full),
+    a3 = a3 + term(c + 3 * w, full);
+  }
+  for (; c + w <= n; c += w) a0 = a0 + term(c, full);
+  if (c < n) a1 = a1 + keep_first_n(term(c, std::false_type{}), n - c);
+  return (a0 + a1) + (a2 + a3);
+}
+
+template <typename V> struct VecPair { V a, b; };
+
+template <typename V, typename Term>
+inline VecPair<V> sum_vec_pairs(int64_t n, const Term& term) {
+  constexpr int64_t w = V::size();
+  constexpr std::true_type full;
+  VecPair<V> s0{V(0), V(0)}, s1{V(0), V(0)};
+  int64_t c = 0;
+  for (; c + 2 * w <= n; c += 2 * w) {
+    const VecPair<V> t0 = term(c, full), t1 = term(c + w, full);
+    s0 = {s0.a + t0.a, s0.b + t0.b}, s1 = {s1.a + t1.a, s1.b + t1.b};
+  }
+  for (; c + w <= n; c += w) {
+    const VecPair<V> t = term(c, full);
+    s0 = {s0.a + t.a, s0.b + t.b};
+  }
+  if (c < n) {
+    const VecPair<V> t = term(c, std::false_type{});
+    s1 = {s1.a + keep_first_n(t.a, n - c), s1.b + keep_first_n(t.b, n - c)};
+  }
+  return {s0.a + s1.a, s0.b + s1.b};
+}
+
 // at::parallel_for's contract (chunks of at least `grain` iterations on torch's intra-op thread
 // pool) through the stable C shim's torch_parallel_for (torch >= 2.10). Declared here rather than
 // through torch/csrc/stable/ops.h: at::vec's headers forbid TORCH_TARGET_VERSION, and without it

@@ -41,7 +41,7 @@ struct SqNormParams {
   double weight_decay;
   const float* grad_scale;  // [1] or null
   void* out;
-  void* workspace;  // CUDA: workspace_floats(a) values of the accumulation type; unused on CPU
+  void* workspace;  // CUDA: workspace_elems(a) values of the accumulation type; unused on CPU
 };
 
 // DoG/LDoG/SGD update, one pass: with d = g * s + weight_decay * x (s = -1/grad_scale when
@@ -57,7 +57,7 @@ struct DogUpdateParams {
   bool maximize;
   const float* grad_scale;  // [1] or null
   const float* found_inf;   // [1] or null
-  void* workspace;          // CUDA: workspace_floats(x) values; unused on CPU
+  void* workspace;          // CUDA: workspace_elems(x) values; unused on CPU
 };
 
 // Lion (Chen et al. 2023): c = beta1*m + (1-beta1)*g;  x <- x*(1 - lr*wd) - lr*sign(c);
@@ -88,7 +88,7 @@ struct LambParams {
   const float* found_inf;
   void* norms;      // stage 1: [2 * count] accumulation type
   const void* lr;   // stage 2: [count] per-tensor step size lr * trust ratio
-  void* workspace;  // CUDA stage 1: 2 * workspace_floats(x) values
+  void* workspace;  // CUDA stage 1: 2 * workspace_elems(x) values
 };
 
 // SGD with momentum and a per-tensor scale (LARS / LARC): d = g + weight_decay * x,
@@ -156,7 +156,7 @@ void adamp_stage1_cuda(const AdamPParams& p, CUstream_st* stream);
 void adamp_stage2_cuda(const AdamPParams& p, CUstream_st* stream);
 
 // Number of partial sums (one per CUDA chunk) the CUDA reductions over `list` need.
-inline int64_t workspace_floats(const TensorList& list) {
+inline int64_t workspace_elems(const TensorList& list) {
   int64_t n = 0;
   for (int64_t i = 0; i < list.count; ++i) n += ceil_div(list.numel[i], kCudaChunk);
   return n;

@@ -136,13 +136,13 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
 }
 
 // Runs `rule` over `lists` in launches of at most kMaxTensors tensors. With sums, `workspace`
-// holds kSums * workspace_floats(lists[0]) partials and target(j, i) is where sum j of tensor i
+// holds kSums * workspace_elems(lists[0]) partials and target(j, i) is where sum j of tensor i
 // (its position in the whole list) goes.
 template <typename T, typename Rule, typename Target>
 void run_rule(const Rule& rule, const TensorList (&lists)[Rule::kLists], void* workspace, const Target& target,
               cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t stride = Rule::kSums > 0 ? workspace_floats(lists[0]) : 0;
+  const int64_t stride = Rule::kSums > 0 ? workspace_elems(lists[0]) : 0;
   auto* partial = static_cast<A*>(workspace);
   for_each_launch(lists, Rule::kLists, [&](const ChunkTable& t, int64_t offset) {
     const int blocks = t.first_chunk[t.count];
@@ -415,16 +415,18 @@ void adamp_stage1(const AdamPParams& p, cudaStream_t stream) {
   for (int64_t i = 0; i < p.x.count; ++i) total += p.rows[i];
   cudaMemsetAsync(p.row_sums, 0, sizeof(acc_t<T>) * 4 * total, stream);  // skipped steps and empty rows
   for_each_row_launch(p, [&](const RowTable& t, int blocks) {
-    if (row_packs<T>(t)) adamp_stage1_kernel<T, kPackWidth<acc_t<T>>><<<blocks, kRowThreads, 0, stream>>>(t, p);
-    else adamp_stage1_kernel<T, 1><<<blocks, kRowThreads, 0, stream>>>(t, p);
+    SLAB_BOOL_SWITCH(row_packs<T>(t), kPacked, [&] {
+      adamp_stage1_kernel<T, kPacked ? kPackWidth<acc_t<T>> : 1><<<blocks, kRowThreads, 0, stream>>>(t, p);
+    });
   });
 }
 
 template <typename T>
 void adamp_stage2(const AdamPParams& p, cudaStream_t stream) {
   for_each_row_launch(p, [&](const RowTable& t, int blocks) {
-    if (row_packs<T>(t)) adamp_stage2_kernel<T, kPackWidth<acc_t<T>>><<<blocks, kRowThreads, 0, stream>>>(t, p);
-    else adamp_stage2_kernel<T, 1><<<blocks, kRowThreads, 0, stream>>>(t, p);
+    SLAB_BOOL_SWITCH(row_packs<T>(t), kPacked, [&] {
+      adamp_stage2_kernel<T, kPacked ? kPackWidth<acc_t<T>> : 1><<<blocks, kRowThreads, 0, stream>>>(t, p);
+    });
   });
 }
 

@@ -138,7 +138,7 @@ struct InPlace {
 // The partial sums of the CUDA reductions; the CPU kernels need none.
 Tensor workspace(const Tensor& like, const TensorList& l, int64_t per_chunk = 1) {
 #ifdef SLAB_WITH_CUDA
-  return empty({per_chunk * workspace_floats(l)}, acc_dtype(like.scalar_type()), like.device());
+  return empty({per_chunk * workspace_elems(l)}, acc_dtype(like.scalar_type()), like.device());
 #else
   (void)like, (void)l, (void)per_chunk;
   return Tensor();

@@ -14,7 +14,7 @@ namespace slab::prepbn {
 namespace {
 
 constexpr int64_t kRowBlock = 256;     // rows per partial of a column reduction
-constexpr int64_t kChannelTile = 512;  // channels per task: the tile's accumulators stay in L1
+constexpr int64_t kChannelTile = 1024;  // channels per task: the tile's accumulators stay in L1
 
 
 bool is_kept(const bool* mask, int64_t row) { return mask == nullptr || mask[row]; }
@@ -60,15 +60,15 @@ void stats(const StatsParams& p) {
       n += 1;
       const V inv_n(A(1) / n);
       const T* row = x + r * channels;
-      for (int64_t c = c0; c < c1; c += w) {
-        const V v = load_at(row, c, c1);
-        V mu = V::loadu(mean + (c - c0)), s = V::loadu(m2 + (c - c0));
+      for_each_vec<w>(c1 - c0, [&](int64_t i, auto full) {
+        const V v = load_piece(row, c0 + i, c1, full);
+        V mu = V::loadu(mean + i), s = V::loadu(m2 + i);
         const V delta = v - mu;
         mu = mu + delta * inv_n;
         s = s + delta * (v - mu);
-        mu.store(mean + (c - c0));
-        s.store(m2 + (c - c0));
-      }
+        mu.store(mean + i);
+        s.store(m2 + i);
+      });
     }
     std::copy(mean, mean + (c1 - c0), part_mean.begin() + rb * channels + c0);
     std::copy(m2, m2 + (c1 - c0), part_m2.begin() + rb * channels + c0);
@@ -130,34 +130,34 @@ void apply(const ApplyParams& p) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * channels;
       A rm = 0, rr = 0;
-      if (p.norm == Norm::kLayer) {
-        V acc(0);
-        for (int64_t c = 0; c < channels; c += w) acc = acc + load_at(xr, c, channels);
-        rm = at::vec::vec_reduce_all<A>(std::plus<V>(), acc) * inv_c;
+      const auto sum_all = [&](const auto& term) {
+        return at::vec::vec_reduce_all<A>(std::plus<V>(), sum_vecs<V>(channels, term));
+      };
+      const auto xv = [&](int64_t c, auto full) { return load_piece(xr, c, channels, full); };
+      if (p.norm == Norm::kLayer) {  // two passes over the row (in L1): mean, then squared deviations
+        rm = sum_all(xv) * inv_c;
         const V rm_v(rm);
-        acc = V(0);
-        for (int64_t c = 0; c < channels; c += w) {
-          const V d = keep_first_n(load_at(xr, c, channels) - rm_v, channels - c);
-          acc = acc + d * d;
-        }
-        rr = A(1) / std::sqrt(at::vec::vec_reduce_all<A>(std::plus<V>(), acc) * inv_c + A(p.norm_eps));
+        const A ss = sum_all([&](int64_t c, auto full) {
+          const V d = xv(c, full) - rm_v;
+          return d * d;
+        });
+        rr = A(1) / std::sqrt(ss * inv_c + A(p.norm_eps));
       } else if (p.norm == Norm::kRms) {
-        V acc(0);
-        for (int64_t c = 0; c < channels; c += w) {
-          const V v = load_at(xr, c, channels);
-          acc = acc + v * v;
-        }
-        rr = A(1) / std::sqrt(at::vec::vec_reduce_all<A>(std::plus<V>(), acc) * inv_c + A(p.norm_eps));
+        const A ss = sum_all([&](int64_t c, auto full) {
+          const V v = xv(c, full);
+          return v * v;
+        });
+        rr = A(1) / std::sqrt(ss * inv_c + A(p.norm_eps));
       }
       if (p.norm != Norm::kNone) row_mean[r] = rm, row_rstd[r] = rr;
       const V rm_v(rm), rr_v(rr);
       T* yr = y + r * channels;
-      for (int64_t c = 0; c < channels; c += w) {
-        const V v = load_at(xr, c, channels);
+      for_each_vec<w>(channels, [&](int64_t c, auto full) {
+        const V v = load_piece(xr, c, channels, full);
         const V out = fwd_elem<V>(v, V::loadu(&mu[c]), V::loadu(&s[c]), al_v, V::loadu(&t[c]),
                                   V::loadu(&k[c]), row_xhat<V>(v, rm_v, rr_v));
-        store_at(yr, c, channels, out);
-      }
+        store_piece(yr, c, channels, out, full);
+      });
     }
   });
 }
@@ -189,14 +189,14 @@ void bwd_reduce(const BwdReduceParams& p) {
       const T* dyr = dy + r * channels;
       const T* xr = x + r * channels;
       const V rm_v(has_norm ? row_mean[r] : A(0)), rr_v(has_norm ? row_rstd[r] : A(0));
-      for (int64_t c = c0; c < c1; c += w) {
-        const int64_t i = c - c0;
-        const V g = load_at(dyr, c, c1), v = load_at(xr, c, c1);
+      for_each_vec<w>(c1 - c0, [&](int64_t i, auto full) {
+        const int64_t c = c0 + i;
+        const V g = load_piece(dyr, c, c1, full), v = load_piece(xr, c, c1, full);
         const V xhat_bn = (v - V::loadu(&bm_p[c])) * V::loadu(&br_p[c]);
         (V::loadu(s_dy + i) + g).store(s_dy + i);
         (V::loadu(s_bn + i) + g * xhat_bn).store(s_bn + i);
         if (has_norm) (V::loadu(s_norm + i) + g * row_xhat<V>(v, rm_v, rr_v)).store(s_norm + i);
-      }
+      });
     }
     A* out = part.data() + rb * 3 * channels;
     std::copy(s_dy, s_dy + (c1 - c0), out + c0);
@@ -238,12 +238,12 @@ void bwd_apply(const BwdApplyParams& p) {
   const A lam = static_cast<A>(p.lam), alpha = *static_cast<const A*>(p.alpha);
   const A count = *static_cast<const A*>(p.count);
 
-  auto mu = padded<A>(channels), rs = padded<A>(channels), pc = padded<A>(channels),
-       c0 = padded<A>(channels), c1 = padded<A>(channels), k = padded<A>(channels);
+  auto mu = padded<A>(channels), pc = padded<A>(channels), c0 = padded<A>(channels),
+       c1r = padded<A>(channels), k = padded<A>(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const auto f = bwd_coeffs<A>(nw ? nw[c] : A(0), bw[c], alpha, bm[c], br[c], sums[c],
                                  sums[channels + c], count, lam, p.training);
-    mu[c] = f.mu, rs[c] = f.rstd, pc[c] = f.p, c0[c] = f.c0, c1[c] = f.c1, k[c] = f.k;
+    mu[c] = f.mu, pc[c] = f.p, c0[c] = f.c0, c1r[c] = f.c1r, k[c] = f.k;
   }
   const bool has_norm = p.norm != Norm::kNone;
   const A inv_c = A(1) / A(channels);
@@ -256,25 +256,24 @@ void bwd_apply(const BwdApplyParams& p) {
       const V rm_v(rm), rr_v(rr);
       A h_mean = 0, hx_mean = 0;
       if (has_norm) {
-        V h_acc(0), hx_acc(0);
-        for (int64_t c = 0; c < channels; c += w) {
-          const V h = V::loadu(&k[c]) * load_at(dyr, c, channels);  // k is 0 in padded lanes
-          h_acc = h_acc + h;
-          hx_acc = hx_acc + h * row_xhat<V>(load_at(xr, c, channels), rm_v, rr_v);
-        }
-        if (p.norm == Norm::kLayer) h_mean = at::vec::vec_reduce_all<A>(std::plus<V>(), h_acc) * inv_c;
-        hx_mean = at::vec::vec_reduce_all<A>(std::plus<V>(), hx_acc) * inv_c;
+        const auto sums = sum_vec_pairs<V>(channels, [&](int64_t c, auto full) {
+          const V h = V::loadu(&k[c]) * load_piece(dyr, c, channels, full);
+          return VecPair<V>{h, h * row_xhat<V>(load_piece(xr, c, channels, full), rm_v, rr_v)};
+        });
+        if (p.norm == Norm::kLayer) h_mean = at::vec::vec_reduce_all<A>(std::plus<V>(), sums.a) * inv_c;
+        hx_mean = at::vec::vec_reduce_all<A>(std::plus<V>(), sums.b) * inv_c;
       }
       const V kept(p.training && is_kept(p.mask, r) ? A(1) : A(0));
-      const V h_mean_v(h_mean), hx_mean_v(hx_mean);
+      const auto row = bwd_row_terms<A>(rr, h_mean, hx_mean);
+      const V shift_v(row.shift), slope_v(row.slope);
       T* dxr = dx + r * channels;
-      for (int64_t c = 0; c < channels; c += w) {
-        const V g = load_at(dyr, c, channels), v = load_at(xr, c, channels);
-        const V out = bwd_elem<V>(g, v, V::loadu(&mu[c]), V::loadu(&rs[c]), V::loadu(&pc[c]),
-                                  V::loadu(&c0[c]), V::loadu(&c1[c]), kept, V::loadu(&k[c]) * g,
-                                  rr_v, row_xhat<V>(v, rm_v, rr_v), h_mean_v, hx_mean_v);
-        store_at(dxr, c, channels, out);
-      }
+      for_each_vec<w>(channels, [&](int64_t c, auto full) {
+        const V g = load_piece(dyr, c, channels, full), v = load_piece(xr, c, channels, full);
+        const V out = bwd_elem<V>(g, v, V::loadu(&mu[c]), V::loadu(&pc[c]), V::loadu(&c0[c]),
+                                  V::loadu(&c1r[c]), V::loadu(&k[c]), kept, rr_v, rm_v, shift_v,
+                                  slope_v);
+        store_piece(dxr, c, channels, out, full);
+      });
     }
   });
 }

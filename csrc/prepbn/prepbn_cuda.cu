@@ -213,6 +213,7 @@ __global__ void __launch_bounds__(kRowBlockThreads) bwd_apply_kernel(BwdApplyPar
     hx_mean = group_sum(hx_acc, scratch, rs, th) * inv_c;
   }
   const A kept = p.training && th.valid && is_kept(p.mask, th.row) ? A(1) : A(0);
+  const auto row = bwd_row_terms<A>(rr, h_mean, hx_mean);
   for (int seg = 0; seg < rs.segments; ++seg) {
     if (rs.segments > 1) load(seg);
 #pragma unroll
@@ -225,8 +226,7 @@ __global__ void __launch_bounds__(kRowBlockThreads) bwd_apply_kernel(BwdApplyPar
         const auto f = bwd_coeffs<A>(opt(nw, c), __ldg(bw + c), alpha, __ldg(bm + c), __ldg(br + c), __ldg(sums + c),
                                      __ldg(sums + p.channels + c), count, lam, p.training);
         const A dy = g.v[s][i], v = x.v[s][i];
-        out[i] = bwd_elem<A>(dy, v, f.mu, f.rstd, f.p, f.c0, f.c1, kept, f.k * dy, rr, row_xhat<A>(v, rm, rr), h_mean,
-                             hx_mean);
+        out[i] = bwd_elem<A>(dy, v, f.mu, f.p, f.c0, f.c1r, f.k, kept, rr, rm, row.shift, row.slope);
       }
       store_acc<W>(dxr + x.e[s], out);
     }

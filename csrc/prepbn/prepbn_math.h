@@ -65,27 +65,35 @@ SLAB_HD A row_xhat(A x, A row_mean, A row_rstd) {
   return (x - row_mean) * row_rstd;
 }
 
-// Per-channel coefficients of dx:
-//   dx = p * dy - kept * (c0 + xhat_bn * c1) + row_rstd * (h - h_mean - xhat_row * hx_mean),
-//   h = k * dy,
-// where p = (1 - lam)(bn_w * bn_rstd + alpha), c0/c1 = (1 - lam) bn_w bn_rstd / n * sum dy / sum
-// dy*xhat_bn (the gradient through the batch mean and variance), k = lam * norm_w.
-template <typename A> struct BwdCoeffs { A mu, rstd, p, c0, c1, k; };
+// Per-channel coefficients of dx, and two terms per row:
+//   dx = dy * (p + row_rstd * k) - kept * (c0 + c1r * (x - mu)) + shift + slope * (x - row_mean),
+// where p = (1 - lam)(bn_w * bn_rstd + alpha); c0 = q * sum dy and c1r = q * bn_rstd * sum dy*xhat_bn
+// with q = (1 - lam) bn_w bn_rstd / n (the gradient through the batch mean and variance);
+// k = lam * norm_w; and per row, with h = k * dy, shift = -row_rstd * mean_c(h) and
+// slope = -row_rstd^2 * mean_c(h * xhat_row) (LayerNorm's backward). Differences from a mean stay
+// explicit, so large offsets do not cancel; the rest is folded to keep the per-element work small.
+template <typename A> struct BwdCoeffs { A mu, p, c0, c1r, k; };
 
 template <typename A>
 SLAB_HD BwdCoeffs<A> bwd_coeffs(A norm_w, A bn_w, A alpha, A bn_mean, A bn_rstd, A sum_dy,
                                 A sum_dy_xhat, A count, A lam, bool training) {
   const A one_m = A(1) - lam;
   const A q = training ? one_m * bn_w * bn_rstd / count : A(0);
-  return {bn_mean, bn_rstd, one_m * (bn_w * bn_rstd + alpha), q * sum_dy, q * sum_dy_xhat,
+  return {bn_mean, one_m * (bn_w * bn_rstd + alpha), q * sum_dy, q * sum_dy_xhat * bn_rstd,
           lam * norm_w};
 }
 
+template <typename A> struct BwdRowTerms { A shift, slope; };
+
 template <typename A>
-SLAB_HD A bwd_elem(A dy, A x, A mu, A rstd, A p, A c0, A c1, A kept, A h, A row_rstd, A xhat_row,
-                   A h_mean, A hx_mean) {
-  const A xhat_bn = (x - mu) * rstd;
-  return p * dy - kept * (c0 + xhat_bn * c1) + row_rstd * (h - h_mean - xhat_row * hx_mean);
+SLAB_HD BwdRowTerms<A> bwd_row_terms(A row_rstd, A h_mean, A hx_mean) {
+  return {-row_rstd * h_mean, -row_rstd * row_rstd * hx_mean};
+}
+
+template <typename A>
+SLAB_HD A bwd_elem(A dy, A x, A mu, A p, A c0, A c1r, A k, A kept, A row_rstd, A row_mean, A shift,
+                   A slope) {
+  return dy * (p + row_rstd * k) - kept * (c0 + c1r * (x - mu)) + (shift + slope * (x - row_mean));
 }
 
 // One channel's term of d_alpha = (1 - lam) * sum_c (sum dy*xhat_bn / bn_rstd + bn_mean * sum dy).

@@ -165,8 +165,7 @@ void dwc_cuda(const DwcParams& p, CUstream_st* stream) {
                         (p.residual == nullptr || token_rows_aligned<T>(p.residual, p.residual_stride));
     const int64_t items = p.g.grid_h * p.g.grid_w * (packed ? p.g.channels / kW : p.g.channels);
     const dim3 grid(static_cast<unsigned>(ceil_div(items, kThreads)), slices);
-    if (packed) dwc_kernel<T, kW><<<grid, kThreads, 0, stream>>>(p);
-    else dwc_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    SLAB_BOOL_SWITCH(packed, kPacked, [&] { dwc_kernel<T, kPacked ? kW : 1><<<grid, kThreads, 0, stream>>>(p); });
   });
 }
 
@@ -187,8 +186,7 @@ void dwc_step_cuda(const DwcStepParams& p, CUstream_st* stream) {
                                                                 static_cast<const T*>(p.out), static_cast<const T*>(p.residual));
     const int64_t items = p.batch * p.heads * (packed ? p.channels / kW : p.channels);
     const auto blocks = static_cast<unsigned>(ceil_div(items, kThreads));
-    if (packed) step_kernel<T, kW><<<blocks, kThreads, 0, stream>>>(p);
-    else step_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
+    SLAB_BOOL_SWITCH(packed, kPacked, [&] { step_kernel<T, kPacked ? kW : 1><<<blocks, kThreads, 0, stream>>>(p); });
   });
 }
 

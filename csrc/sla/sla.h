@@ -5,9 +5,10 @@
 //   o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps),  S_i = sum_j phi(k_j) v_j^T,  z_i = sum_j phi(k_j)
 // where j runs over every token (non-causal) or over j <= i (causal).
 //
-//   forward:  causal -> chunks of kChunkCpu / kChunkCuda tokens: masked quadratic inside a chunk,
-//             fp32 running state (S, z) between chunks; non-causal -> the quadratic form when
+//   forward:  CPU: causal -> chunks of kChunkCpu tokens (sla_cpu.cpp): masked quadratic inside a
+//             chunk, fp32 running state (S, z) between chunks; non-causal -> the quadratic form when
 //             use_quadratic(N, D, Dv) (one chunk of N tokens), else two passes (reduce S, z; apply).
+//             CUDA (sla_cuda.cu): one exact per-token recurrence over the slice, no chunks.
 //             Writes o, den_i (the denominator, for backward) and the final state (S, z over
 //             all tokens) -- the state a decode continues from.
 //   backward: from grad_o, o and den: g_i = grad_o_i / den_i, gden_i = -(grad_o_i . o_i) / den_i;

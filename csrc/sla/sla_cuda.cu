@@ -336,8 +336,7 @@ template <typename T, Mode M>
 void run(const RecArgs& a, bool causal, CUstream_st* stream) {
   const auto grid = static_cast<unsigned>(a.s.batch * a.s.heads * ceil_div(a.cols, kTile));  // sla_block
   const dim3 block(kTile, kGroups);
-  if (causal) recurrence_kernel<T, M, true><<<grid, block, 0, stream>>>(a);
-  else recurrence_kernel<T, M, false><<<grid, block, 0, stream>>>(a);
+  SLAB_BOOL_SWITCH(causal, kCausal, [&] { recurrence_kernel<T, M, kCausal><<<grid, block, 0, stream>>>(a); });
 }
 
 }  // namespace
@@ -357,10 +356,9 @@ void sla_backward_cuda(const SlaBwdParams& p, CUstream_st* stream) {
               nullptr, 0, 0, nullptr, nullptr, nullptr};
     const int64_t rows = p.s.batch * p.s.heads * p.s.len;
     const auto gden_blocks = static_cast<unsigned>(ceil_div(rows, 8));
-    if (rows_aligned<T>(a.go, p.s.vdim) && rows_aligned<T>(a.o, p.s.vdim))
-      gden_kernel<T, kPackWidth<T>><<<gden_blocks, 256, 0, stream>>>(a);
-    else
-      gden_kernel<T, 1><<<gden_blocks, 256, 0, stream>>>(a);
+    SLAB_BOOL_SWITCH(rows_aligned<T>(a.go, p.s.vdim) && rows_aligned<T>(a.o, p.s.vdim), kPacked, [&] {
+      gden_kernel<T, kPacked ? kPackWidth<T> : 1><<<gden_blocks, 256, 0, stream>>>(a);
+    });
     a.out = p.dq, a.cols = p.s.dim, a.held = p.s.vdim;
     run<T, Mode::kDq>(a, p.causal, stream);
     a.out = p.dk;
@@ -375,8 +373,9 @@ void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream) {
     using A = acc_t<T>;
     const auto blocks = static_cast<unsigned>(p.batch * p.heads);
     const StepLayout lay = step_layout(p.vdim, kPackWidth<A>, all_vec_aligned(static_cast<const A*>(p.state)));
-    if (lay.width == kPackWidth<A>) step_kernel<T, kPackWidth<A>><<<blocks, kStepThreads, 0, stream>>>(p, lay);
-    else step_kernel<T, 1><<<blocks, kStepThreads, 0, stream>>>(p, lay);
+    SLAB_BOOL_SWITCH(lay.width == kPackWidth<A>, kPacked, [&] {
+      step_kernel<T, kPacked ? kPackWidth<A> : 1><<<blocks, kStepThreads, 0, stream>>>(p, lay);
+    });
   });
 }
 

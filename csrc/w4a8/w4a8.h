@@ -1,4 +1,4 @@
-// W4A8 kernels (SPEC section 4): int4 weights x float8_e4m3fn activations. Parameter structs and
+// W4A8 kernels (docs/w4a8.md): int4 weights x float8_e4m3fn activations. Parameter structs and
 // launchers; no torch headers. The binding layer (w4a8_ops.cpp) checks inputs, allocates outputs
 // and workspaces and fills these.
 //

@@ -350,9 +350,11 @@ void gemv(const GemmParams& p) {
         const float* xr = x.data() + m0 * p.k;
         const int64_t left = p.m - m0;
         const int mt = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
-        if (mt == 4) row_dot<4>(w, ws, xr, p.k, p.group, out);
-        else if (mt == 2) row_dot<2>(w, ws, xr, p.k, p.group, out);
-        else row_dot<1>(w, ws, xr, p.k, p.group, out);
+        switch (mt) {
+          case 4: row_dot<4>(w, ws, xr, p.k, p.group, out); break;
+          case 2: row_dot<2>(w, ws, xr, p.k, p.group, out); break;
+          default: row_dot<1>(w, ws, xr, p.k, p.group, out); break;
+        }
         for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], rows.scale);
         m0 += mt;
       }

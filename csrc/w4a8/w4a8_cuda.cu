@@ -13,7 +13,7 @@
 //       1024 + n magic, e4m3 via cvt) and mma.sync.m16n8k16 f16 -> f32, the k pairs of each lane
 //       taken from the columns it holds (a consistent reordering of k for A and B).
 //     Group sums live in their own fp32 accumulators and are scaled into the total at each group
-//     boundary (and at the end of a split), exactly the SPEC order of operations.
+//     boundary (and at the end of a split), exactly the order of operations of the formula in docs/w4a8.md.
 //   Paths: M <= 64 ("small M", memory bound): MT = 1, 2, 4 or 8 for M <= 8, 16, 32, 64, and the
 //     k range is split over gridDim.z so that every SM holds as many blocks as its occupancy
 //     allows (many weight loads in flight); partial sums go to a workspace that reduce_kernel sums
@@ -350,8 +350,9 @@ void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
     // 16-byte loads of every x row and kW-byte stores of every code row must start aligned.
     const bool packed = all_vec_aligned(static_cast<const T*>(p.x)) && p.cols % kW == 0 &&
                         reinterpret_cast<uintptr_t>(p.q) % kW == 0 && p.q_stride % kW == 0;
-    if (packed) quantize_fp8_kernel<T, kW><<<blocks, kQuantThreads, 0, stream>>>(p);
-    else quantize_fp8_kernel<T, 1><<<blocks, kQuantThreads, 0, stream>>>(p);
+    SLAB_BOOL_SWITCH(packed, kPacked, [&] {
+      quantize_fp8_kernel<T, kPacked ? kW : 1><<<blocks, kQuantThreads, 0, stream>>>(p);
+    });
   });
 }
 
@@ -367,11 +368,12 @@ void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, C
 }
 
 void gemm_cuda(const GemmParams& p, CUstream_st* stream) {
-  const int tokens = tokens_per_block(p.m);
-  if (tokens == 8) launch_gemm<1>(p, stream);
-  else if (tokens == 16) launch_gemm<2>(p, stream);
-  else if (tokens == 32) launch_gemm<4>(p, stream);
-  else launch_gemm<8>(p, stream);
+  switch (tokens_per_block(p.m)) {  // the same buckets as plan_gemm_cuda
+    case 8: launch_gemm<1>(p, stream); break;
+    case 16: launch_gemm<2>(p, stream); break;
+    case 32: launch_gemm<4>(p, stream); break;
+    default: launch_gemm<8>(p, stream); break;
+  }
   if (p.splits == 1) return;  // the GEMM wrote y itself
   const int blocks = grid_stride_blocks(p.m * p.n, 256);
   SLAB_DTYPE_SWITCH(p.out_dtype, CudaScalar, O, [&] { reduce_kernel<O><<<blocks, 256, 0, stream>>>(p); });

@@ -30,8 +30,8 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
-from slab.nn._args import check_flag
-from slab.nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
+from .nn._args import check_flag
+from .nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
 
 __all__ = ["deploy", "DeployReport", "Folded", "Left", "register_conv_bn_block", "register_bn_act"]
 

@@ -26,8 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-import slab
-from slab import _loader
+from . import __version__, _loader, cuda_available
 
 __all__ = ["collect", "format_text", "main", "run"]
 
@@ -115,9 +114,9 @@ def _cuda_devices() -> list[dict[str, Any]]:
 def _slab_facts() -> dict[str, Any]:
     st = _loader.STATE
     return {
-        "version": slab.__version__,
+        "version": __version__,
         "commit": _build("git_commit"),
-        "location": os.path.dirname(os.path.abspath(slab.__file__)),
+        "location": os.path.dirname(os.path.abspath(__file__)),  # the package folder
         "ops_library": st.ops_library,
         "library_override": os.environ.get("SLAB_LIBRARY") or None,
         "build_info": st.build_info_path if st.build_info else _unknown(st.build_info_error or "not read"),
@@ -156,7 +155,7 @@ def _cuda_facts() -> dict[str, Any]:
     }
     if torch.version.cuda:
         facts["torch_cuda_available"] = _try(torch.cuda.is_available)
-        facts["available"] = _try(slab.cuda_available)
+        facts["available"] = _try(cuda_available)
         facts["driver"] = _try(_nvidia_kernel_driver)
         facts["driver_cuda"] = _try(_cuda_driver_api_version)
         if facts["torch_cuda_available"] is True:

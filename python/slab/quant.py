@@ -1,4 +1,4 @@
-"""slab.quant: W4A8 quantization (SPEC section 4).
+"""slab.quant: W4A8 quantization (docs/w4a8.md).
 
 Weights (offline, once):
 

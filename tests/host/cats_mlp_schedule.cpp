@@ -162,7 +162,7 @@ void down(const Case& c, const Data& d, int W, const std::vector<double>& act, c
   const int splits = cats::down_splits(c.M, c.D, c.F, c.elem_bytes);
   HOST_CHECK(splits >= 1 && splits <= 65535, "splits %d", splits);
   const int64_t count = kept[static_cast<size_t>(c.F)];
-  std::vector<double> partial(static_cast<size_t>(cats::down_partial_elems(c.M, c.D, c.F, c.elem_bytes)), 0.0);
+  std::vector<double> partial(static_cast<size_t>(cats::mlp_workspace_elems(c.M, c.D, c.F, c.elem_bytes)), 0.0);
   std::vector<int> written(partial.size(), 0);
   std::vector<int> covered(static_cast<size_t>(count), 0);
   for (int s = 0; s < splits; ++s) {

@@ -113,7 +113,7 @@ void run(const Case& cs, uint32_t seed) {
   std::fill(seen.begin(), seen.end(), 0);
   const int64_t items = bwd_items(K, width);
   const int splits = bwd_splits(C, items);
-  HOST_CHECK(C * splits <= bwd_partials(C, K), "workspace too small: %lld", (long long)(C * splits));
+  HOST_CHECK(C * splits <= fold_backward_workspace_elems(C, K), "workspace too small: %lld", (long long)(C * splits));
   std::vector<A> partial(static_cast<size_t>(C * splits), A(-1));
   // grid (x blocks over the channels, splits): blockIdx.y = s, channels grid-strided over x
   const int64_t grid = cs.grid ? cs.grid : (C > 65535 ? 65535 : C), per = bwd_per_split(items, splits);

@@ -58,8 +58,8 @@ std::vector<double> emulate(const Rule& rule, const TensorList (&lists)[Rule::kL
   using A = acc_t<T>;
   constexpr int kW = kPackWidth<T>;
   const int64_t count = lists[0].count;
-  std::vector<A> partial(static_cast<size_t>(kMaxSums * workspace_floats(lists[0]) + 1), A(0));
-  const int64_t stride = workspace_floats(lists[0]);
+  std::vector<A> partial(static_cast<size_t>(kMaxSums * workspace_elems(lists[0]) + 1), A(0));
+  const int64_t stride = workspace_elems(lists[0]);
   std::vector<double> sums(static_cast<size_t>(kMaxSums * count), 0.0);
   int launches = 0;
   for_each_launch(lists, Rule::kLists, [&](const ChunkTable& t, int64_t offset) {

@@ -188,8 +188,8 @@ void check_bwd_apply(int64_t c, Norm norm, int offset, uint32_t seed) {
     const double nwk = norm == Norm::kNone ? 0.0 : L.nw[j];
     const auto f = bwd_coeffs<float>(float(nwk), float(L.bw[j]), float(L.alpha), float(L.bm[j]), float(L.br[j]),
                                      float(s_dy), float(s_bn), float(count), lam, true);
-    const float got = bwd_elem<float>(dy[k], x[k], f.mu, f.rstd, f.p, f.c0, f.c1, 1.f, f.k * dy[k], rr,
-                                      row_xhat<float>(x[k], rm, rr), h_mean, hx_mean);
+    const auto row = bwd_row_terms<float>(rr, h_mean, hx_mean);
+    const float got = bwd_elem<float>(dy[k], x[k], f.mu, f.p, f.c0, f.c1r, f.k, 1.f, rr, rm, row.shift, row.slope);
     const double q = (1 - L.lam) * L.bw[j] * L.br[j] / count, xbn = (x[k] - L.bm[j]) * L.br[j];
     const double want = (1 - L.lam) * (L.bw[j] * L.br[j] + L.alpha) * dy[k] - (q * s_dy + xbn * q * s_bn) +
                         (norm == Norm::kNone ? 0.0 : rstd_d * (L.lam * nwk * dy[k] - h_d / c - (x[k] - mean_d) * rstd_d * hx_d / c));

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from slab import ops
+from .. import ops
 from ._args import check_choice, check_flag, check_number, check_size
 
 __all__ = ["RepBN", "PRepBN", "ChannelAffine", "convert_sync"]

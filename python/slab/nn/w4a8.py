@@ -1,5 +1,5 @@
 """W4A8Linear: an inference drop-in for ``nn.Linear`` with int4 weights and per-token fp8
-activations (SPEC section 4)."""
+activations (docs/w4a8.md)."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ torch.library.register_autograd("slab::cats", _cats_backward, setup_context=_cat
 def _gather_setup_context(ctx, inputs, output):
     x, index = inputs
     ctx.save_for_backward(index)
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.x_shape = x.shape
 
 
 def _gather_backward(ctx, grad):

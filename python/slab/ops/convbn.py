@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
 from ._fake import register_fake
 
 __all__ = ["fold_conv_bn"]
@@ -49,10 +50,6 @@ def fold_conv_bn(
 # ---- fake tensors ------------------------------------------------------------------------------
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _check_weight(weight: Tensor) -> None:
     torch._check(weight.dim() >= 2,
                  lambda: f"weight must have at least 2 dimensions (out_channels, in_channels, *kernel), "
@@ -64,8 +61,8 @@ def _check_vec(t: Optional[Tensor], weight: Tensor, name: str) -> None:
         return
     torch._check(t.shape == (weight.shape[0],), lambda: f"{name} must have shape ({weight.shape[0]},) = "
                                                         f"(out_channels of weight,), got {tuple(t.shape)}")
-    torch._check(t.dtype in (weight.dtype, _acc_dtype(weight)),
-                 lambda: f"{name} must be {weight.dtype} or {_acc_dtype(weight)} to match weight, got {t.dtype}")
+    torch._check(t.dtype in (weight.dtype, acc_dtype(weight.dtype)),
+                 lambda: f"{name} must be {weight.dtype} or {acc_dtype(weight.dtype)} to match weight, got {t.dtype}")
 
 
 @register_fake("fold_conv_bn")
@@ -86,7 +83,7 @@ def _(grad_weight, grad_bias, weight, bias, bn_weight, running_mean, running_var
     for t, name in ((grad_bias, "grad_bias"), (bias, "bias"), (bn_weight, "bn_weight"),
                     (running_mean, "running_mean"), (running_var, "running_var")):
         _check_vec(t, weight, name)
-    o, acc = weight.shape[0], _acc_dtype(weight)
+    o, acc = weight.shape[0], acc_dtype(weight.dtype)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty((0,))
     return (dw, weight.new_empty((o,), dtype=acc), weight.new_empty((o if bn_weight_grad else 0,), dtype=acc),
             weight.new_empty((o,), dtype=acc))

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
 from ._fake import register_fake
 
 __all__ = [
@@ -47,10 +48,6 @@ def _non_empty(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
     if not tensors:
         raise ValueError(f"{name} must hold at least one tensor")
     return tensors
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def multi_tensor_sq_norm(
@@ -240,7 +237,7 @@ def _check_vector(t, n, dtype: torch.dtype, name: str) -> None:
 
 def _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr) -> torch.dtype:
     """The lists and bias corrections of the LAMB and AdamP stages; returns the accumulation dtype."""
-    acc = _acc(_check_lead(params, "params"))
+    acc = acc_dtype(_check_lead(params, "params"))
     if grads is not None:
         _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(exp_avgs, params, acc, "exp_avgs", "params")
@@ -256,12 +253,12 @@ def _sq_norm_fake(tensors, others=None, weight_decay=0.0, grad_scale=None):
     dtype = _check_lead(tensors, "tensors")
     if others:
         _check_like(others, tensors, dtype, "others", "tensors")
-    return tensors[0].new_empty((len(tensors),), dtype=_acc(dtype))
+    return tensors[0].new_empty((len(tensors),), dtype=acc_dtype(dtype))
 
 
 @register_fake("dog_update_")
 def _dog_update_fake(params, grads, x0, eta, dist2, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None):
-    acc = _acc(_check_lead(params, "params"))
+    acc = acc_dtype(_check_lead(params, "params"))
     _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(x0, params, acc, "x0", "params")
     _check_vector(eta, len(params), acc, "eta")
@@ -275,7 +272,7 @@ def _dog_update_fake(params, grads, x0, eta, dist2, weight_decay=0.0, maximize=F
 def _lion_update_fake(
     params, grads, exp_avgs, lr, beta1, beta2, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None
 ):
-    acc = _acc(_check_lead(params, "params"))
+    acc = acc_dtype(_check_lead(params, "params"))
     _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(exp_avgs, params, acc, "exp_avgs", "params")
     _check_vector(lr, 1, acc, "lr")
@@ -306,7 +303,7 @@ def _lamb_stage2_fake(params, exp_avgs, exp_avg_sqs, bias_corr, lr, beta1, beta2
 @register_fake("momentum_update_")
 def _momentum_update_fake(params, grads, momentum_buffers, scale, lr, momentum, weight_decay=0.0, maximize=False,
                           grad_scale=None, found_inf=None):
-    acc = _acc(_check_lead(params, "params"))
+    acc = acc_dtype(_check_lead(params, "params"))
     _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(momentum_buffers, params, acc, "momentum_buffers", "params")
     _check_vector(scale, len(params), acc, "scale")

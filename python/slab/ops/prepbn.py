@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
 from ._fake import register_fake
 
 __all__ = ["rep_bn", "prep_bn"]
@@ -77,10 +78,6 @@ def prep_bn(
     )
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _row_stat_len(x: Tensor, norm: str) -> int:
     return 0 if norm == "none" else x.numel() // x.shape[-1]
 
@@ -89,7 +86,7 @@ def _row_stat_len(x: Tensor, norm: str) -> int:
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training,
       eps, norm_eps, norm, mask):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
-    c, acc = x.shape[-1], _acc_dtype(x)
+    c, acc = x.shape[-1], acc_dtype(x.dtype)
     torch._check(bn_weight.shape == (c,), lambda: f"bn_weight must have shape ({c},)")
     rows = _row_stat_len(x, norm)
     stat = lambda n: x.new_empty((n,), dtype=acc)  # noqa: E731
@@ -100,7 +97,7 @@ def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, runnin
 @register_fake("prep_bn_backward")
 def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm,
       mask):
-    c, acc = x.shape[-1], _acc_dtype(x)
+    c, acc = x.shape[-1], acc_dtype(x.dtype)
     stat = lambda n: x.new_empty((n,), dtype=acc)  # noqa: E731
     return (torch.empty_like(x, memory_format=torch.contiguous_format), stat(c), stat(c), stat(c),
             stat(c), stat(1))
@@ -108,20 +105,20 @@ def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd
 
 @register_fake("prep_bn_stats")
 def _(x, mask):
-    c, acc = x.shape[-1], _acc_dtype(x)
+    c, acc = x.shape[-1], acc_dtype(x.dtype)
     return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((1,), dtype=acc)
 
 
 @register_fake("prep_bn_apply")
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd, lam, norm_eps, norm):
-    rows, acc = _row_stat_len(x, norm), _acc_dtype(x)
+    rows, acc = _row_stat_len(x, norm), acc_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc))
 
 
 @register_fake("prep_bn_backward_reduce")
 def _(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask):
-    c, acc = x.shape[-1], _acc_dtype(x)
+    c, acc = x.shape[-1], acc_dtype(x.dtype)
     return x.new_empty((3, c), dtype=acc), x.new_empty((1,), dtype=acc)
 
 
@@ -160,6 +157,22 @@ def _prep_bn_fwd_backward(ctx, dy, *_unused_stat_grads):
 torch.library.register_autograd(
     "slab::prep_bn_forward", _prep_bn_fwd_backward, setup_context=_prep_bn_fwd_setup_context
 )
+
+
+class _PrepBNForward(torch.autograd.Function):
+    """The same autograd as the registration above, for the eager path of the public ops.
+
+    torch.library's autograd wrapper rebuilds the 14-argument schema's argument list on every call
+    (``fill_defaults``), about 0.4 ms per training step on a CPU -- as much as the kernels take for
+    a small batch. Traced calls (torch.compile, opcheck) still go through the registered op."""
+
+    @staticmethod
+    def forward(*inputs):
+        with torch._C._AutoDispatchBelowAutograd():  # skip the registered autograd kernel, too
+            return _lib.prep_bn_forward.default(*inputs)
+
+    setup_context = staticmethod(_prep_bn_fwd_setup_context)
+    backward = staticmethod(_prep_bn_fwd_backward)
 
 
 @register_fake("bn_update_running_stats")
@@ -238,7 +251,7 @@ def _check_channel_vector(t, x: Tensor, channels: int, name: str) -> None:
     if t.dim() != 1 or t.shape[0] != channels:
         raise RuntimeError(f"{name} must have shape ({channels},) to match the last dimension of x, got "
                            f"{_shape_str(t.shape)}")
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     if x.dtype == acc:
         if t.dtype != acc:
             raise RuntimeError(f"{name} must be {_dtype_name(acc)} to match x, got {_dtype_name(t.dtype)}")
@@ -266,6 +279,10 @@ class _AliasCheck:
     def _add(self, t, name: str, written: bool) -> "_AliasCheck":
         if not _is_concrete(t) or t.numel() == 0:
             return self
+        base, item = t.data_ptr(), t.element_size()
+        if t.is_contiguous():  # the common case, without a Python loop over the dims
+            self._entries.append((base, base + t.numel() * item, name, written))
+            return self
         lo = hi = 0  # element offsets from data_ptr that the tensor reaches
         for size, stride in zip(t.shape, t.stride()):
             if size <= 1:
@@ -280,7 +297,6 @@ class _AliasCheck:
                 lo += reach
             else:
                 hi += reach
-        base, item = t.data_ptr(), t.element_size()
         self._entries.append((base + lo * item, base + (hi + 1) * item, name, written))
         return self
 
@@ -330,7 +346,8 @@ def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, run
                        training, momentum, eps, norm_eps, norm, mask, weight_name, bias_name):
     """The public ops: ``prep_bn_forward`` (with autograd) and, in training, the in-place running-stat update."""
     _check_unit_interval(momentum, "momentum")
-    if _is_concrete(x) and not torch.compiler.is_compiling():
+    eager = _is_concrete(x) and not torch.compiler.is_compiling()
+    if eager:
         # The stage ops name the affine bn_weight / bn_bias; check it here under the caller's names.
         channels = _check_x(x)
         _check_channel_vector(bn_weight, x, channels, weight_name)
@@ -339,8 +356,9 @@ def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, run
             (_running_stats_alias_check(running_mean, running_var)
              .read(x, "x").read(norm_weight, "norm_weight").read(norm_bias, "norm_bias").read(bn_weight, weight_name)
              .read(bn_bias, bias_name).read(alpha, "alpha").read(mask, "mask").check())
-    outs = _lib.prep_bn_forward.default(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
-                                    lam, training, eps, norm_eps, norm, mask)
+    forward = _PrepBNForward.apply if eager else _lib.prep_bn_forward.default
+    outs = forward(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training, eps,
+                   norm_eps, norm, mask)
     if training:
         _lib.bn_update_running_stats.default(running_mean, running_var, outs[3], outs[5], momentum)
     return outs[0]

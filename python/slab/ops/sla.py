@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
 from ._fake import register_fake
 
 __all__ = ["sla", "sla_step"]
@@ -83,10 +84,6 @@ def sla_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, z: Tensor, eps: flo
     return _lib.sla_step(q, k, v, state, z, float(eps))
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 # ---- fake tensors ------------------------------------------------------------------------------
 
 
@@ -96,7 +93,7 @@ def _(q, k, v, causal, eps, mask):
     torch._check(k.shape == q.shape, lambda: "k must have the shape of q")
     torch._check(v.dim() == 4 and v.shape[:3] == q.shape[:3], lambda: "v must have shape (B, H, N, Dv)")
     b, h, n, d = q.shape
-    dv, acc = v.shape[3], _acc_dtype(q)
+    dv, acc = v.shape[3], acc_dtype(q.dtype)
     return (q.new_empty((b, h, n, dv)), q.new_empty((b, h, n), dtype=acc), q.new_empty((b, h, d, dv), dtype=acc),
             q.new_empty((b, h, d), dtype=acc))
 

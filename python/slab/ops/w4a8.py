@@ -1,4 +1,4 @@
-"""W4A8 ops (SPEC section 4): int4 weights x float8_e4m3fn activations.
+"""W4A8 ops (docs/w4a8.md): int4 weights x float8_e4m3fn activations.
 
 * :func:`w4a8_gemm` -- ``y = x_scale * sum_g w_scale * (fp8(x) . int4(w))`` on pre-quantized
   activations (from :func:`slab.quant.quantize_fp8`).
@@ -6,7 +6,7 @@
   an optional bias; output in the dtype of ``x``.
 * :class:`PackedW4` -- weights prepacked for one device's kernels (:func:`slab.quant.prepack_w4`).
 
-Both ops accept either a :class:`PackedW4` or the SPEC form ``(w_packed, w_scales, group_size)``
+Both ops accept either a :class:`PackedW4` or the unpacked form ``(w_packed, w_scales, group_size)``
 with the row-major ``quantize_w4`` output. Inference only: the ops have no gradient (quantized
 weights are not trained through); a backward through them raises a RuntimeError (run them under
 ``torch.no_grad()``). Schemas and kernels live in C++ (csrc/w4a8/w4a8_ops.cpp).
@@ -102,7 +102,7 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
     """``y[m, n] = x_scale[m] * sum_g w_scales[n, g] * sum_{k in g} fp8(x)[m, k] * int4(w)[n, k]``.
 
     Call forms: ``w4a8_gemm(x_fp8, x_scale, w, out_dtype=torch.bfloat16)`` with ``w`` a
-    :class:`PackedW4`, or the SPEC form ``w4a8_gemm(x_fp8, x_scale, w_packed, w_scales,
+    :class:`PackedW4`, or the unpacked form ``w4a8_gemm(x_fp8, x_scale, w_packed, w_scales,
     group_size, out_dtype=torch.bfloat16)`` with the row-major uint8 ``quantize_w4`` output (on
     CUDA this form re-tiles the weights on every call; prepack once). ``x_fp8`` float8_e4m3fn
     (..., K); ``x_scale`` float32 with one scale per row ((...) or (..., 1)). Accumulation in

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..ops._dtypes import acc_dtype
+
 
 def check_number(name: str, value: Any, *, positive: bool = False, allow_tensor: bool = False,
                  read_tensor: bool = True) -> None:
@@ -44,10 +46,6 @@ def check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def params_with_grad(opt_name: str, group: dict) -> list[Tensor]:
     """The group's parameters that have a gradient; sparse gradients are refused."""
     out = []
@@ -72,6 +70,42 @@ def buckets(params: list[Tensor]) -> list[list[int]]:
 
 def on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
+
+
+# ---- moments and step counters (LAMB, AdamP; Lion checks its betas alike) -----------------------
+
+
+def check_betas(betas) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must hold two values, got {betas}")
+    return check_fraction("betas[0]", betas[0]), check_fraction("betas[1]", betas[1])
+
+
+def bias_corrections(steps: list[Tensor], beta1: float, beta2: float, enabled: bool, dtype: torch.dtype) -> Tensor:
+    """Per tensor [1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)], shape (len(steps), 2), from the
+    tensors' own device step counters, computed in float64 (1 - beta2^t cancels badly in float32
+    for small t), as ``dtype``; ones when disabled."""
+    if not enabled:
+        return torch.ones(len(steps), 2, dtype=dtype, device=steps[0].device)
+    t = torch.stack(steps).to(torch.float64)
+    betas = torch.stack([torch.full_like(t, beta1), torch.full_like(t, beta2)], 1)  # fills: capturable, no copy
+    bc = 1 - betas.pow(t[:, None])
+    return torch.stack([1 / bc[:, 0], bc[:, 1].rsqrt()], 1).to(dtype)
+
+
+def advance_steps(states: list[dict], device, found_inf: Optional[Tensor]) -> list[Tensor]:
+    """``state['step'] += 1`` on the device for every given state (not when found_inf): float32
+    tensors, never read on the host. Each parameter counts its own steps, and only the steps in
+    which it has a gradient (its bias corrections then match its moments, as AdamP's authors do)."""
+    for st in states:
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=device)
+    steps = [st["step"] for st in states]
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, (on(found_inf, device).reshape(()) == 0).to(torch.float32))
+    return steps
 
 
 # ---- torch.distributed: DTensor (FSDP2) parameters -----------------------------------------------

@@ -23,15 +23,17 @@ from ..ops import optim as _ops
 from ._base import (
     FusedOptimizer,
     acc_dtype,
+    advance_steps,
     all_reduce_,
+    bias_corrections,
     buckets,
+    check_betas,
     check_number,
     local,
     on,
     params_with_grad,
     shard_groups,
 )
-from .lamb import advance_steps, bias_corrections, check_betas
 
 __all__ = ["AdamP"]
 

@@ -1,6 +1,6 @@
 """DoG and LDoG (Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend", ICML 2023), fused.
 
-Semantics of the public formll/dog implementation (SPEC section 5):
+Semantics of the public formll/dog implementation (docs/optim.md):
 
     rbar_0 = reps_rel * (1 + ||x_0||)
     rbar_t = max(rbar_{t-1}, ||x_t - x_0||)        (current iterate, before the update)

@@ -21,9 +21,11 @@ from ..ops import optim as _ops
 from ._base import (
     FusedOptimizer,
     acc_dtype,
+    advance_steps,
     all_reduce_,
+    bias_corrections,
     buckets,
-    check_fraction,
+    check_betas,
     check_number,
     local,
     on,
@@ -36,39 +38,6 @@ __all__ = ["LAMB"]
 
 def _lr_on(lr, device, dtype) -> Tensor:
     return lr.to(device, dtype).reshape(()) if isinstance(lr, Tensor) else torch.tensor(lr, dtype=dtype, device=device)
-
-
-def check_betas(betas) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must hold two values, got {betas}")
-    return check_fraction("betas[0]", betas[0]), check_fraction("betas[1]", betas[1])
-
-
-def bias_corrections(steps: list[Tensor], beta1: float, beta2: float, enabled: bool, dtype: torch.dtype) -> Tensor:
-    """Per tensor [1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)], shape (len(steps), 2), from the
-    tensors' own device step counters, computed in float64 (1 - beta2^t cancels badly in float32
-    for small t), as ``dtype``; ones when disabled."""
-    if not enabled:
-        return torch.ones(len(steps), 2, dtype=dtype, device=steps[0].device)
-    t = torch.stack(steps).to(torch.float64)
-    betas = torch.stack([torch.full_like(t, beta1), torch.full_like(t, beta2)], 1)  # fills: capturable, no copy
-    bc = 1 - betas.pow(t[:, None])
-    return torch.stack([1 / bc[:, 0], bc[:, 1].rsqrt()], 1).to(dtype)
-
-
-def advance_steps(states: list[dict], device, found_inf: Optional[Tensor]) -> list[Tensor]:
-    """``state['step'] += 1`` on the device for every given state (not when found_inf): float32
-    tensors, never read on the host. Each parameter counts its own steps, and only the steps in
-    which it has a gradient (its bias corrections then match its moments, as AdamP's authors do)."""
-    for st in states:
-        if "step" not in st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=device)
-    steps = [st["step"] for st in states]
-    if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
-    else:
-        torch._foreach_add_(steps, (on(found_inf, device).reshape(()) == 0).to(torch.float32))
-    return steps
 
 
 class LAMB(FusedOptimizer):

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from ..ops import optim as _ops
-from ._base import FusedOptimizer, acc_dtype, buckets, check_number, local, on, params_with_grad
-from .lamb import check_betas
+from ._base import FusedOptimizer, acc_dtype, buckets, check_betas, check_number, local, on, params_with_grad
 
 __all__ = ["Lion"]
 
