@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import slab
 import slab.ops
 from slab import _bench as B
+from slab.reference import cats as RC
 
 SHAPES = {"llama7b": (4096, 11008), "small": (1024, 2816)}
 
@@ -61,9 +62,8 @@ def make_weights(d, f, dtype, device):
 
 
 def masked_reference(x, wg, wu, wd, t):
-    s = F.silu(F.linear(x, wg))
-    h = torch.where(s.abs() > t, s, torch.zeros_like(s)) * F.linear(x, wu)
-    return F.linear(h, wd)
+    """slab.reference.cats.cats_mlp with W_down (D, F) as nn.Linear holds it."""
+    return RC.cats_mlp(x, wg, wu, wd.t(), t)
 
 
 def dense_mlp(x, wg, wu, wd):
@@ -200,7 +200,8 @@ def main(argv=None):
         table = run(cfgs, args, device)
         for path in (args.json, args.csv):
             if path:
-                B.write_results(path, table.rows, {"device": B.device_description(device)})
+                B.write_results(path, table.rows, {"device": B.device_description(device)},
+                                fmt="csv" if path == args.csv else "json")
     if args.tokens:
         run_tokens(args, device)
 

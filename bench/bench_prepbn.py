@@ -303,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "hardware": B.device_description(device), "copy_gbps": bw / 1e9, "argv": " ".join(sys.argv[1:]),
             "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if args.csv:
-        B.write_results(args.csv, rows)
+        B.write_results(args.csv, rows, fmt="csv")
     if args.json:
         B.write_results(args.json, rows, meta)
     return 0

@@ -44,6 +44,8 @@ import slab.nn
 import slab.ops
 from slab import _bench as B
 from slab import quant
+from slab.reference import w4a8 as RW
+from slab.reference.compare import compare
 
 LLAMA7B = "4096x4096,11008x4096,4096x11008"
 
@@ -55,27 +57,17 @@ class Config:
     group: int
 
 
-def ref_gemm64(xq, xs, packed, scales, group):
-    """x_scale * sum_g w_scale * (fp8(x) . int4(w)) in float64 (small shapes only)."""
-    x = xq.double().cpu()
-    m, k = x.shape
-    g = k if group == -1 else group
-    w = quant.unpack_int4(packed.cpu()).double()
-    inner = torch.einsum("mgk,ngk->mng", x.reshape(m, k // g, g), w.reshape(w.shape[0], k // g, g))
-    return (inner * scales.double().cpu()).sum(-1) * xs.double().cpu().reshape(m, 1)
-
-
 def verify(cfg, xq, xs, weights, packed, scales):
     rows = min(cfg.m, 4)
     n_chk = min(packed.shape[0], 256)
     got = slab.ops.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group,
                              out_dtype=torch.float32).double().cpu()
-    ref = ref_gemm64(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group)
-    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    ref = RW.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group)
     full = slab.ops.w4a8_gemm(xq, xs, weights, out_dtype=torch.float32)[:rows, :n_chk].double().cpu()
-    err = max(err, float((full - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-    if not err < 1e-4:
-        sys.exit(f"{cfg}: slab disagrees with the float64 reference (max error / max |y| = {err:.3g})")
+    for name, y in (("w4a8_gemm (row-major)", got), ("w4a8_gemm (prepacked)", full)):
+        c = compare(y, ref, torch.float32, name=name, equal_nan=False)  # the shared float32 tolerance
+        if not c.ok:
+            sys.exit(f"{cfg}: slab disagrees with slab.reference.w4a8: {c.message}")
 
 
 def torch_int4_weights(packed, scales, group):
@@ -205,7 +197,8 @@ def main(argv=None):
         table = run_speed(args, device)
         for path in (args.json, args.csv):
             if path:
-                B.write_results(path, table.rows, {"device": B.device_description(device)})
+                B.write_results(path, table.rows, {"device": B.device_description(device)},
+                                fmt="csv" if path == args.csv else "json")
     if args.accuracy:
         run_accuracy(args, device)
 

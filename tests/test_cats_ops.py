@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import slab
 import slab.ops
+from slab.reference import cats as R
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy, param_id
 
@@ -20,22 +21,13 @@ ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 # ---- float64 references ------------------------------------------------------------------------
 
 
-def ref_cats(x64: torch.Tensor, t: float) -> torch.Tensor:
-    s = F.silu(x64)
-    return torch.where(s.abs() > t, s, torch.zeros_like(s))
-
-
-def ref_cats_grad(x64, dy64, t):
-    sig = torch.sigmoid(x64)
-    d = dy64 * sig * (1 + x64 * (1 - sig))
-    return torch.where(F.silu(x64).abs() > t, d, torch.zeros_like(d))
+ref_cats = R.cats  # slab.reference.cats: s = silu(x) where |s| > t
+ref_cats_grad = R.cats_grad
 
 
 def ref_mlp(x, wg, wu, wd_t, t):
     """Dense gated MLP with the CATS threshold, float64, on the values the kernel sees."""
-    x, wg, wu, wd_t = (ref_copy(a, False) for a in (x, wg, wu, wd_t))
-    h = ref_cats(x @ wg.t(), t) * (x @ wu.t())
-    return h @ wd_t
+    return R.cats_mlp(*(ref_copy(a, False) for a in (x, wg, wu, wd_t)), t)
 
 
 def away_from_threshold(x64: torch.Tensor, t: float, margin: float) -> torch.Tensor:

@@ -10,22 +10,14 @@ from torch import nn
 import slab
 import slab.nn
 import slab.ops
+from slab.reference import cats as R
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, param_id, ref_copy
 
 OPS = torch.ops.slab
 
 
-def ref_index(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k per row by score (NaN lowest), ties to the earlier token, returned in ascending order."""
-    s = torch.nan_to_num(scores.double().cpu(), nan=float("-inf"))
-    n = s.shape[1]
-    # a stable descending sort: larger score first, then smaller position
-    out = []
-    for row in s:
-        order = sorted(range(n), key=lambda i: (-row[i].item(), i))
-        out.append(sorted(order[:k]))
-    return torch.tensor(out, dtype=torch.int64).reshape(s.shape[0], k)
+ref_index = R.token_index  # top-k per row (NaN lowest), ties to the earlier token, ascending
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import slab
 import slab.ops
+from slab.reference import convbn as RC
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, param_id, ref_copy
 
@@ -44,12 +45,8 @@ def make_args(shape, dtype, device, present="all", bn_dtype=None, requires_grad=
 
 
 def ref_fold(weight, bias, bn_weight, bn_bias, mean, var, eps=EPS):
-    """The fold in float64 (differentiable: float64 leaves give the reference gradients)."""
-    o = weight.shape[0]
-    g = (bn_weight if bn_weight is not None else torch.ones(o, dtype=torch.float64)) / torch.sqrt(var + eps)
-    b = bias if bias is not None else torch.zeros(o, dtype=torch.float64)
-    beta = bn_bias if bn_bias is not None else torch.zeros(o, dtype=torch.float64)
-    return weight * g.view(-1, *([1] * (weight.dim() - 1))), beta + (b - mean) * g
+    """The fold in float64 (slab.reference.convbn; float64 leaves give the reference gradients)."""
+    return RC.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps)
 
 
 def ref_args(args, requires_grad=False):

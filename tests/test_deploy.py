@@ -559,3 +559,30 @@ def test_channel_affine():
     assert set(m.state_dict()) == {"scale", "shift"}
     with pytest.raises(ValueError):
         ChannelAffine(torch.randn(5), torch.randn(4))
+
+
+class UntraceablePRepBN(nn.Module):
+    """Untraceable, with an eval-mode PRepBN that feeds no Linear: converted to one ChannelAffine."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = PRepBN(6)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: symbolic tracing fails
+            x = x * 1.0
+        return self.norm(x) + x
+
+
+def test_fallback_converts_a_prepbn_once():
+    torch.manual_seed(0)
+    model = randomize(UntraceablePRepBN(), 3).eval()
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match="trace"):
+        dep, report = deploy(model, return_report=True)
+    assert isinstance(dep.norm, ChannelAffine)
+    assert [c.norm for c in report.converted] == ["norm"], report.converted  # not also its inner RepBN
+    with torch.no_grad():
+        assert rel_err(dep(x), ref) < 1e-5

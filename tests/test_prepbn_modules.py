@@ -15,6 +15,7 @@ from torch import nn
 
 import slab  # noqa: F401  (loads the op library)
 from slab.nn import PRepBN, RepBN, convert_sync
+from slab.reference import prepbn as R
 
 F64 = torch.float64
 
@@ -23,30 +24,16 @@ F64 = torch.float64
 # float64 reference (functional; returns the new running stats instead of mutating)
 # ------------------------------------------------------------------------------------------------
 def ref_rep_bn(x, w, b, alpha, rm, rv, training, momentum=0.1, eps=1e-5, mask=None):
-    x, w, b, alpha, rm, rv = (t.to(F64) for t in (x, w, b, alpha, rm, rv))
-    if not training:
-        s = w / torch.sqrt(rv + eps)
-        return x * (s + alpha) + (b - rm * s), rm, rv
-    rows = x.reshape(-1, x.shape[-1])
-    if mask is not None:
-        rows = rows[mask.reshape(-1)]
-    n = rows.shape[0]
-    mean = rows.mean(0)
-    var = ((rows - mean) ** 2).mean(0)
-    y = (x - mean) / torch.sqrt(var + eps) * w + b + alpha * x
-    new_rm = (1 - momentum) * rm + momentum * mean
-    new_rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
-    return y, new_rm, new_rv
+    """slab.reference.rep_bn in float64 on copies of the running stats; returns (y, new_rm, new_rv)."""
+    x, w, b, alpha = (t.to(F64) for t in (x, w, b, alpha))
+    rm, rv = rm.detach().to(F64).clone(), rv.detach().to(F64).clone()
+    y = R.rep_bn(x, w, b, alpha, rm, rv, training, momentum, eps, mask)
+    return y, rm, rv
 
 
 def ref_norm1(x, w, b, eps, norm):
-    x = x.to(F64)
-    w = w.to(F64)
-    if norm == "layer":
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + eps) * w + b.to(F64)
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+    """slab.reference.norm1 (LayerNorm / RMSNorm) in float64."""
+    return R.norm1(x.to(F64), w.to(F64), b.to(F64) if norm == "layer" else None, eps, norm)
 
 
 def ref_prep(mod: PRepBN, x, lam, training=True, mask=None, momentum=0.1):

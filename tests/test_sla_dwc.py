@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import slab
 from slab.ops.dwc import dwc_cache_from_prefill
+from slab.reference import sla as RS
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy
 
@@ -17,20 +18,11 @@ OPS = torch.ops.slab
 
 
 def ref_dwc2d(v, weight, bias, grid, residual):
-    """float64 SLAB formula: per (b, h) slice, a depthwise conv2d over the (h, w) token grid."""
-    b, h, n, c = v.shape
-    x = v.reshape(b * h, grid[0], grid[1], c).permute(0, 3, 1, 2)
-    k = weight.shape[-1]
-    y = F.conv2d(x, weight, bias, padding=k // 2, groups=c).permute(0, 2, 3, 1).reshape(b, h, n, c)
-    return y if residual is None else y + residual
+    """float64 SLAB formula (slab.reference.sla.dwc2d): a depthwise conv2d over the token grid."""
+    return RS.dwc2d(v, weight, bias, grid, residual)
 
 
-def ref_causal1d(v, weight, bias, residual):
-    b, h, n, c = v.shape
-    x = v.reshape(b * h, n, c).transpose(1, 2)
-    y = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias, groups=c)
-    y = y.transpose(1, 2).reshape(b, h, n, c)
-    return y if residual is None else y + residual
+ref_causal1d = RS.causal_dwc1d
 
 
 def make_inputs(device, dtype, b, h, n, c, kernel_shape, strided, with_bias=True, with_residual=True, scale=1.0):

@@ -10,6 +10,7 @@ import torch
 
 import slab
 import slab.ops
+from slab.reference import sla as RS
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, ref_copy, param_id
 
@@ -21,22 +22,8 @@ CHUNK = 64  # the CPU kernels' causal chunk
 # ---- float64 references ------------------------------------------------------------------------
 
 
-def ref_sla(q, k, v, causal=False, eps=1e-6, mask=None):
-    """The definition, quadratic form, float64: o = (A V) / (A 1 + eps), A = phi(Q) phi(K)^T."""
-    fq, fk = q.relu(), k.relu()
-    if mask is not None:
-        fk = fk * mask[:, None, :, None].to(fk.dtype)
-    a = fq @ fk.transpose(-1, -2)
-    if causal:
-        a = a.tril()
-    return (a @ v) / (a.sum(-1, keepdim=True) + eps)
-
-
-def ref_state(k, v, mask=None):
-    fk = k.relu()
-    if mask is not None:
-        fk = fk * mask[:, None, :, None].to(fk.dtype)
-    return fk.transpose(-1, -2) @ v, fk.sum(2)
+ref_sla = RS.sla  # the definition, quadratic form (slab.reference.sla)
+ref_state = RS.sla_state
 
 
 def grad_scales(q, k, v, go, causal=False, eps=1e-6, mask=None):

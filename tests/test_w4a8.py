@@ -14,6 +14,7 @@ import slab
 import slab.nn
 import slab.ops
 from slab import quant
+from slab.reference import w4a8 as RW
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, param_id
 
@@ -25,40 +26,10 @@ GROUPS = [32, 64, 128, -1]
 # ---- float64 references ------------------------------------------------------------------------
 
 
-def int4_of(packed: torch.Tensor) -> torch.Tensor:
-    """int4 values (int64, (N, K)) of row-major packed codes, decoded bit by bit (independent of
-    the library's unpack)."""
-    p = packed.cpu().to(torch.int64)
-    lo, hi = p % 16, p // 16
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    return torch.stack([lo, hi], -1).reshape(p.shape[0], -1)
-
-
-def ref_gemm(x_fp8, x_scale, packed, scales, group_size, bias=None):
-    """y = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] * int4(w)[n, k] (+ bias), float64."""
-    x = x_fp8.cpu().double()
-    m, k = x.shape
-    g = k if group_size == -1 else group_size
-    w = int4_of(packed).double()
-    n = w.shape[0]
-    inner = torch.einsum("mgk,ngk->mng", x.reshape(m, k // g, g), w.reshape(n, k // g, g))  # exact sums
-    y = (inner * scales.cpu().double().unsqueeze(0)).sum(-1) * x_scale.cpu().double().reshape(m, 1)
-    if bias is not None:
-        y = y + bias.cpu().double()
-    return y
-
-
-FLT_MIN = torch.finfo(torch.float32).tiny
-
-
-def ref_quantize_fp8(x):
-    """The SPEC activation quantization with torch's own float8 cast; a nonzero scale below the
-    smallest normal float is raised to it (absmax / 448 would underflow to 0 below ~6e-43)."""
-    xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / 448).clamp(min=FLT_MIN))
-    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+int4_of = RW.int4_of  # slab.reference.w4a8: bit-by-bit decode, float64 GEMM, SPEC fp8 quantization
+ref_gemm = RW.w4a8_gemm
+FLT_MIN = RW.FLT_MIN
+ref_quantize_fp8 = RW.quantize_fp8
 
 
 def make_weights(n, k, group_size, device, dtype=torch.float32):

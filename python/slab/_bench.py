@@ -51,6 +51,7 @@ __all__ = [
     "profile_table",
     "fmt_bytes",
     "busy_warning",
+    "machine_load",
     "start",
 ]
 
@@ -117,6 +118,14 @@ def device_description(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
 
 
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average, the core count and whether the machine looks busy (load above
+    cores + 0.5: other processes compete for the CPUs). ``load`` is None where unknown."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"load1": load, "cores": cores, "busy": bool(load is not None and load > cores + 0.5)}
+
+
 def busy_warning(device: torch.device | str = "cpu") -> Optional[str]:
     """A warning when other processes keep the CPUs busy (1-minute load average above the core
     count): CPU timings are then unreliable -- OpenMP-parallel torch ops in particular can slow down
@@ -155,21 +164,35 @@ def synchronize(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Statistics of ``n`` timed calls, in milliseconds."""
+    """Statistics of ``n`` timed calls, in milliseconds: min, quartiles, median, max (and p20/p80)."""
 
     median_ms: float
     min_ms: float
     p20_ms: float
     p80_ms: float
     n: int
+    max_ms: float = float("nan")
+    p25_ms: float = float("nan")
+    p75_ms: float = float("nan")
 
     @property
     def spread(self) -> float:
         """Inter-quantile spread relative to the median, (p80 - p20) / median."""
         return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
+    @property
+    def iqr(self) -> float:
+        """Interquartile range relative to the median, (p75 - p25) / median."""
+        return (self.p75_ms - self.p25_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """min / p25 / median / p75 / max (ms), n and the relative IQR: what the JSON files hold."""
+        return {"min_ms": self.min_ms, "p25_ms": self.p25_ms, "median_ms": self.median_ms, "p75_ms": self.p75_ms,
+                "max_ms": self.max_ms, "n": self.n, "iqr_rel": self.iqr}
+
     def __str__(self) -> str:
-        return f"{self.median_ms:.4g} ms (min {self.min_ms:.4g}, n={self.n}, spread {100 * self.spread:.0f}%)"
+        return (f"{self.median_ms:.4g} ms (min {self.min_ms:.4g}, max {self.max_ms:.4g}, n={self.n}, "
+                f"IQR {100 * self.iqr:.0f}%)")
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
@@ -183,7 +206,8 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
 
 def _summarize(samples_ms: list[float]) -> Timing:
     s = sorted(samples_ms)
-    return Timing(statistics.median(s), s[0], _quantile(s, 0.2), _quantile(s, 0.8), len(s))
+    return Timing(statistics.median(s), s[0], _quantile(s, 0.2), _quantile(s, 0.8), len(s),
+                  s[-1], _quantile(s, 0.25), _quantile(s, 0.75))
 
 
 _L2_FLUSH: dict[Any, torch.Tensor] = {}
@@ -388,9 +412,11 @@ class Table:
     def print(self) -> None:
         print(self.render(), flush=True)
 
-    def to_csv(self) -> str:
+    def to_csv(self, exclude: Sequence[str] = ()) -> str:
+        """The rows as CSV text: the table's columns first, then every other key of the rows
+        (except ``exclude``); lists/tuples joined by ``x``, other objects as ``str``."""
         buf = io.StringIO()
-        keys = _all_keys(self.rows, [c.key for c in self.columns])
+        keys = [k for k in _all_keys(self.rows, [c.key for c in self.columns]) if k not in exclude]
         w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in self.rows:
@@ -416,12 +442,16 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def write_results(path: str, rows: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]] = None) -> None:
-    """Writes ``rows`` (dicts) to ``path``: CSV when it ends with ``.csv``, JSON otherwise
-    (``{"meta": {...}, "rows": [...]}``). Parent folders are created."""
+def write_results(path: str, rows: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]] = None,
+                  fmt: Optional[str] = None) -> None:
+    """Writes ``rows`` (dicts) to ``path`` as ``fmt`` (``"csv"`` or ``"json"``; default: CSV when
+    the path ends with ``.csv``, JSON otherwise: ``{"meta": {...}, "rows": [...]}``). A script's
+    ``--csv PATH`` passes ``fmt="csv"`` so any file name gets CSV. Parent folders are created."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    if path.endswith(".csv"):
+    if fmt not in (None, "csv", "json"):
+        raise ValueError(f"fmt must be 'csv' or 'json', got {fmt!r}")
+    if fmt == "csv" or (fmt is None and path.endswith(".csv")):
         keys = _all_keys(rows, [])
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)

@@ -751,13 +751,20 @@ class _SequentialFolder:
     def convert_rest(self) -> None:
         """Whatever norm is left: its own per-channel affine (exact wherever it is used)."""
         affines: dict[int, nn.Module] = {}
-        for parent in list(self.model.modules()):
+
+        def convert_below(parent: nn.Module) -> None:  # top-down: a converted norm's own parts are gone
             for name, child in list(parent._modules.items()):
-                if child is not None and not isinstance(child, ChannelAffine) and _is_norm(child):
-                    if id(child) not in affines:
-                        affines[id(child)] = _to_affine(child)
-                        self.report.converted.append(Left(self.names[id(child)], _UNTRACED_NORM))
-                    parent._modules[name] = affines[id(child)]
+                if child is None or isinstance(child, ChannelAffine):
+                    continue
+                if not _is_norm(child):
+                    convert_below(child)
+                    continue
+                if id(child) not in affines:
+                    affines[id(child)] = _to_affine(child)
+                    self.report.converted.append(Left(self.names[id(child)], _UNTRACED_NORM))
+                parent._modules[name] = affines[id(child)]
+
+        convert_below(self.model)
 
     def report_left(self) -> None:
         inside = None  # the name prefix of a reported RepBN/PRepBN, whose own BatchNorm is part of it

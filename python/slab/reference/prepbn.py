@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference implementations (no slab ops).
+"""PRepBN / RepBN references (SPEC section 1), plain PyTorch (no slab ops).
 
 Used by the tests (run in float64 on float64 copies of the inputs) and by the benchmarks (the eager
 composite modules below). Everything here is a composite of ordinary torch ops, so autograd
