@@ -87,14 +87,27 @@ def targets(sparsity, vs_matmul, of_copy):
 
 def run(cfgs, args, device):
     table = B.Table(
-        ["shape", "dtype", "batch", B.Column("sparsity", fmt=".1f"), B.Column("kept", fmt=".2f"),
-         B.Column("dense_ms", "dense ms", ".3f"), B.Column("matmul_ms", "matmul ms", ".3f"),
-         B.Column("compile_ms", "compile ms", ".3f"), B.Column("slab_ms", "slab ms", ".3f"),
-         B.Column("speedup", "dense/slab", ".2f"), B.Column("vs_matmul", "matmul/slab", ".2f"),
-         B.Column("ideal", "ideal", ".2f"), B.Column("of_ideal", "of ideal", ".0%"),
-         B.Column("self_speedup", "s0/slab", ".2f"), B.Column("self_of_ideal", "of ideal", ".0%"),
-         B.Column("mb_read", "MB read", ".1f"), B.Column("gbs", "slab GB/s", ".1f"),
-         B.Column("of_copy", "of copy BW", ".0%"), B.Column("targets", "targets", align="<")],
+        [
+            "shape",
+            "dtype",
+            "batch",
+            B.Column("sparsity", fmt=".1f"),
+            B.Column("kept", fmt=".2f"),
+            B.Column("dense_ms", "dense ms", ".3f"),
+            B.Column("matmul_ms", "matmul ms", ".3f"),
+            B.Column("compile_ms", "compile ms", ".3f"),
+            B.Column("slab_ms", "slab ms", ".3f"),
+            B.Column("speedup", "dense/slab", ".2f"),
+            B.Column("vs_matmul", "matmul/slab", ".2f"),
+            B.Column("ideal", "ideal", ".2f"),
+            B.Column("of_ideal", "of ideal", ".0%"),
+            B.Column("self_speedup", "s0/slab", ".2f"),
+            B.Column("self_of_ideal", "of ideal", ".0%"),
+            B.Column("mb_read", "MB read", ".1f"),
+            B.Column("gbs", "slab GB/s", ".1f"),
+            B.Column("of_copy", "of copy BW", ".0%"),
+            B.Column("targets", "targets", align="<"),
+        ],
         title=f"cats_mlp on {B.device_description(device)}",
     )
     copy_bw = B.copy_bandwidth(device)
@@ -119,8 +132,11 @@ def run(cfgs, args, device):
         if err > (1e-4 if c.dtype == torch.float32 else 3e-2):
             sys.exit(f"{c}: slab disagrees with the reference (relative error {err:.3g})")
         tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
-        fns = {"dense": lambda: dense_mlp(x, wg, wu, wd), "matmul": lambda: matmul_gemvs(x, wg, wu, wd),
-               "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t)}
+        fns = {
+            "dense": lambda: dense_mlp(x, wg, wu, wd),
+            "matmul": lambda: matmul_gemvs(x, wg, wu, wd),
+            "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t),
+        }
         if compiled is not None:
             tt = torch.tensor(t, dtype=torch.float32, device=device)  # a tensor: no recompile per threshold
             fns["compile"] = lambda: compiled(x, wg, wu, wd, tt)
@@ -136,12 +152,27 @@ def run(cfgs, args, device):
         nbytes = (1 + 2 * kept) * f * d * wg.element_size()
         gbs = nbytes / (t_slab * 1e-3) / 1e9
         of_copy = gbs * 1e9 / copy_bw
-        table.add(shape=f"{c.shape} {d}x{f}", dtype=B.dtype_name(c.dtype), batch=c.batch, sparsity=c.sparsity,
-                  kept=kept, dense_ms=t_dense, matmul_ms=t_matmul, compile_ms=t_comp, slab_ms=t_slab,
-                  speedup=speedup, vs_matmul=t_matmul / t_slab, ideal=ideal, of_ideal=speedup / ideal,
-                  self_speedup=self_speedup, self_of_ideal=None if self_speedup is None else self_speedup / ideal,
-                  mb_read=nbytes / 1e6, gbs=gbs, of_copy=of_copy,
-                  targets=targets(c.sparsity, t_matmul / t_slab, of_copy))
+        table.add(
+            shape=f"{c.shape} {d}x{f}",
+            dtype=B.dtype_name(c.dtype),
+            batch=c.batch,
+            sparsity=c.sparsity,
+            kept=kept,
+            dense_ms=t_dense,
+            matmul_ms=t_matmul,
+            compile_ms=t_comp,
+            slab_ms=t_slab,
+            speedup=speedup,
+            vs_matmul=t_matmul / t_slab,
+            ideal=ideal,
+            of_ideal=speedup / ideal,
+            self_speedup=self_speedup,
+            self_of_ideal=None if self_speedup is None else self_speedup / ideal,
+            mb_read=nbytes / 1e6,
+            gbs=gbs,
+            of_copy=of_copy,
+            targets=targets(c.sparsity, t_matmul / t_slab, of_copy),
+        )
         print(table.render().splitlines()[-1], flush=True)
     print()
     table.notes.append(f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s")
@@ -161,9 +192,16 @@ class _ResidualMLP(torch.nn.Module):
 def run_tokens(args, device):
     import slab.nn
 
-    table = B.Table(["shape", "dtype", B.Column("dense_ms", "dense ms", ".3f"),
-                     B.Column("sparse_ms", "50% tokens ms", ".3f"), B.Column("ratio", "sparse/dense", ".0%")],
-                    title="TokenSparseBlock (keep 50%) vs the dense residual MLP block")
+    table = B.Table(
+        [
+            "shape",
+            "dtype",
+            B.Column("dense_ms", "dense ms", ".3f"),
+            B.Column("sparse_ms", "50% tokens ms", ".3f"),
+            B.Column("ratio", "sparse/dense", ".0%"),
+        ],
+        title="TokenSparseBlock (keep 50%) vs the dense residual MLP block",
+    )
     for (b, n, c, f), dtype in [((4, 512, 1024, 2816), torch.float32), ((4, 512, 1024, 2816), torch.bfloat16)]:
         block = _ResidualMLP(c, f).to(device, dtype)
         tsb = slab.nn.TokenSparseBlock(block, keep=0.5)
@@ -194,14 +232,23 @@ def main(argv=None):
     device = B.start(args.threads, args.device)
     sp = args.sparsity or ("0,0.5,0.9" if args.quick else "0,0.3,0.5,0.7,0.9")
     args.warmup, args.reps, args.max_reps, args.budget = (2, 5, 20, 0.3) if args.quick else (3, 10, 100, 1.0)
-    cfgs = B.grid(Config, shape=args.shapes.split(","), dtype=[B.parse_dtype(s) for s in args.dtype.split(",")],
-                  batch=[int(b) for b in args.batch.split(",")], sparsity=[float(s) for s in sp.split(",")])
+    cfgs = B.grid(
+        Config,
+        shape=args.shapes.split(","),
+        dtype=[B.parse_dtype(s) for s in args.dtype.split(",")],
+        batch=[int(b) for b in args.batch.split(",")],
+        sparsity=[float(s) for s in sp.split(",")],
+    )
     if args.mlp:
         table = run(cfgs, args, device)
         for path in (args.json, args.csv):
             if path:
-                B.write_results(path, table.rows, {"device": B.device_description(device)},
-                                fmt="csv" if path == args.csv else "json")
+                B.write_results(
+                    path,
+                    table.rows,
+                    {"device": B.device_description(device)},
+                    fmt="csv" if path == args.csv else "json",
+                )
     if args.tokens:
         run_tokens(args, device)
 

@@ -84,6 +84,7 @@ def train_step(model, x):
         model.zero_grad(set_to_none=True)
         loss = sum(o.float().square().mean() for o in tensors(model(x)) if o.is_floating_point())
         loss.backward()
+
     return run
 
 
@@ -131,8 +132,9 @@ def inference_rows(name, size, batch, args):
     with torch.no_grad():
         ref = tensors(model(x))[0]
         err = max((tensors(f(x))[0] - ref).abs().max().item() / ref.abs().max().item() for f in fns.values())
-        t = B.time_fns({k: (lambda f=f: f(x)) for k, f in fns.items()}, "cpu", budget_s=args.budget,
-                       min_reps=args.min_reps)
+        t = B.time_fns(
+            {k: (lambda f=f: f(x)) for k, f in fns.items()}, "cpu", budget_s=args.budget, min_reps=args.min_reps
+        )
     left = sum(isinstance(m, BN) for m in dep.modules())
     row = {"model": name, "input": f"{batch}x3x{size}x{size}", "BNs left": left, "max rel err": err}
     for k in ("eval", "fuse", "deploy"):
@@ -155,8 +157,12 @@ def tune_rows(name, size, batch, args):
             steps["compile"] = train_step(compiled, x)
             steps["compile"]()  # compile outside the timed region
     t = B.time_fns(steps, "cpu", budget_s=args.budget, min_reps=args.min_reps)
-    row = {"model": name, "input": f"{batch}x3x{size}x{size}",
-           "saved MiB eval-BN": saved_bytes(base, x) / 2**20, "saved MiB tune": saved_bytes(tuned, x) / 2**20}
+    row = {
+        "model": name,
+        "input": f"{batch}x3x{size}x{size}",
+        "saved MiB eval-BN": saved_bytes(base, x) / 2**20,
+        "saved MiB tune": saved_bytes(tuned, x) / 2**20,
+    }
     for k in ("eval-BN", "tune", "compile"):
         row[f"{k} ms"] = t[k].median_ms if k in t else None
         row[f"{k} spread"] = t[k].spread if k in t else None
@@ -166,7 +172,9 @@ def tune_rows(name, size, batch, args):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small images and a short time budget")
     p.add_argument("--only", choices=["inference", "tune"], help="run one section only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
@@ -183,25 +191,47 @@ def main() -> None:
     args.min_reps = args.min_reps or (3 if args.quick else 10)
     yolo, resnet = (160, 96) if args.quick else (320, 224)
     rows = []
-    print(f"slab {slab.__version__}, torch {torch.__version__}, {B.device_description(torch.device('cpu'))}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"slab {slab.__version__}, torch {torch.__version__}, {B.device_description(torch.device('cpu'))}, "
+        f"{torch.get_num_threads()} threads"
+    )
     if args.only in (None, "inference"):
-        table = B.Table(["model", "input", B.Column("BNs left", fmt="d"), B.Column("max rel err", fmt=".1e"),
-                         B.Column("eval ms", fmt=".2f"), B.Column("fuse ms", fmt=".2f"), B.Column("deploy ms", fmt=".2f"),
-                         B.Column("deploy spread", fmt=".0%"), B.Column("eval/deploy", fmt=".2f"),
-                         B.Column("fuse/deploy", fmt=".2f")],
-                        title="\nInference, median ms (x/deploy > 1: deploy is faster)")
+        table = B.Table(
+            [
+                "model",
+                "input",
+                B.Column("BNs left", fmt="d"),
+                B.Column("max rel err", fmt=".1e"),
+                B.Column("eval ms", fmt=".2f"),
+                B.Column("fuse ms", fmt=".2f"),
+                B.Column("deploy ms", fmt=".2f"),
+                B.Column("deploy spread", fmt=".0%"),
+                B.Column("eval/deploy", fmt=".2f"),
+                B.Column("fuse/deploy", fmt=".2f"),
+            ],
+            title="\nInference, median ms (x/deploy > 1: deploy is faster)",
+        )
         for name, size, batch in (("yolov8n", yolo, 1), ("resnet18", resnet, 1)):
             r = inference_rows(name, size, batch, args)
             table.add(r)
             rows.append({"section": "inference", **r})
         print(table.render())
     if args.only in (None, "tune"):
-        table = B.Table(["model", "input", B.Column("saved MiB eval-BN", fmt=".1f"), B.Column("saved MiB tune", fmt=".1f"),
-                         B.Column("eval-BN ms", fmt=".1f"), B.Column("tune ms", fmt=".1f"), B.Column("compile ms", fmt=".1f"),
-                         B.Column("tune spread", fmt=".0%"), B.Column("eval-BN/tune", fmt=".2f"),
-                         B.Column("compile/tune", fmt=".2f")],
-                        title="\nFine-tuning step (forward + backward, frozen BN), median ms (x/tune > 1: tune is faster)")
+        table = B.Table(
+            [
+                "model",
+                "input",
+                B.Column("saved MiB eval-BN", fmt=".1f"),
+                B.Column("saved MiB tune", fmt=".1f"),
+                B.Column("eval-BN ms", fmt=".1f"),
+                B.Column("tune ms", fmt=".1f"),
+                B.Column("compile ms", fmt=".1f"),
+                B.Column("tune spread", fmt=".0%"),
+                B.Column("eval-BN/tune", fmt=".2f"),
+                B.Column("compile/tune", fmt=".2f"),
+            ],
+            title="\nFine-tuning step (forward + backward, frozen BN), median ms (x/tune > 1: tune is faster)",
+        )
         for name, size, batch in (("yolov8n", yolo, 8), ("resnet18", resnet, 8)):
             r = tune_rows(name, size, batch, args)
             table.add(r)

@@ -133,8 +133,9 @@ OTHERS: dict[str, Callable[[list], Any]] = {
 }
 
 
-def providers(cfg: Config, device, use_compile: bool,
-              optimizer: str = "DoG") -> dict[str, Callable[[], Callable[[], Any]]]:
+def providers(
+    cfg: Config, device, use_compile: bool, optimizer: str = "DoG"
+) -> dict[str, Callable[[], Callable[[], Any]]]:
     """name -> factory of a step function; each provider's tensors are built only when it is timed
     (and freed after), so large configs hold one provider's memory at a time."""
 
@@ -145,8 +146,10 @@ def providers(cfg: Config, device, use_compile: bool,
         return factory
 
     if optimizer != "DoG":
-        return {"slab": make(lambda ps: OTHERS[optimizer](ps).step),
-                "AdamW": make(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True).step)}
+        return {
+            "slab": make(lambda ps: OTHERS[optimizer](ps).step),
+            "AdamW": make(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True).step),
+        }
     out = {
         "slab": make(lambda ps: slab.optim.DoG(ps, reps_rel=1e-4).step),
         "loop": make(lambda ps: LoopDoG(ps, reps_rel=1e-4).step),
@@ -177,8 +180,10 @@ def verify(cfg: Config, device) -> float:
     for _ in range(3):
         oa.step()
         ob.step()
-    return max(float((p.detach().float() - q.detach().float()).abs().max() / q.detach().float().abs().max())
-               for p, q in zip(a, b))
+    return max(
+        float((p.detach().float() - q.detach().float()).abs().max() / q.detach().float().abs().max())
+        for p, q in zip(a, b)
+    )
 
 
 def time_each(factories, device, args) -> dict[str, float]:
@@ -200,8 +205,11 @@ def time_interleaved(factories, device, args) -> dict[str, float]:
     for r in range(args.repeats):
         t = B.time_fns(fns, device, warmup=3, min_reps=5, max_reps=100, budget_s=args.budget)
         rounds.append({name: v.median_ms for name, v in t.items()})
-        print(f"round {r}: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in rounds[-1].items())
-              + (f"; slab / AdamW {rounds[-1]['slab'] / rounds[-1]['AdamW']:.3f}" if "AdamW" in fns else ""))
+        print(
+            f"round {r}: "
+            + ", ".join(f"{n} {ms:.2f} ms" for n, ms in rounds[-1].items())
+            + (f"; slab / AdamW {rounds[-1]['slab'] / rounds[-1]['AdamW']:.3f}" if "AdamW" in fns else "")
+        )
     return {name: sorted(x[name] for x in rounds)[len(rounds) // 2] for name in fns}
 
 
@@ -222,12 +230,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = B.start(args.threads, args.device)
     bw = B.copy_bandwidth(device)
-    print(f"device: {B.device_description(device)}; threads {torch.get_num_threads()}; "
-          f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
+    print(
+        f"device: {B.device_description(device)}; threads {torch.get_num_threads()}; "
+        f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write)"
+    )
     table = B.Table(
-        ["params", "dtype", "provider", B.Column("ms", fmt=".2f"), B.Column("B/param", fmt="d"),
-         B.Column("GB/s", fmt=".1f"), B.Column("of_copy", "of copy", fmt=".0%"),
-         B.Column("vs_slab", "time / slab", fmt=".2f")],
+        [
+            "params",
+            "dtype",
+            "provider",
+            B.Column("ms", fmt=".2f"),
+            B.Column("B/param", fmt="d"),
+            B.Column("GB/s", fmt=".1f"),
+            B.Column("of_copy", "of copy", fmt=".0%"),
+            B.Column("vs_slab", "time / slab", fmt=".2f"),
+        ],
         title=f"{args.optimizer} step, 100 tensors of mixed sizes",
     )
     rows = []
@@ -236,8 +253,10 @@ def main(argv=None) -> int:
             cfg = Config(int(n), B.parse_dtype(dn))
             if args.optimizer == "DoG":
                 err = verify(cfg, device)
-                print(f"verify {cfg.params:.3g} {dn}: max relative difference slab vs foreach reference "
-                      f"after 3 steps = {err:.2e}")
+                print(
+                    f"verify {cfg.params:.3g} {dn}: max relative difference slab vs foreach reference "
+                    f"after 3 steps = {err:.2e}"
+                )
             factories = providers(cfg, device, not args.no_compile, args.optimizer)
             if args.providers:
                 factories = {k: f for k, f in factories.items() if k == "slab" or k in args.providers}
@@ -245,9 +264,18 @@ def main(argv=None) -> int:
             for name, ms in times.items():
                 bpp = bytes_per_param(name, cfg.dtype, args.optimizer)
                 gbs = bpp * cfg.params / (ms * 1e-3) / 1e9
-                rows.append(dict(params=f"{cfg.params / 1e6:.0f}M", dtype=B.dtype_name(cfg.dtype), provider=name,
-                                 ms=ms, **{"B/param": bpp}, **{"GB/s": gbs}, of_copy=gbs * 1e9 / bw))
-            for r in rows[-len(times):]:
+                rows.append(
+                    dict(
+                        params=f"{cfg.params / 1e6:.0f}M",
+                        dtype=B.dtype_name(cfg.dtype),
+                        provider=name,
+                        ms=ms,
+                        **{"B/param": bpp},
+                        **{"GB/s": gbs},
+                        of_copy=gbs * 1e9 / bw,
+                    )
+                )
+            for r in rows[-len(times) :]:
                 r["vs_slab"] = r["ms"] / times["slab"]
                 table.add(r)
     table.print()

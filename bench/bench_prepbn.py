@@ -79,8 +79,9 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Training: forward + backward
 # ----------------------------------------------------------------------------------------------
-def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               params: Sequence[torch.Tensor], dy: torch.Tensor) -> Callable[[], Any]:
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], dy: torch.Tensor
+) -> Callable[[], Any]:
     """Forward then backward of every input; autograd.grad returns the gradients without
     accumulating into .grad (which would add a pass over dx)."""
     inputs = [x, *params]
@@ -122,8 +123,22 @@ def train_providers(cfg: Config, device: torch.device, norm: str, use_compile: b
     op_params = [p for p in (n1.weight, nb, bn.weight, bn.bias, rep.alpha) if p is not None]
 
     def op_forward(t):
-        return slab.ops.prep_bn(t, n1.weight, nb, bn.weight, bn.bias, rep.alpha, bn.running_mean,
-                                bn.running_var, LAM, True, 0.1, bn.eps, 1e-6, norm)
+        return slab.ops.prep_bn(
+            t,
+            n1.weight,
+            nb,
+            bn.weight,
+            bn.bias,
+            rep.alpha,
+            bn.running_mean,
+            bn.running_var,
+            LAM,
+            True,
+            0.1,
+            bn.eps,
+            1e-6,
+            norm,
+        )
 
     providers["slab.ops"] = train_step(op_forward, x, op_params, dy)
     providers["slab.nn"] = train_step(ours, x, list(ours.parameters()), dy)
@@ -145,25 +160,33 @@ def train_providers(cfg: Config, device: torch.device, norm: str, use_compile: b
 def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) -> list[dict]:
     lib = "LayerNorm" if args.norm == "layer" else "RMSNorm"
     cols = [
-        B.Column("shape", align="<"), B.Column("dtype", align="<"),
-        B.Column("slab.ops", "slab.ops ms", ".3f"), B.Column("slab.nn", "slab.nn ms", ".3f"),
-        B.Column("eager", "eager ms", ".3f"), B.Column("compile", "compile ms", ".3f"),
+        B.Column("shape", align="<"),
+        B.Column("dtype", align="<"),
+        B.Column("slab.ops", "slab.ops ms", ".3f"),
+        B.Column("slab.nn", "slab.nn ms", ".3f"),
+        B.Column("eager", "eager ms", ".3f"),
+        B.Column("compile", "compile ms", ".3f"),
         B.Column(lib, f"{lib} ms", ".3f"),
-        B.Column("vs_eager", "x eager", ".2f"), B.Column("vs_compile", "x compile", ".2f"),
+        B.Column("vs_eager", "x eager", ".2f"),
+        B.Column("vs_compile", "x compile", ".2f"),
         B.Column("vs_lib", f"x {lib}", ".2f"),
-        B.Column("gbps", "GB/s", ".1f"), B.Column("frac_bw", "of copy BW", ".0%"),
-        B.Column("x_floor", "x floor", ".2f"), B.Column("noise", "noise", ".0%"),
+        B.Column("gbps", "GB/s", ".1f"),
+        B.Column("frac_bw", "of copy BW", ".0%"),
+        B.Column("x_floor", "x floor", ".2f"),
+        B.Column("noise", "noise", ".0%"),
         B.Column("check", "max|y-eager|", ".1e"),
     ]
-    table = B.Table(cols, title=f"\nPRepBN training forward+backward (norm={args.norm}, lam={LAM}), "
-                                f"median ms on {device}",
-                    notes=[
-                        f"x eager / x compile / x {lib}: their time / slab.nn's. GB/s: 8 tensor passes "
-                        "(fwd: x twice + y; bwd: x, dy twice + dx) / slab.nn time.",
-                        f"of copy BW: that rate / measured copy bandwidth ({bw / 1e9:.1f} GB/s); x floor: "
-                        "slab.nn time / (5 passes at copy bandwidth). noise: (p80 - p20) / median of slab.nn's "
-                        "runs; max|y-eager|: forward output slab vs eager.",
-                    ])
+    table = B.Table(
+        cols,
+        title=f"\nPRepBN training forward+backward (norm={args.norm}, lam={LAM}), median ms on {device}",
+        notes=[
+            f"x eager / x compile / x {lib}: their time / slab.nn's. GB/s: 8 tensor passes "
+            "(fwd: x twice + y; bwd: x, dy twice + dx) / slab.nn time.",
+            f"of copy BW: that rate / measured copy bandwidth ({bw / 1e9:.1f} GB/s); x floor: "
+            "slab.nn time / (5 passes at copy bandwidth). noise: (p80 - p20) / median of slab.nn's "
+            "runs; max|y-eager|: forward output slab vs eager.",
+        ],
+    )
     rows = []
     for cfg in cfgs:
         t0 = time.perf_counter()
@@ -171,20 +194,34 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
         times = B.time_fns(providers, device, warmup=3, min_reps=args.min_reps, budget_s=args.budget)
         t = times["slab.nn"].median_ms
         moved, floor = 8 * cfg.numel * cfg.elt, 5 * cfg.numel * cfg.elt
-        row = {"section": "train", "norm": args.norm, "shape": cfg.label, "dtype": B.dtype_name(cfg.dtype),
-               **{k: v.median_ms for k, v in times.items()},
-               "vs_eager": times["eager"].median_ms / t,
-               "vs_compile": times["compile"].median_ms / t if "compile" in times else None,
-               "vs_lib": times[lib].median_ms / t,
-               "gbps": moved / (t * 1e-3) / 1e9, "frac_bw": moved / (t * 1e-3) / bw,
-               "x_floor": t / (floor / bw * 1e3), "noise": times["slab.nn"].spread, "check": diff,
-               "bytes_moved": moved, "bytes_floor": floor, "copy_gbps": bw / 1e9, "device": str(device),
-               "reps": {k: v.n for k, v in times.items()}}
+        row = {
+            "section": "train",
+            "norm": args.norm,
+            "shape": cfg.label,
+            "dtype": B.dtype_name(cfg.dtype),
+            **{k: v.median_ms for k, v in times.items()},
+            "vs_eager": times["eager"].median_ms / t,
+            "vs_compile": times["compile"].median_ms / t if "compile" in times else None,
+            "vs_lib": times[lib].median_ms / t,
+            "gbps": moved / (t * 1e-3) / 1e9,
+            "frac_bw": moved / (t * 1e-3) / bw,
+            "x_floor": t / (floor / bw * 1e3),
+            "noise": times["slab.nn"].spread,
+            "check": diff,
+            "bytes_moved": moved,
+            "bytes_floor": floor,
+            "copy_gbps": bw / 1e9,
+            "device": str(device),
+            "reps": {k: v.n for k, v in times.items()},
+        }
         row["reps"] = ",".join(f"{k}:{v}" for k, v in row["reps"].items())
         rows.append(row)
         table.add(row)
-        print(f"  {cfg.label} {B.dtype_name(cfg.dtype)}: {time.perf_counter() - t0:.0f} s "
-              f"({', '.join(f'{k} {v.median_ms:.3f}' for k, v in times.items())})", flush=True)
+        print(
+            f"  {cfg.label} {B.dtype_name(cfg.dtype)}: {time.perf_counter() - t0:.0f} s "
+            f"({', '.join(f'{k} {v.median_ms:.3f}' for k, v in times.items())})",
+            flush=True,
+        )
         if args.profile:
             print(f"\ntorch.profiler, slab.nn training step, {cfg.label} {B.dtype_name(cfg.dtype)}:")
             print(B.profile_table(providers["slab.nn"], device))
@@ -197,17 +234,28 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
 # ----------------------------------------------------------------------------------------------
 def run_inference(args, device: torch.device, cfgs: Sequence[Config]) -> list[dict]:
     cols = [
-        B.Column("shape", align="<"), B.Column("dtype", align="<"), B.Column("linear_shape", "Linear", align="<"),
-        B.Column("linear", "Linear ms", ".3f"), B.Column("ln_linear", "LN+Linear ms", ".3f"),
-        B.Column("repbn_linear", "RepBN+Linear ms", ".3f"), B.Column("eager_linear", "eager+Linear ms", ".3f"),
+        B.Column("shape", align="<"),
+        B.Column("dtype", align="<"),
+        B.Column("linear_shape", "Linear", align="<"),
+        B.Column("linear", "Linear ms", ".3f"),
+        B.Column("ln_linear", "LN+Linear ms", ".3f"),
+        B.Column("repbn_linear", "RepBN+Linear ms", ".3f"),
+        B.Column("eager_linear", "eager+Linear ms", ".3f"),
         B.Column("deployed", "deployed ms", ".3f"),
-        B.Column("ln_cost", "LN cost", ".1%"), B.Column("deployed_cost", "deployed cost", ".1%"),
-        B.Column("folded", "folded", align="<"), B.Column("err", "max|deployed-eval|", ".1e"),
+        B.Column("ln_cost", "LN cost", ".1%"),
+        B.Column("deployed_cost", "deployed cost", ".1%"),
+        B.Column("folded", "folded", align="<"),
+        B.Column("err", "max|deployed-eval|", ".1e"),
     ]
-    table = B.Table(cols, title=f"\nInference: norm + Linear(C, 4C) of a ViT-style block, median ms on {device}",
-                    notes=["LN cost / deployed cost: (time - Linear alone) / Linear alone. folded: no "
-                           "PRepBN/RepBN/ChannelAffine left after slab.deploy; max|deployed-eval|: output "
-                           "of the deployed block vs the unfolded eval block."])
+    table = B.Table(
+        cols,
+        title=f"\nInference: norm + Linear(C, 4C) of a ViT-style block, median ms on {device}",
+        notes=[
+            "LN cost / deployed cost: (time - Linear alone) / Linear alone. folded: no "
+            "PRepBN/RepBN/ChannelAffine left after slab.deploy; max|deployed-eval|: output "
+            "of the deployed block vs the unfolded eval block."
+        ],
+    )
     rows = []
     for cfg in cfgs:
         c = cfg.shape[-1]
@@ -229,25 +277,41 @@ def run_inference(args, device: torch.device, cfgs: Sequence[Config]) -> list[di
         ln_block = nn.Sequential(nn.LayerNorm(c, eps=1e-6), linear).to(device, cfg.dtype).eval()
         lin = linear.to(device, cfg.dtype).eval()
         deployed = slab.deploy(block).eval()
-        leftover = [type(m).__name__ for m in deployed.modules()
-                    if isinstance(m, (slab.nn.PRepBN, slab.nn.RepBN, slab.nn.ChannelAffine))]
+        leftover = [
+            type(m).__name__
+            for m in deployed.modules()
+            if isinstance(m, (slab.nn.PRepBN, slab.nn.RepBN, slab.nn.ChannelAffine))
+        ]
         with torch.inference_mode():
             err = float((deployed(x).float() - block(x).float()).abs().max())
-            providers = {"linear": lambda: lin(x), "ln_linear": lambda: ln_block(x),
-                         "repbn_linear": lambda: block(x), "eager_linear": lambda: eager_block(x),
-                         "deployed": lambda: deployed(x)}
+            providers = {
+                "linear": lambda: lin(x),
+                "ln_linear": lambda: ln_block(x),
+                "repbn_linear": lambda: block(x),
+                "eager_linear": lambda: eager_block(x),
+                "deployed": lambda: deployed(x),
+            }
             timings = B.time_fns(providers, device, warmup=2, min_reps=args.min_reps, budget_s=args.budget)
             times = {k: v.median_ms for k, v in timings.items()}
-        row = {"section": "inference", "shape": cfg.label, "dtype": B.dtype_name(cfg.dtype),
-               "linear_shape": f"{c}->{4 * c}", **times,
-               "ln_cost": times["ln_linear"] / times["linear"] - 1,
-               "deployed_cost": times["deployed"] / times["linear"] - 1,
-               "folded": not leftover, "err": err, "device": str(device),
-               "linear_tflops": 2 * cfg.numel * 4 * c / (times["linear"] * 1e-3) / 1e12}
+        row = {
+            "section": "inference",
+            "shape": cfg.label,
+            "dtype": B.dtype_name(cfg.dtype),
+            "linear_shape": f"{c}->{4 * c}",
+            **times,
+            "ln_cost": times["ln_linear"] / times["linear"] - 1,
+            "deployed_cost": times["deployed"] / times["linear"] - 1,
+            "folded": not leftover,
+            "err": err,
+            "device": str(device),
+            "linear_tflops": 2 * cfg.numel * 4 * c / (times["linear"] * 1e-3) / 1e12,
+        }
         rows.append(row)
         table.add(row)
-        print(f"  {cfg.label} {B.dtype_name(cfg.dtype)}: "
-              f"{', '.join(f'{k} {v:.3f}' for k, v in times.items())}", flush=True)
+        print(
+            f"  {cfg.label} {B.dtype_name(cfg.dtype)}: {', '.join(f'{k} {v:.3f}' for k, v in times.items())}",
+            flush=True,
+        )
     table.print()
     return rows
 
@@ -258,12 +322,14 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when slab's CUDA kernels and a GPU are there)")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--shapes", help="comma-separated BxNxC (default 64x196x384,8x512x1024; --quick: "
-                                    "8x196x384,2x256x1024)")
+    p.add_argument(
+        "--shapes", help="comma-separated BxNxC (default 64x196x384,8x512x1024; --quick: 8x196x384,2x256x1024)"
+    )
     p.add_argument("--norm", choices=["layer", "rms"], default="layer", help="Norm1 of PRepBN (default layer)")
     p.add_argument("--only", choices=["train", "inference"], help="run one section only")
     p.add_argument("--quick", action="store_true", help="small shapes and a short time budget")
@@ -289,8 +355,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfgs = B.grid(Config, shape=shapes, dtype=dtypes)
 
     bw = B.copy_bandwidth(device)
-    print(f"slab {slab.__version__}, torch {torch.__version__}, {device}: {B.device_description(device)}; "
-          f"measured copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    print(
+        f"slab {slab.__version__}, torch {torch.__version__}, {device}: {B.device_description(device)}; "
+        f"measured copy bandwidth {bw / 1e9:.1f} GB/s",
+        flush=True,
+    )
     busy = B.busy_warning(device)
     if busy:
         print(busy, file=sys.stderr)
@@ -299,9 +368,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += run_training(args, device, bw, cfgs)
     if args.only in (None, "inference"):
         rows += run_inference(args, device, cfgs)
-    meta = {"slab": slab.__version__, "torch": torch.__version__, "device": str(device),
-            "hardware": B.device_description(device), "copy_gbps": bw / 1e9, "argv": " ".join(sys.argv[1:]),
-            "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    meta = {
+        "slab": slab.__version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "hardware": B.device_description(device),
+        "copy_gbps": bw / 1e9,
+        "argv": " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
     if args.csv:
         B.write_results(args.csv, rows, fmt="csv")
     if args.json:

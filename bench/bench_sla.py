@@ -130,15 +130,18 @@ def make_inputs(b, h, n, d, dtype, device, grad):
 
 def step_fn(fn, q, k, v, mode):
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 fn(q, k, v)
+
         return run
     go = torch.randn(q.shape, dtype=q.dtype, device=q.device)
 
     def run():
         o = fn(q, k, v)
         torch.autograd.grad(o, (q, k, v), go)
+
     return run
 
 
@@ -153,11 +156,22 @@ def verify(b, h, n, d, dtype, device, causal):
 
 def run_grid(cfgs, args, device):
     table = B.Table(
-        ["shape", "dtype", "mode", B.Column("slab_ms", "slab ms", ".2f"), B.Column("eager_ms", "eager ms", ".1f"),
-         B.Column("compile_ms", "compile ms", ".1f"), B.Column("sdpa_ms", "sdpa ms", ".1f"),
-         B.Column("vs_eager", "eager/slab", ".1f"), B.Column("vs_compile", "compile/slab", ".1f"),
-         B.Column("vs_sdpa", "sdpa/slab", ".2f"), B.Column("gflops", "slab GFLOP/s", ".1f"),
-         B.Column("of_mm", "vs mm", ".0%"), B.Column("floor_ms", "floor ms", ".2f"), "scaled"],
+        [
+            "shape",
+            "dtype",
+            "mode",
+            B.Column("slab_ms", "slab ms", ".2f"),
+            B.Column("eager_ms", "eager ms", ".1f"),
+            B.Column("compile_ms", "compile ms", ".1f"),
+            B.Column("sdpa_ms", "sdpa ms", ".1f"),
+            B.Column("vs_eager", "eager/slab", ".1f"),
+            B.Column("vs_compile", "compile/slab", ".1f"),
+            B.Column("vs_sdpa", "sdpa/slab", ".2f"),
+            B.Column("gflops", "slab GFLOP/s", ".1f"),
+            B.Column("of_mm", "vs mm", ".0%"),
+            B.Column("floor_ms", "floor ms", ".2f"),
+            "scaled",
+        ],
         title=f"slab.ops.sla on {B.device_description(device)}",
     )
     rate = mm_rate(device)
@@ -169,8 +183,9 @@ def run_grid(cfgs, args, device):
         verify(b, h, n, d, c.dtype, device, causal)
         grad = c.mode == "fwdbwd"
         q, k, v = make_inputs(b, h, n, d, c.dtype, device, grad)
-        t_slab = B.time_fns({"slab": step_fn(lambda a, bb, cc: slab.ops.sla(a, bb, cc, causal=causal), q, k, v,
-                                             c.mode)}, device, **tm)["slab"].median_ms
+        t_slab = B.time_fns(
+            {"slab": step_fn(lambda a, bb, cc: slab.ops.sla(a, bb, cc, causal=causal), q, k, v, c.mode)}, device, **tm
+        )["slab"].median_ms
         del q, k, v
         # baselines: the full shape, or a slice of heads scaled up (long causal shapes)
         sub = causal and n >= 2048 and b * h > args.baseline_heads
@@ -190,12 +205,22 @@ def run_grid(cfgs, args, device):
         fl = flops(b, h, n, d, d, causal, c.mode)
         elem = torch.tensor([], dtype=c.dtype).element_size()
         ratio = lambda key: base[key] / t_slab if key in base else None  # noqa: E731
-        table.add(shape=f"{c.shape} {b}x{h}x{n}x{d}{' causal' if causal else ''}", dtype=B.dtype_name(c.dtype),
-                  mode=c.mode, slab_ms=t_slab, eager_ms=base.get("eager"), compile_ms=base.get("compile"),
-                  sdpa_ms=base.get("sdpa"), vs_eager=ratio("eager"), vs_compile=ratio("compile"), vs_sdpa=ratio("sdpa"),
-                  gflops=fl / (t_slab * 1e-3) / 1e9, of_mm=fl / (t_slab * 1e-3) / rate,
-                  floor_ms=floor_bytes(b, h, n, d, d, elem, c.mode) / bw * 1e3,
-                  scaled=f"* {bh_sub} of {b * h} heads" if sub else "")
+        table.add(
+            shape=f"{c.shape} {b}x{h}x{n}x{d}{' causal' if causal else ''}",
+            dtype=B.dtype_name(c.dtype),
+            mode=c.mode,
+            slab_ms=t_slab,
+            eager_ms=base.get("eager"),
+            compile_ms=base.get("compile"),
+            sdpa_ms=base.get("sdpa"),
+            vs_eager=ratio("eager"),
+            vs_compile=ratio("compile"),
+            vs_sdpa=ratio("sdpa"),
+            gflops=fl / (t_slab * 1e-3) / 1e9,
+            of_mm=fl / (t_slab * 1e-3) / rate,
+            floor_ms=floor_bytes(b, h, n, d, d, elem, c.mode) / bw * 1e3,
+            scaled=f"* {bh_sub} of {b * h} heads" if sub else "",
+        )
         print(table.render().splitlines()[-1], flush=True)
     table.notes.append(f"fp32 torch.mm rate {rate / 1e9:.1f} GFLOP/s; copy bandwidth {bw / 1e9:.1f} GB/s")
     print()
@@ -233,11 +258,14 @@ print((status_kb("VmHWM") - before) * 1024)
 
 def run_memory(args):
     b, h, n, d = 1, args.memory_heads, 16384, 64
-    table = B.Table(["provider", "shape", B.Column("peak", "peak above inputs"), B.Column("nxn", "one N x N fp32")],
-                    title="peak resident memory of one causal fwd+bwd (fresh process each)")
+    table = B.Table(
+        ["provider", "shape", B.Column("peak", "peak above inputs"), B.Column("nxn", "one N x N fp32")],
+        title="peak resident memory of one causal fwd+bwd (fresh process each)",
+    )
     for provider in ("slab", "eager"):
-        code = _MEM_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), shape=(b, h, n, d),
-                                 provider=provider)
+        code = _MEM_CHILD.format(
+            bench_dir=os.path.dirname(os.path.abspath(__file__)), shape=(b, h, n, d), provider=provider
+        )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             peak = f"failed ({res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode})"
@@ -259,28 +287,46 @@ def eager_step(q, k, v, state, z, eps=1e-6):
 
 
 def run_decode(args, device):
-    table = B.Table(["shape", "dtype", B.Column("slab_ms", "slab ms", ".3f"), B.Column("eager_ms", "eager ms", ".3f"),
-                     B.Column("compile_ms", "compile ms", ".3f"), B.Column("gbs", "slab GB/s", ".1f"),
-                     B.Column("of_copy", "of copy BW", ".0%")],
-                    title="sla_step (one decode token, state updated in place)")
+    table = B.Table(
+        [
+            "shape",
+            "dtype",
+            B.Column("slab_ms", "slab ms", ".3f"),
+            B.Column("eager_ms", "eager ms", ".3f"),
+            B.Column("compile_ms", "compile ms", ".3f"),
+            B.Column("gbs", "slab GB/s", ".1f"),
+            B.Column("of_copy", "of copy BW", ".0%"),
+        ],
+        title="sla_step (one decode token, state updated in place)",
+    )
     bw = B.copy_bandwidth(device)
     tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
     b, h, d = 64, 16, 128
     compiled = torch.compile(eager_step, dynamic=False) if args.compile else None
     for dtype in args.dtypes:
         q, k, v = (torch.randn(b, h, d).to(dtype).to(device) * 0.1 for _ in range(3))
-        states = {name: (torch.zeros(b, h, d, d, device=device), torch.zeros(b, h, d, device=device))
-                  for name in ("slab", "eager", "compile")}
-        fns = {"slab": lambda: slab.ops.sla_step(q, k, v, *states["slab"]),
-               "eager": lambda: eager_step(q, k, v, *states["eager"])}
+        states = {
+            name: (torch.zeros(b, h, d, d, device=device), torch.zeros(b, h, d, device=device))
+            for name in ("slab", "eager", "compile")
+        }
+        fns = {
+            "slab": lambda: slab.ops.sla_step(q, k, v, *states["slab"]),
+            "eager": lambda: eager_step(q, k, v, *states["eager"]),
+        }
         if compiled is not None:
             fns["compile"] = lambda: compiled(q, k, v, *states["compile"])
         with torch.no_grad():
             times = {k_: t.median_ms for k_, t in B.time_fns(fns, device, **tm).items()}
         nbytes = 2 * b * h * d * d * 4
-        table.add(shape=f"{b}x{h}x{d}x{d}", dtype=B.dtype_name(dtype), slab_ms=times["slab"], eager_ms=times["eager"],
-                  compile_ms=times.get("compile"), gbs=nbytes / (times["slab"] * 1e-3) / 1e9,
-                  of_copy=nbytes / (times["slab"] * 1e-3) / bw)
+        table.add(
+            shape=f"{b}x{h}x{d}x{d}",
+            dtype=B.dtype_name(dtype),
+            slab_ms=times["slab"],
+            eager_ms=times["eager"],
+            compile_ms=times.get("compile"),
+            gbs=nbytes / (times["slab"] * 1e-3) / 1e9,
+            of_copy=nbytes / (times["slab"] * 1e-3) / bw,
+        )
     table.print()
 
 
@@ -312,8 +358,12 @@ def main(argv=None):
         table = run_grid(cfgs, args, device)
         for path in (args.json, args.csv):
             if path:
-                B.write_results(path, table.rows, {"device": B.device_description(device)},
-                                fmt="csv" if path == args.csv else "json")
+                B.write_results(
+                    path,
+                    table.rows,
+                    {"device": B.device_description(device)},
+                    fmt="csv" if path == args.csv else "json",
+                )
     if args.memory:
         run_memory(args)
     if args.decode:

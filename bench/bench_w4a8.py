@@ -60,8 +60,11 @@ class Config:
 def verify(cfg, xq, xs, weights, packed, scales):
     rows = min(cfg.m, 4)
     n_chk = min(packed.shape[0], 256)
-    got = slab.ops.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group,
-                             out_dtype=torch.float32).double().cpu()
+    got = (
+        slab.ops.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group, out_dtype=torch.float32)
+        .double()
+        .cpu()
+    )
     ref = RW.w4a8_gemm(xq[:rows], xs[:rows], packed[:n_chk], scales[:n_chk], cfg.group)
     full = slab.ops.w4a8_gemm(xq, xs, weights, out_dtype=torch.float32)[:rows, :n_chk].double().cpu()
     for name, y in (("w4a8_gemm (row-major)", got), ("w4a8_gemm (prepacked)", full)):
@@ -81,24 +84,39 @@ def torch_int4_weights(packed, scales, group):
 
 
 def run_speed(args, device):
-    cols = ["m", "shape", B.Column("group", fmt="d"), B.Column("slab_ms", "slab ms", ".3f"),
-            B.Column("linear_ms", "linear ms", ".3f"), B.Column("bf16_ms", "bf16 ms", ".3f"),
-            B.Column("fp32_ms", "fp32 ms", ".3f"), B.Column("deq_ms", "deq ms", ".3f"),
-            B.Column("comp_ms", "deq compile", ".3f")]
+    cols = [
+        "m",
+        "shape",
+        B.Column("group", fmt="d"),
+        B.Column("slab_ms", "slab ms", ".3f"),
+        B.Column("linear_ms", "linear ms", ".3f"),
+        B.Column("bf16_ms", "bf16 ms", ".3f"),
+        B.Column("fp32_ms", "fp32 ms", ".3f"),
+        B.Column("deq_ms", "deq ms", ".3f"),
+        B.Column("comp_ms", "deq compile", ".3f"),
+    ]
     if device.type == "cuda":
         cols.append(B.Column("smm_ms", "scaled_mm ms", ".3f"))
     else:
         cols += [B.Column("int4_ms", "torch int4 ms", ".3f"), B.Column("vs_int4", "int4/linear", ".2f")]
-    cols += [B.Column("vs_bf16", "bf16/slab", ".2f"), B.Column("vs_fp32", "fp32/slab", ".2f"),
-             B.Column("floor_ms", "floor ms", ".3f"), B.Column("of_floor", "of floor", ".0%")]
+    cols += [
+        B.Column("vs_bf16", "bf16/slab", ".2f"),
+        B.Column("vs_fp32", "fp32/slab", ".2f"),
+        B.Column("floor_ms", "floor ms", ".3f"),
+        B.Column("of_floor", "of floor", ".0%"),
+    ]
     table = B.Table(cols, title=f"w4a8_gemm on {B.device_description(device)}")
     copy_bw = B.copy_bandwidth(device)
     deq = lambda xq, xs, p, s, g: (xq.float() * xs.unsqueeze(1)) @ quant.dequantize_w4(p, s, g).t()
     deq_comp = torch.compile(deq) if args.compile else None
     tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
     cache = {}
-    cfgs = B.grid(Config, nk=args.shapes.split(","), group=[int(g) for g in args.group.split(",")],
-                  m=[int(m) for m in args.m.split(",")])
+    cfgs = B.grid(
+        Config,
+        nk=args.shapes.split(","),
+        group=[int(g) for g in args.group.split(",")],
+        m=[int(m) for m in args.m.split(",")],
+    )
     for c in cfgs:
         n, k = (int(v) for v in c.nk.split("x"))
         key = (c.nk, c.group)
@@ -116,11 +134,13 @@ def run_speed(args, device):
         # Call order matters on the CPU (no cache flush there): every slab provider runs right
         # after one that streamed more than the L3, so the packed weights come from DRAM as they
         # would in a model far larger than the cache.
-        fns = {"slab": lambda: slab.ops.w4a8_gemm(xq, xs, weights),
-               "bf16": lambda: xb @ wb.t(),
-               "linear": lambda: slab.ops.w4a8_linear(xb, weights),
-               "fp32": lambda: x @ w.t(),
-               "deq": lambda: deq(xq, xs, packed, scales, c.group)}
+        fns = {
+            "slab": lambda: slab.ops.w4a8_gemm(xq, xs, weights),
+            "bf16": lambda: xb @ wb.t(),
+            "linear": lambda: slab.ops.w4a8_linear(xb, weights),
+            "fp32": lambda: x @ w.t(),
+            "deq": lambda: deq(xq, xs, packed, scales, c.group),
+        }
         if deq_comp is not None:
             fns["comp"] = lambda: deq_comp(xq, xs, packed, scales, c.group)
         if device.type == "cpu" and c.group != -1:
@@ -129,18 +149,31 @@ def run_speed(args, device):
         if device.type == "cuda":
             w8, ws8 = quant.quantize_fp8(w)
             w8t, ws8r = w8.t(), ws8.reshape(1, -1)
-            fns["smm"] = lambda: torch._scaled_mm(xq, w8t, scale_a=xs.reshape(-1, 1), scale_b=ws8r,
-                                                  out_dtype=torch.bfloat16)
+            fns["smm"] = lambda: torch._scaled_mm(
+                xq, w8t, scale_a=xs.reshape(-1, 1), scale_b=ws8r, out_dtype=torch.bfloat16
+            )
         times = {name: t.median_ms for name, t in B.time_fns(fns, device, **tm).items()}
         g = k if c.group == -1 else c.group
         nbytes = n * k / 2 + n * (k // g) * 4 + c.m * k + c.m * 4 + c.m * n * 2
         floor_ms = nbytes / copy_bw * 1e3
-        row = dict(m=c.m, shape=f"{n}x{k}", group=c.group, slab_ms=times["slab"], linear_ms=times["linear"],
-                   bf16_ms=times["bf16"], fp32_ms=times["fp32"], deq_ms=times["deq"], comp_ms=times.get("comp"),
-                   smm_ms=times.get("smm"), int4_ms=times.get("int4"),
-                   vs_int4=times["int4"] / times["linear"] if "int4" in times else None,
-                   vs_bf16=times["bf16"] / times["slab"],
-                   vs_fp32=times["fp32"] / times["slab"], floor_ms=floor_ms, of_floor=floor_ms / times["slab"])
+        row = dict(
+            m=c.m,
+            shape=f"{n}x{k}",
+            group=c.group,
+            slab_ms=times["slab"],
+            linear_ms=times["linear"],
+            bf16_ms=times["bf16"],
+            fp32_ms=times["fp32"],
+            deq_ms=times["deq"],
+            comp_ms=times.get("comp"),
+            smm_ms=times.get("smm"),
+            int4_ms=times.get("int4"),
+            vs_int4=times["int4"] / times["linear"] if "int4" in times else None,
+            vs_bf16=times["bf16"] / times["slab"],
+            vs_fp32=times["fp32"] / times["slab"],
+            floor_ms=floor_ms,
+            of_floor=floor_ms / times["slab"],
+        )
         table.add(row)
         print(table.render().splitlines()[-1], flush=True)
     print()
@@ -150,9 +183,16 @@ def run_speed(args, device):
 
 
 def run_accuracy(args, device):
-    table = B.Table(["weights", B.Column("group", fmt="d"), B.Column("w4a8", "W4A8 rel err", ".4f"),
-                     B.Column("w4", "int4 weights only", ".4f"), B.Column("a8", "fp8 acts only", ".4f")],
-                    title="W4A8Linear vs the float nn.Linear (4096 -> 1024, 64 tokens): ||y - y_ref|| / ||y_ref||")
+    table = B.Table(
+        [
+            "weights",
+            B.Column("group", fmt="d"),
+            B.Column("w4a8", "W4A8 rel err", ".4f"),
+            B.Column("w4", "int4 weights only", ".4f"),
+            B.Column("a8", "fp8 acts only", ".4f"),
+        ],
+        title="W4A8Linear vs the float nn.Linear (4096 -> 1024, 64 tokens): ||y - y_ref|| / ||y_ref||",
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4096, generator=gen).to(device)
     xq, xs = quant.quantize_fp8(x)
@@ -197,8 +237,12 @@ def main(argv=None):
         table = run_speed(args, device)
         for path in (args.json, args.csv):
             if path:
-                B.write_results(path, table.rows, {"device": B.device_description(device)},
-                                fmt="csv" if path == args.csv else "json")
+                B.write_results(
+                    path,
+                    table.rows,
+                    {"device": B.device_description(device)},
+                    fmt="csv" if path == args.csv else "json",
+                )
     if args.accuracy:
         run_accuracy(args, device)
 

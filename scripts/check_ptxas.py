@@ -42,10 +42,12 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 _CUMSTACK = re.compile(r"(\d+) bytes cumulative stack size")
 _WARN_SPILL = re.compile(
     r"ptxas\s+(warning|error)\s*:\s*Registers are spilled to local memory in function '([^']+)'"
-    r"(?:, (\d+) bytes spill stores, (\d+) bytes spill loads)?")
+    r"(?:, (\d+) bytes spill stores, (\d+) bytes spill loads)?"
+)
 _WARN_LMEM = re.compile(
     r"ptxas\s+(warning|error)\s*:\s*Local memory used for function '([^']+)'"
-    r"(?:, size of stack frame: (\d+) bytes)?")
+    r"(?:, size of stack frame: (\d+) bytes)?"
+)
 _PTXAS_ERR = re.compile(r"ptxas\s+(error|fatal)\s*:\s*(.*)")
 _SOURCE = re.compile(r"Building CUDA object \S*?([^/\s]+\.cu)\.o")
 _CUDA_FLAG = re.compile(r"slab: CUDA kernels (ON|OFF)")
@@ -173,8 +175,9 @@ def demangler(names: list[str], enabled: bool) -> dict[str, str]:
     if not cxxfilt or not names:
         return out
     try:
-        res = subprocess.run([cxxfilt], input="\n".join(names) + "\n", capture_output=True,
-                             text=True, timeout=30, check=True)
+        res = subprocess.run(
+            [cxxfilt], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=30, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return out
     lines = res.stdout.splitlines()
@@ -199,15 +202,19 @@ def _arch_key(a: str) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("logs", nargs="+", metavar="LOG", help="build log(s); '-' reads stdin")
-    ap.add_argument("--archs", default=None,
-                    help="architectures that must each appear in the report, e.g. '80;89;90a'")
-    ap.add_argument("--allow-cpu-only", action="store_true",
-                    help="exit 0 when the log says the CUDA kernels were not built ('slab: CUDA kernels OFF')")
-    ap.add_argument("--max-registers", type=int, default=None,
-                    help="also fail when a kernel uses more registers than this")
+    ap.add_argument("--archs", default=None, help="architectures that must each appear in the report, e.g. '80;89;90a'")
+    ap.add_argument(
+        "--allow-cpu-only",
+        action="store_true",
+        help="exit 0 when the log says the CUDA kernels were not built ('slab: CUDA kernels OFF')",
+    )
+    ap.add_argument(
+        "--max-registers", type=int, default=None, help="also fail when a kernel uses more registers than this"
+    )
     ap.add_argument("--width", type=int, default=100, help="truncate kernel names to this width (0: never)")
     ap.add_argument("--no-demangle", action="store_true", help="print mangled names")
     ap.add_argument("--json", metavar="PATH", help="also write the records as JSON")
@@ -232,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         if rep.cuda_flag == "OFF" and args.allow_cpu_only:
             print(f"check_ptxas: CPU-only build ({where} says 'CUDA kernels OFF'); nothing to check")
             return 0
-        print(f"check_ptxas: FAIL: no ptxas report found in {where}.\n"
-              "  Was CUDA built, was the build verbose (pip install -v) and did nvcc actually run "
-              "(a fresh build directory, not an up-to-date incremental one)?", file=sys.stderr)
+        print(
+            f"check_ptxas: FAIL: no ptxas report found in {where}.\n"
+            "  Was CUDA built, was the build verbose (pip install -v) and did nvcc actually run "
+            "(a fresh build directory, not an up-to-date incremental one)?",
+            file=sys.stderr,
+        )
         return 1
 
     names = sorted({r.name for r in rep.records.values()})
@@ -245,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [_arch_name(a) for a in re.split(r"[;,\s]+", args.archs) if a.strip()]
         for a in wanted:
             if a not in archs_seen:
-                failures.append(f"architecture {a} requested but no kernel was compiled for it "
-                                f"(seen: {', '.join(archs_seen) or 'none'})")
+                failures.append(
+                    f"architecture {a} requested but no kernel was compiled for it "
+                    f"(seen: {', '.join(archs_seen) or 'none'})"
+                )
 
     recs = sorted(rep.records.values(), key=lambda r: (r.kind != "kernel", pretty[r.name], _arch_key(r.arch)))
     n_kernels = len({r.name for r in recs if r.kind == "kernel"})
@@ -254,11 +266,15 @@ def main(argv: list[str] | None = None) -> int:
 
     src_w = max([len("source")] + [len(r.source) for r in recs])
     if not args.quiet:
-        print(f"ptxas report from {where}: {n_kernels} kernel(s)"
-              + (f", {n_funcs} non-inlined device function(s)" if n_funcs else "")
-              + f", archs {', '.join(archs_seen) or 'none'}")
-        hdr = (f"{'status':<6} {'arch':<8} {'regs':>4} {'stack':>6} {'spill st/ld':>12} {'lmem':>5} {'smem':>6}"
-               f"  {'source':<{src_w}}  kernel")
+        print(
+            f"ptxas report from {where}: {n_kernels} kernel(s)"
+            + (f", {n_funcs} non-inlined device function(s)" if n_funcs else "")
+            + f", archs {', '.join(archs_seen) or 'none'}"
+        )
+        hdr = (
+            f"{'status':<6} {'arch':<8} {'regs':>4} {'stack':>6} {'spill st/ld':>12} {'lmem':>5} {'smem':>6}"
+            f"  {'source':<{src_w}}  kernel"
+        )
         print(hdr)
         print("-" * len(hdr))
     for r in recs:
@@ -267,14 +283,24 @@ def main(argv: list[str] | None = None) -> int:
         regs = "-" if r.registers is None else str(r.registers)
         stack = r.stack or r.cumulative_stack
         name = _compact(pretty[r.name]) + ("" if r.kind == "kernel" else "  (device function)")
-        print(f"{'FAIL' if r.problems else 'ok':<6} {r.arch:<8} {regs:>4} {stack:>6} "
-              f"{f'{r.spill_stores}/{r.spill_loads}':>12} {r.lmem:>5} {r.smem:>6}  {r.source or '-':<{src_w}}"
-              f"  {_short(name, args.width)}")
+        print(
+            f"{'FAIL' if r.problems else 'ok':<6} {r.arch:<8} {regs:>4} {stack:>6} "
+            f"{f'{r.spill_stores}/{r.spill_loads}':>12} {r.lmem:>5} {r.smem:>6}  {r.source or '-':<{src_w}}"
+            f"  {_short(name, args.width)}"
+        )
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"records": [asdict(r) | {"demangled": pretty[r.name]} for r in recs],
-                       "warnings": rep.warnings, "errors": rep.errors, "failures": failures}, f, indent=1)
+            json.dump(
+                {
+                    "records": [asdict(r) | {"demangled": pretty[r.name]} for r in recs],
+                    "warnings": rep.warnings,
+                    "errors": rep.errors,
+                    "failures": failures,
+                },
+                f,
+                indent=1,
+            )
 
     if failures:
         print(f"check_ptxas: FAIL: {len(failures)} problem(s):", file=sys.stderr)

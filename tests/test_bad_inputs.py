@@ -46,8 +46,10 @@ def test_every_op_has_cases():
     ops = set(cases.registered_ops())
     assert ops, "no op registered under torch.ops.slab: is the op library loaded?"
     missing = sorted(ops - set(cases.TABLE) - set(cases.EXCLUDED))
-    assert not missing, (f"ops without entries in tests/bad_inputs/cases.py: {missing} (add a valid call and "
-                         "invalid calls, or, for a private helper, an entry in EXCLUDED)")
+    assert not missing, (
+        f"ops without entries in tests/bad_inputs/cases.py: {missing} (add a valid call and "
+        "invalid calls, or, for a private helper, an entry in EXCLUDED)"
+    )
 
 
 def test_table_names_only_registered_ops():
@@ -103,8 +105,13 @@ def _tail(f, n=4000) -> str:
 def _run_one_worker(ids: list, results: dict) -> bool:
     """Runs ``ids`` in one worker until it finishes or dies; returns False if it never started."""
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bad_inputs.worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, env=_worker_env())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bad_inputs.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=_worker_env(),
+        )
         lines: queue.Queue = queue.Queue()
 
         def read():
@@ -139,8 +146,9 @@ def _run_one_worker(ids: list, results: dict) -> bool:
         rc = proc.wait()
         if not ready:
             for cid in ids:
-                results.setdefault(cid, {"crash": f"the worker did not start ({_death(None if hung else rc)})",
-                                         "stderr": _tail(err)})
+                results.setdefault(
+                    cid, {"crash": f"the worker did not start ({_death(None if hung else rc)})", "stderr": _tail(err)}
+                )
             return False
         if current is not None:
             how = f"no answer within {CASE_TIMEOUT} s, killed" if hung else _death(rc)
@@ -166,9 +174,11 @@ def run_cases(ids: list) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(request):
     # only the cases this session selected (e.g. with -k), in one worker run
-    selected = [item.callspec.params["case"].id for item in request.session.items
-                if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"),
-                                                                              cases.Case)]
+    selected = [
+        item.callspec.params["case"].id
+        for item in request.session.items
+        if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"), cases.Case)
+    ]
     return run_cases(selected)
 
 
@@ -195,8 +205,7 @@ def problems(case: cases.Case, r: dict) -> list:
     elif r["raised"] not in accepted:
         found.append(f"raised {r['type']} (expected one of {', '.join(accepted)}): {r['message']}")
     elif not re.search(case.match, r["message"], re.S):
-        found.append(f"the error does not name what is wrong (expected /{case.match}/): "
-                     f"{r['type']}: {r['message']}")
+        found.append(f"the error does not name what is wrong (expected /{case.match}/): {r['type']}: {r['message']}")
     if r["changed"]:
         found.append(f"the {'failed ' if r['raised'] else ''}call modified {r['changed']}")
     return found

@@ -12,9 +12,28 @@ import slab.bench as sb
 
 # Every op of slab that slab-bench must check (SPEC sections 1-5).
 EVERY_OP = {
-    "rep_bn", "prep_bn", "sla", "sla_step", "dwc2d", "causal_dwc1d", "causal_dwc1d_step", "cats", "cats_mlp",
-    "token_select", "token_scatter", "quantize_fp8", "w4a8_gemm", "w4a8_linear", "dog", "ldog", "lion", "lamb",
-    "lars", "adamp", "averager", "fold_conv_bn",
+    "rep_bn",
+    "prep_bn",
+    "sla",
+    "sla_step",
+    "dwc2d",
+    "causal_dwc1d",
+    "causal_dwc1d_step",
+    "cats",
+    "cats_mlp",
+    "token_select",
+    "token_scatter",
+    "quantize_fp8",
+    "w4a8_gemm",
+    "w4a8_linear",
+    "dog",
+    "ldog",
+    "lion",
+    "lamb",
+    "lars",
+    "adamp",
+    "averager",
+    "fold_conv_bn",
 }
 # A fast subset for the timed run (the whole --quick takes about a minute on 2 cores).
 QUICK_ONLY = ["cats", "token_scatter", "sla_step", "fold_conv_bn", "lion"]
@@ -33,9 +52,18 @@ def test_list_names_every_op(capsys):
     assert listed == EVERY_OP == set(sb.REGISTRY)
 
 
-@pytest.mark.parametrize("flags", [["--device", "gpu"], ["--dtype", "int8"], ["--threads", "0"],
-                                   ["--budget", "-1"], ["--budget", "nan"], ["--only", "nosuchop"],
-                                   ["--no-such-flag"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--device", "gpu"],
+        ["--dtype", "int8"],
+        ["--threads", "0"],
+        ["--budget", "-1"],
+        ["--budget", "nan"],
+        ["--only", "nosuchop"],
+        ["--no-such-flag"],
+    ],
+)
 def test_bad_flags_one_line_exit_2(flags, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
@@ -51,13 +79,37 @@ def test_bad_flags_one_line_exit_2(flags, tmp_path, capsys, monkeypatch):
 def test_quick_json_validates(tmp_path, capsys):
     path = tmp_path / "out" / "bench.json"
     csv_path = tmp_path / "speed.txt"  # any name gets CSV
-    rc, out, err = _run(["--quick", "--only", *QUICK_ONLY, "--json", str(path), "--csv", str(csv_path),
-                         "--dtype", "float32,bfloat16", "--budget", "0.02"], capsys)
+    rc, out, err = _run(
+        [
+            "--quick",
+            "--only",
+            *QUICK_ONLY,
+            "--json",
+            str(path),
+            "--csv",
+            str(csv_path),
+            "--dtype",
+            "float32,bfloat16",
+            "--budget",
+            "0.02",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert f"JSON: {path}" in out and "noisy" in out and "higher is better" in out
     data = json.loads(path.read_text())
-    for key, typ in [("schema", str), ("timestamp", str), ("slab", dict), ("torch", str), ("machine", dict),
-                     ("checks", list), ("speed", list), ("ops", list), ("failed", list), ("noisy_rows", int)]:
+    for key, typ in [
+        ("schema", str),
+        ("timestamp", str),
+        ("slab", dict),
+        ("torch", str),
+        ("machine", dict),
+        ("checks", list),
+        ("speed", list),
+        ("ops", list),
+        ("failed", list),
+        ("noisy_rows", int),
+    ]:
         assert isinstance(data[key], typ), key
     assert data["schema"] == sb.SCHEMA and data["slab"]["version"] == slab_version()
     for key in ("cpu", "threads", "gpu", "cores", "load"):
@@ -87,8 +139,9 @@ def test_quick_json_validates(tmp_path, capsys):
 
 def test_check_only_csv_has_check_rows(tmp_path, capsys):
     csv_path = tmp_path / "checks.csv"
-    rc, out, err = _run(["--check-only", "--only", "token_select", "--json", str(tmp_path / "c.json"),
-                         "--csv", str(csv_path)], capsys)
+    rc, out, err = _run(
+        ["--check-only", "--only", "token_select", "--json", str(tmp_path / "c.json"), "--csv", str(csv_path)], capsys
+    )
     assert rc == 0, err
     with open(csv_path, newline="") as f:
         table = list(csv.DictReader(f))

@@ -13,7 +13,16 @@ import slab
 import slab.ops
 
 from conftest import DEVICES, assert_close, param_id
-from test_cats_ops import make_mlp, make_x, quantile_threshold, ref_cats, ref_cats_grad, ref_copy, ref_mlp, snap_gates_away
+from test_cats_ops import (
+    make_mlp,
+    make_x,
+    quantile_threshold,
+    ref_cats,
+    ref_cats_grad,
+    ref_copy,
+    ref_mlp,
+    snap_gates_away,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -38,7 +47,8 @@ def check_mlp(m, d, f, dtype, device, sparsity, shift=False):
 
 # every token count (each bucket, padded and full) for the two main dtypes, a few for the others
 TOKEN_CASES = [(dt, m) for dt in (torch.float32, torch.bfloat16) for m in range(1, 17)] + [
-    (dt, m) for dt in (torch.float16, torch.float64) for m in (1, 5, 16)]
+    (dt, m) for dt in (torch.float16, torch.float64) for m in (1, 5, 16)
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,7 +78,9 @@ def test_long_splits_and_many_tiles(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_dropped_and_all_kept_vector_path(device):
     x, wg, wu, wd_t = make_mlp(3, 128, 257, torch.bfloat16, device)
-    assert torch.equal(slab.ops.cats_mlp(x, wg, wu, wd_t, 1e9), torch.zeros(3, 128, dtype=torch.bfloat16, device=device))
+    assert torch.equal(
+        slab.ops.cats_mlp(x, wg, wu, wd_t, 1e9), torch.zeros(3, 128, dtype=torch.bfloat16, device=device)
+    )
     y = slab.ops.cats_mlp(x, wg, wu, wd_t, -1.0)
     assert_close(y, ref_mlp(x, wg, wu, wd_t, -1.0), name="y")
 

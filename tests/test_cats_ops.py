@@ -251,8 +251,8 @@ def test_cats_mlp_union_of_masks(device):
     x = torch.zeros(2, d, device=device)
     x[0, 0], x[1, 1] = 1.0, 1.0
     wg = torch.zeros(f, d, device=device)
-    wg[0, 0] = 4.0   # neuron 0: token 0 keeps (silu(4) = 3.93), token 1 gate 0
-    wg[1, 1] = 4.0   # neuron 1: token 1 keeps
+    wg[0, 0] = 4.0  # neuron 0: token 0 keeps (silu(4) = 3.93), token 1 gate 0
+    wg[1, 1] = 4.0  # neuron 1: token 1 keeps
     wu = torch.ones(f, d, device=device)
     wd_t = torch.arange(f * d, dtype=torch.float32, device=device).reshape(f, d) / 100
     y = slab.ops.cats_mlp(x, wg, wu, wd_t, 0.5)

@@ -108,9 +108,11 @@ def test_calibrate_gated_and_plain():
     batches = [torch.randn(3, 7, d) for _ in range(4)]
     # gather the exact activations by hand for the reference
     acts = {name: [] for name in ("layers.0", "layers.1", "layers.2")}
-    hooks = [model.layers[0].gate_proj.register_forward_hook(lambda m, i, o: acts["layers.0"].append(F.silu(o))),
-             model.layers[1].fc1.register_forward_hook(lambda m, i, o: acts["layers.1"].append(F.silu(o))),
-             model.layers[2].gate_proj.register_forward_hook(lambda m, i, o: acts["layers.2"].append(F.silu(o)))]
+    hooks = [
+        model.layers[0].gate_proj.register_forward_hook(lambda m, i, o: acts["layers.0"].append(F.silu(o))),
+        model.layers[1].fc1.register_forward_hook(lambda m, i, o: acts["layers.1"].append(F.silu(o))),
+        model.layers[2].gate_proj.register_forward_hook(lambda m, i, o: acts["layers.2"].append(F.silu(o))),
+    ]
     with torch.no_grad():
         for b in batches:
             model(b)
@@ -156,7 +158,7 @@ def gap_threshold(s: torch.Tensor) -> float:
     vs float64 rounding of the gates cannot flip a keep decision."""
     v = s.reshape(-1).double().sort().values
     lo, hi = int(0.3 * v.numel()), max(int(0.7 * v.numel()), int(0.3 * v.numel()) + 1)
-    gaps = v[lo + 1:hi + 1] - v[lo:hi]
+    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
     i = lo + int(gaps.argmax())
     assert float(v[i + 1] - v[i]) > 1e-4 * float(v[i + 1])
     return float(v[i] + v[i + 1]) / 2
@@ -261,8 +263,15 @@ def test_catsmlp_compile():
 
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     return model
@@ -294,6 +303,7 @@ def test_convert_hf_llama():
     assert all(v > 0 for v in th.values())
 
     import copy
+
     zero = slab.sparse.convert(copy.deepcopy(model), 0.0)
     calls = []
     for m in zero.modules():

@@ -22,8 +22,9 @@ ref_index = R.token_index  # top-k per row (NaN lowest), ties to the earlier tok
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("shape,keep", [((2, 9, 5), 4), ((3, 300, 7), 150), ((1, 1, 3), 1), ((4, 17, 1), 17),
-                                        ((2, 33, 8), 0.3)])
+@pytest.mark.parametrize(
+    "shape,keep", [((2, 9, 5), 4), ((3, 300, 7), 150), ((1, 1, 3), 1), ((4, 17, 1), 17), ((2, 33, 8), 0.3)]
+)
 def test_select_scatter_forward_backward(device, dtype, shape, keep):
     b, n, c = shape
     x = torch.randn(shape, dtype=torch.float64).to(dtype).to(device).requires_grad_()
@@ -164,8 +165,9 @@ def test_token_sparse_block():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float8_e4m3fn, torch.bfloat16, torch.float32],
-                         ids=param_id)
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.bool, torch.float8_e4m3fn, torch.bfloat16, torch.float32], ids=param_id
+)
 @pytest.mark.parametrize("channels", [1, 3, 8, 17, 64])
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_token_rows_any_row_bytes_and_alignment(device, dtype, channels, offset):
@@ -174,8 +176,11 @@ def test_token_rows_any_row_bytes_and_alignment(device, dtype, channels, offset)
     b, n = 2, 7
     top = 2 if dtype == torch.bool else 256  # a bool byte holds 0 or 1
     base = torch.randint(0, top, (b * n * channels + offset,), dtype=torch.uint8, device=device)
-    x = base.view(dtype)[offset:].view(b, n, channels) if dtype.itemsize == 1 else (
-        torch.randn(b * n * channels + offset, device=device).to(dtype)[offset:].view(b, n, channels))
+    x = (
+        base.view(dtype)[offset:].view(b, n, channels)
+        if dtype.itemsize == 1
+        else (torch.randn(b * n * channels + offset, device=device).to(dtype)[offset:].view(b, n, channels))
+    )
     index = torch.tensor([[6, 0, 3], [1, 2, 5]], device=device)
     raw = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731  (bitwise: NaN payloads, bool)
     expect = torch.stack([x[i][index[i]] for i in range(b)])
@@ -185,4 +190,3 @@ def test_token_rows_any_row_bytes_and_alignment(device, dtype, channels, offset)
     for i in range(b):
         expect_scatter[i][index[i]] = y[i]
     assert torch.equal(raw(OPS.token_scatter(x, y, index)), raw(expect_scatter))
-

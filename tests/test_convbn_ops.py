@@ -20,8 +20,19 @@ ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 EPS = 1e-5
 
 # conv1d/2d/3d, linear (O, I), depthwise (O, 1, k, k), O = 1, odd sizes, 1x1, empty O = 0 and k = 0
-SHAPES = [(8, 3, 3, 3), (5, 4, 7), (6, 2, 3, 3, 3), (7, 13), (16, 1, 3, 3), (1, 5, 3, 3), (9, 17, 1, 1),
-          (4, 8, 4, 4), (3, 1000), (0, 3, 3, 3), (3, 0, 3)]
+SHAPES = [
+    (8, 3, 3, 3),
+    (5, 4, 7),
+    (6, 2, 3, 3, 3),
+    (7, 13),
+    (16, 1, 3, 3),
+    (1, 5, 3, 3),
+    (9, 17, 1, 1),
+    (4, 8, 4, 4),
+    (3, 1000),
+    (0, 3, 3, 3),
+    (3, 0, 3),
+]
 PRESENT = ["all", "none", "no_bias", "no_affine"]  # which optional tensors are given
 
 
@@ -137,8 +148,7 @@ def test_fold_degenerate_variance_like_batchnorm(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=param_id)
-@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (7, 13), (16, 1, 3, 3), (1, 5, 3, 3), (3, 1000), (0, 4)],
-                         ids=param_id)
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (7, 13), (16, 1, 3, 3), (1, 5, 3, 3), (3, 1000), (0, 4)], ids=param_id)
 @pytest.mark.parametrize("present", PRESENT)
 def test_fold_backward(device, dtype, shape, present):
     args = make_args(shape, dtype, device, present, requires_grad=True)
@@ -251,13 +261,17 @@ def test_tune_mode_equals_eval_conv_bn(device, dim, conv_bias):
     dy = torch.randn_like(y_ref)
     ref = torch.autograd.grad(y_ref, [x] + params, dy)
 
-    w, b = slab.ops.fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                 bn.eps)
+    w, b = slab.ops.fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     y = conv._conv_forward(x, w, b)
     got = torch.autograd.grad(y, [x] + params, dy)
     assert_close(y, y_ref, name="y")
-    for name, g, r in zip(["x", "conv.weight", "conv.bias", "bn.weight", "bn.bias"][: len(got)] if conv_bias
-                          else ["x", "conv.weight", "bn.weight", "bn.bias"], got, ref):
+    for name, g, r in zip(
+        ["x", "conv.weight", "conv.bias", "bn.weight", "bn.bias"][: len(got)]
+        if conv_bias
+        else ["x", "conv.weight", "bn.weight", "bn.bias"],
+        got,
+        ref,
+    ):
         assert_close(g, r, name=f"d{name}")
 
 
@@ -296,10 +310,14 @@ def test_fold_opcheck(device, present, dtype):
     gw = torch.randn(6, 3, 3, 3, dtype=dtype, device=device)
     gb = torch.randn(6, dtype=dtype, device=device)
     detached = [None if a is None else a.detach() for a in args]
-    torch.library.opcheck(OPS.fold_conv_bn_backward.default,
-                          (gw, gb, detached[0], detached[1], detached[2], detached[4], detached[5], EPS, True, True))
-    torch.library.opcheck(OPS.fold_conv_bn_backward.default,
-                          (gw, None, detached[0], None, None, detached[4], detached[5], EPS, False, False))
+    torch.library.opcheck(
+        OPS.fold_conv_bn_backward.default,
+        (gw, gb, detached[0], detached[1], detached[2], detached[4], detached[5], EPS, True, True),
+    )
+    torch.library.opcheck(
+        OPS.fold_conv_bn_backward.default,
+        (gw, None, detached[0], None, None, detached[4], detached[5], EPS, False, False),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -336,17 +354,20 @@ def _call(args, eps=EPS):
     return slab.ops.fold_conv_bn(*args, eps)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda a: a.__setitem__(0, a[0].reshape(-1)), "weight"),                       # rank 1
-    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), "weight"),                   # not floating
-    (lambda a: a.__setitem__(0, a[0].to(torch.complex64)), "weight"),
-    (lambda a: a.__setitem__(1, a[1][:3]), "bias"),                                 # not (O,)
-    (lambda a: a.__setitem__(2, a[2][None]), "bn_weight"),
-    (lambda a: a.__setitem__(3, torch.zeros(5)), "bn_bias"),
-    (lambda a: a.__setitem__(4, a[4].to(torch.int64)), "running_mean"),
-    (lambda a: a.__setitem__(5, a[5].double()), "running_var"),                    # float64 stats, float32 weight
-    (lambda a: a.__setitem__(5, a[5].to("meta")), "running_var|device"),            # device mix
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda a: a.__setitem__(0, a[0].reshape(-1)), "weight"),  # rank 1
+        (lambda a: a.__setitem__(0, a[0].to(torch.int32)), "weight"),  # not floating
+        (lambda a: a.__setitem__(0, a[0].to(torch.complex64)), "weight"),
+        (lambda a: a.__setitem__(1, a[1][:3]), "bias"),  # not (O,)
+        (lambda a: a.__setitem__(2, a[2][None]), "bn_weight"),
+        (lambda a: a.__setitem__(3, torch.zeros(5)), "bn_bias"),
+        (lambda a: a.__setitem__(4, a[4].to(torch.int64)), "running_mean"),
+        (lambda a: a.__setitem__(5, a[5].double()), "running_var"),  # float64 stats, float32 weight
+        (lambda a: a.__setitem__(5, a[5].to("meta")), "running_var|device"),  # device mix
+    ],
+)
 def test_fold_errors(edit, match):
     a = _valid()
     edit(a)

@@ -20,8 +20,14 @@ def _env():
 
 
 def _run(args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "slab", "demo", *args], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "slab", "demo", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def _check_models(data, metric):
@@ -65,8 +71,9 @@ def test_lm_quick(tmp_path):
     assert abs(ppl["deployed"] - ppl["float"]) < 1e-2 * ppl["float"]
 
 
-@pytest.mark.parametrize("flags, needle", [(["--device", "gpu"], "--device"), (["--bogus"], "--bogus"),
-                                           (["--epochs", "0"], "--epochs")])
+@pytest.mark.parametrize(
+    "flags, needle", [(["--device", "gpu"], "--device"), (["--bogus"], "--bogus"), (["--epochs", "0"], "--epochs")]
+)
 def test_bad_flags(flags, needle):
     r = _run(flags, timeout=60)
     assert r.returncode == 2
@@ -74,14 +81,33 @@ def test_bad_flags(flags, needle):
     assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], r.stderr
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed",
+)
 def test_ddp_quick(tmp_path):
     out = tmp_path / "ddp.json"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = subprocess.run([torchrun if os.path.exists(torchrun) else "torchrun", "--nproc-per-node", "2",
-                        "--master-port", "29561", "-m", "slab", "demo", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=150)
+    r = subprocess.run(
+        [
+            torchrun if os.path.exists(torchrun) else "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29561",
+            "-m",
+            "slab",
+            "demo",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=150,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["world_size"] == 2

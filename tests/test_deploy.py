@@ -3,7 +3,6 @@ ChannelAffine for norms that cannot fold; outputs equal to the unfolded eval mod
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -101,8 +100,7 @@ class TinyViT(nn.Module):
     def __init__(self, dim=32, heads=4, depth=2, classes=10, in_dim=12):
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList(
-            [Block(dim, heads, lambda d: PRepBN(d, step=10)) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, lambda d: PRepBN(d, step=10)) for _ in range(depth)])
         self.res = ResidualNormBlock(dim)
         self.norm = PRepBN(dim, step=10)
         self.head = nn.Linear(dim, classes)
@@ -135,6 +133,7 @@ def test_vit_block_folds_and_matches():
     assert count(dep, ChannelAffine) == 2
     assert isinstance(dep.res.norm, ChannelAffine) and isinstance(dep.norm, ChannelAffine)
     for i in range(2):
+
         def weight(m, name):
             return m.get_submodule(f"blocks.{i}.{name}").weight
 
@@ -456,7 +455,7 @@ def test_example_inputs_change_nothing():
     model = vit()
     model.blocks[0].norm1.train()
     prefix = "blocks.0.norm1."
-    kept = {k[len(prefix):]: v for k, v in snapshot(model).items() if k.startswith(prefix)}
+    kept = {k[len(prefix) :]: v for k, v in snapshot(model).items() if k.startswith(prefix)}
     dep = deploy(model, inplace=True, example_inputs=torch.randn(2, 6, 12))
     assert dep.get_submodule("blocks.0.norm1").training
     assert_same_state(dep.get_submodule("blocks.0.norm1"), kept)
@@ -470,8 +469,10 @@ def test_report_names_every_norm():
     _, report = deploy(model, return_report=True)
     assert ("blocks.0.norm1", "blocks.0.attn.qkv") in report.folded
     assert ("blocks.1.norm2", "blocks.1.mlp.0") not in report.folded
-    assert dict(report.converted) == {"res.norm": "its output has 2 consumers",
-                                      "norm": "it feeds .mean(), not an nn.Linear"}
+    assert dict(report.converted) == {
+        "res.norm": "its output has 2 consumers",
+        "norm": "it feeds .mean(), not an nn.Linear",
+    }
     assert dict(report.left) == {"blocks.1.norm2": "in training mode (it normalises with batch statistics)"}
     assert "folded blocks.0.norm1 into blocks.0.attn.qkv" in str(report)
     assert "res.norm -> ChannelAffine: its output has 2 consumers" in str(report)

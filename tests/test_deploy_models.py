@@ -212,8 +212,9 @@ def test_tune_follows_the_bn_mode_and_the_context_manager_restores():
     with slab.tuned(model):
         assert type(model[0]).__name__ == "TunedConv2d"
         model.train()  # the BN computes batch statistics again: the tuned pair must too
-        ref = nn.functional.batch_norm(nn.functional.conv2d(x, model[0].weight, model[0].bias), None, None,
-                                       model[1].weight, model[1].bias, True)
+        ref = nn.functional.batch_norm(
+            nn.functional.conv2d(x, model[0].weight, model[0].bias), None, None, model[1].weight, model[1].bias, True
+        )
         torch.testing.assert_close(model[:2](x), ref)
         model.eval()
         copy.deepcopy(model)  # a tuned model still deep-copies

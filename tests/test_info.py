@@ -22,18 +22,49 @@ from slab.__main__ import main as slab_main
 SECTIONS = {
     "slab": {"version", "commit", "location", "ops_library", "build_info"},
     "torch": {"built_against", "built_cuda", "running", "running_cuda", "stable_abi_target"},
-    "cuda": {"kernels_built", "archs", "nvcc", "library", "library_loaded", "library_reason", "available",
-             "torch_cuda_available", "driver", "device_count", "devices"},
+    "cuda": {
+        "kernels_built",
+        "archs",
+        "nvcc",
+        "library",
+        "library_loaded",
+        "library_reason",
+        "available",
+        "torch_cuda_available",
+        "driver",
+        "device_count",
+        "devices",
+    },
     "cpu": {"isa", "isa_flags", "supported", "torch_capability", "model", "threads", "cores"},
     "python": {"version", "implementation", "executable", "platform"},
 }
-TEXT_LABELS = ["slab ", "op library", "build info", "torch built", "torch running", "CUDA kernels", "CUDA library",
-               "CUDA available", "CUDA driver", "CUDA devices", "CPU ISA", "torch CPU", "python", "platform"]
+TEXT_LABELS = [
+    "slab ",
+    "op library",
+    "build info",
+    "torch built",
+    "torch running",
+    "CUDA kernels",
+    "CUDA library",
+    "CUDA available",
+    "CUDA driver",
+    "CUDA devices",
+    "CPU ISA",
+    "torch CPU",
+    "python",
+    "platform",
+]
 
 
 def _python_m_slab(*args: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slab", *args], cwd=tmp_path, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "slab", *args],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _check_facts(facts: dict) -> None:
@@ -135,10 +166,18 @@ def test_report_with_and_without_build_info(monkeypatch):
     text = info.format_text(info.collect())
     assert "unknown (no _build_info.json next to libslab_ops.so)" in text
     assert "torch built     unknown" in text
-    built = {"slab_version": slab.__version__, "git_commit": "abc1234", "torch_version": "2.11.0+cu128",
-             "torch_cuda_version": "12.8", "stable_abi_target": "2.11", "cuda": True,
-             "cuda_archs": ["80", "89", "90a"], "nvcc_version": "12.8.93", "cpu_isa": "x86-64 AVX2+FMA+F16C",
-             "cpu_isa_flags": ["avx2", "fma", "f16c"]}
+    built = {
+        "slab_version": slab.__version__,
+        "git_commit": "abc1234",
+        "torch_version": "2.11.0+cu128",
+        "torch_cuda_version": "12.8",
+        "stable_abi_target": "2.11",
+        "cuda": True,
+        "cuda_archs": ["80", "89", "90a"],
+        "nvcc_version": "12.8.93",
+        "cpu_isa": "x86-64 AVX2+FMA+F16C",
+        "cpu_isa_flags": ["avx2", "fma", "f16c"],
+    }
     monkeypatch.setattr(_loader.STATE, "build_info", built)
     facts = info.collect()
     assert facts["slab"]["commit"] == "abc1234"
@@ -152,8 +191,9 @@ def test_report_with_and_without_build_info(monkeypatch):
 
 
 def test_cpu_isa_verdict(monkeypatch):
-    monkeypatch.setattr(_loader.STATE, "build_info",
-                        {"cpu_isa": "x86-64 AVX2+FMA+F16C", "cpu_isa_flags": ["avx2", "fma", "f16c"]})
+    monkeypatch.setattr(
+        _loader.STATE, "build_info", {"cpu_isa": "x86-64 AVX2+FMA+F16C", "cpu_isa_flags": ["avx2", "fma", "f16c"]}
+    )
     monkeypatch.setattr(info, "_cpu_flags", lambda: {"sse2", "avx2"})
     facts = info.collect()
     assert facts["cpu"]["supported"] is False

@@ -26,16 +26,31 @@ TOO_OLD = "slab {v} needs torch >= 2.11 (found torch {t}); pip install 'torch>=2
 def _run(code: str, tmp_path, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---- torch version --------------------------------------------------------------------------
-@pytest.mark.parametrize("version, expected", [
-    ("2.13.0+cpu", (2, 13, 0)), ("2.11.0a0+git1234abc", (2, 11, 0)), ("2.14.1", (2, 14, 1)),
-    ("2.12", (2, 12, 0)), ("2.10.1+cu128", (2, 10, 1)), ("1.13.0", (1, 13, 0)), ("3.0.0.dev20270101", (3, 0, 0)),
-    ("garbage", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        ("2.13.0+cpu", (2, 13, 0)),
+        ("2.11.0a0+git1234abc", (2, 11, 0)),
+        ("2.14.1", (2, 14, 1)),
+        ("2.12", (2, 12, 0)),
+        ("2.10.1+cu128", (2, 10, 1)),
+        ("1.13.0", (1, 13, 0)),
+        ("3.0.0.dev20270101", (3, 0, 0)),
+        ("garbage", None),
+        ("", None),
+    ],
+)
 def test_parse_torch_version(version, expected):
     assert _loader.parse_torch_version(version) == expected
 
@@ -56,7 +71,8 @@ def test_supported_torch_passes(version):
 
 def test_too_old_torch_import_path(tmp_path):
     """The real `import slab` with torch.__version__ monkeypatched: one line, before any library loads."""
-    r = _run("""
+    r = _run(
+        """
         import json, torch
         torch.__version__ = "2.10.1"
         try:
@@ -65,7 +81,9 @@ def test_too_old_torch_import_path(tmp_path):
             print(json.dumps({"msg": str(exc), "loaded": sorted(torch.ops.loaded_libraries)}))
         else:
             print(json.dumps({"msg": None}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["msg"] == TOO_OLD.format(v=slab.__version__, t="2.10.1")
@@ -113,13 +131,17 @@ def test_ops_library_load_error_import_path(tmp_path):
     """`import slab` with SLAB_LIBRARY at a broken library and its build info: one line, OSError cause."""
     path = _broken_library(tmp_path, compiled=False)
     (tmp_path / "_build_info.json").write_text(json.dumps({"torch_version": "2.12.0+fake"}))
-    r = _run("""
+    r = _run(
+        """
         import json
         try:
             import slab
         except ImportError as exc:
             print(json.dumps({"msg": str(exc), "cause": type(exc.__cause__).__name__}))
-    """, tmp_path, env={"SLAB_LIBRARY": path})
+    """,
+        tmp_path,
+        env={"SLAB_LIBRARY": path},
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert "\n" not in out["msg"] and "built against torch 2.12.0+fake" in out["msg"], out
@@ -210,12 +232,14 @@ def test_import_state_is_consistent():
 def test_cuda_unavailable_message():
     assert _loader.cuda_unavailable_message("slab::cats", _loader.REASON_NO_CUDA_LIBRARY) == (
         "slab::cats: got a CUDA tensor, but this slab build has no CUDA kernels (libslab_cuda.so not found). "
-        "Rebuild slab with a CUDA build of torch and nvcc present (SLAB_CUDA=1), or move the tensors to the CPU.")
+        "Rebuild slab with a CUDA build of torch and nvcc present (SLAB_CUDA=1), or move the tensors to the CPU."
+    )
     kernel = _loader.cuda_unavailable_kernel("slab::cats", "torch is a CPU-only build", "Move the tensors to the CPU.")
     with pytest.raises(RuntimeError) as info:
         kernel(torch.ones(2))
-    assert str(info.value) == ("slab::cats: got a CUDA tensor, but torch is a CPU-only build. "
-                               "Move the tensors to the CPU.")
+    assert str(info.value) == (
+        "slab::cats: got a CUDA tensor, but torch is a CPU-only build. Move the tensors to the CPU."
+    )
 
 
 _CUDA_ONLY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
@@ -226,8 +250,13 @@ def test_register_cuda_fallbacks_on_a_test_namespace():
     dispatcher runs it for the CUDA key (redispatch reaches it with CPU tensors, no GPU needed)."""
     ns = "slab_loader_test"
     lib = torch.library.Library(ns, "DEF")
-    for schema in ("cpu_only(Tensor x) -> Tensor", "both(Tensor x) -> Tensor", "composite(Tensor x) -> Tensor",
-                   "ov(Tensor x) -> Tensor", "ov.scaled(Tensor x, float s) -> Tensor"):
+    for schema in (
+        "cpu_only(Tensor x) -> Tensor",
+        "both(Tensor x) -> Tensor",
+        "composite(Tensor x) -> Tensor",
+        "ov(Tensor x) -> Tensor",
+        "ov.scaled(Tensor x, float s) -> Tensor",
+    ):
         lib.define(schema)
     lib.impl("cpu_only", lambda x: x * 2, "CPU")
     lib.impl("both", lambda x: x * 2, "CPU")
@@ -251,9 +280,17 @@ def _dummy(kind: str):
     if kind.startswith("Optional["):
         return None
     if kind.startswith("List["):
-        return [_dummy(kind[len("List["):-1])]
-    return {"Tensor": torch.ones(1), "int": 1, "SymInt": 1, "float": 1.0, "bool": False, "str": "x",
-            "Scalar": 1.0, "ScalarType": torch.float32}.get(kind)
+        return [_dummy(kind[len("List[") : -1])]
+    return {
+        "Tensor": torch.ones(1),
+        "int": 1,
+        "SymInt": 1,
+        "float": 1.0,
+        "bool": False,
+        "str": "x",
+        "Scalar": 1.0,
+        "ScalarType": torch.float32,
+    }.get(kind)
 
 
 def test_every_slab_cpu_op_errors_clearly_for_cuda():
@@ -269,13 +306,14 @@ def test_every_slab_cpu_op_errors_clearly_for_cuda():
     for name in sorted(torch._C._dispatch_get_all_op_names()):
         if not name.startswith("slab::"):
             continue
-        packet = getattr(torch.ops.slab, name[len("slab::"):])
+        packet = getattr(torch.ops.slab, name[len("slab::") :])
         for overload in packet.overloads():
             full = name if overload == "default" else f"{name}.{overload}"
             if not torch._C._dispatch_has_kernel_for_dispatch_key(full, "CPU"):
                 continue
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(full, "CUDA"), \
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(full, "CUDA"), (
                 f"{full}: no CUDA kernel, not even an error"
+            )
             op = getattr(packet, overload)
             args = [_dummy(str(a.type)) for a in op._schema.arguments if not a.kwarg_only]
             kwargs = {a.name: _dummy(str(a.type)) for a in op._schema.arguments if a.kwarg_only}

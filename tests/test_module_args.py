@@ -128,14 +128,18 @@ def test_bad_argument_raises_value_error_naming_it(name, call):
         call()
 
 
-@pytest.mark.parametrize("call", [
-    lambda: slab.nn.convert_sync(5),
-    lambda: CATSMLP(nn.Conv1d(4, 8, 1), None, torch.zeros(8, 4), None, 0.1),
-    lambda: TokenSparseBlock(5),
-    lambda: slab.quant.convert("model"),
-    lambda: slab.sparse.find_mlps(None),
-    lambda: slab.deploy(lambda x: x),
-], ids=["convert_sync", "CATSMLP.gate", "TokenSparseBlock.block", "quant.convert", "find_mlps", "deploy"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: slab.nn.convert_sync(5),
+        lambda: CATSMLP(nn.Conv1d(4, 8, 1), None, torch.zeros(8, 4), None, 0.1),
+        lambda: TokenSparseBlock(5),
+        lambda: slab.quant.convert("model"),
+        lambda: slab.sparse.find_mlps(None),
+        lambda: slab.deploy(lambda x: x),
+    ],
+    ids=["convert_sync", "CATSMLP.gate", "TokenSparseBlock.block", "quant.convert", "find_mlps", "deploy"],
+)
 def test_wrong_module_type_raises_type_error(call):
     with pytest.raises(TypeError, match="must be|expected"):
         call()
@@ -161,6 +165,7 @@ def test_valid_constructions_still_work():
     with slab.sparse.ThresholdCalibrator(mlp_model(), sparsity=0.0, bins=2) as cal:
         assert cal.sparsity == 0.0
     assert isinstance(slab.sparse.convert(mlp_model(), 0.0)[0], CATSMLP)
-    _, report = slab.deploy(nn.Sequential(nn.Linear(2, 2)).eval(), inplace=True,
-                            example_inputs=(torch.randn(3, 2),), return_report=True)
+    _, report = slab.deploy(
+        nn.Sequential(nn.Linear(2, 2)).eval(), inplace=True, example_inputs=(torch.randn(3, 2),), return_report=True
+    )
     assert isinstance(report, DeployReport)

@@ -70,8 +70,14 @@ def run_side_by_side(opt, ref, model, device, dtype, steps=20, tol=None, grad_fn
 @pytest.mark.parametrize("layerwise", [False, True], ids=["DoG", "LDoG"])
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"reps_rel": 1e-3}, {"reps_rel": 1e-3, "weight_decay": 0.1}, {"init_eta": 1e-2}, {"lr": 0.5, "reps_rel": 1e-2},
-     {"reps_rel": 1e-2, "eps": 0.05}],  # eps comparable to G: where eps enters the root matters
+    [
+        {},
+        {"reps_rel": 1e-3},
+        {"reps_rel": 1e-3, "weight_decay": 0.1},
+        {"init_eta": 1e-2},
+        {"lr": 0.5, "reps_rel": 1e-2},
+        {"reps_rel": 1e-2, "eps": 0.05},
+    ],  # eps comparable to G: where eps enters the root matters
     ids=["defaults", "reps", "wd", "init_eta", "lr", "eps"],
 )
 def test_dog_matches_reference(device, layerwise, kw):
@@ -89,8 +95,9 @@ def test_dog_matches_reference(device, layerwise, kw):
 def test_dog_bf16_params_fp32_state(device, cls):
     model = make_model(device, torch.bfloat16)
     opt = cls(model.parameters(), reps_rel=1e-2, weight_decay=0.01)
-    ref = RefDoG(list(model.parameters()), rounding(torch.bfloat16), reps_rel=1e-2, weight_decay=0.01,
-                 layerwise=cls is LDoG)
+    ref = RefDoG(
+        list(model.parameters()), rounding(torch.bfloat16), reps_rel=1e-2, weight_decay=0.01, layerwise=cls is LDoG
+    )
     run_side_by_side(opt, ref, model, device, torch.bfloat16, steps=10, tol=(1.6e-2, 1e-2))
     for p in model.parameters():
         assert p.dtype == torch.bfloat16
@@ -202,29 +209,47 @@ def test_grad_scaler_unscales_and_skips_inf_steps(device, cls):
 
 def test_bad_hyperparameters_and_sparse_grads():
     p = [nn.Parameter(torch.randn(3))]
-    for kw, word in [({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"eps": -1e-8}, "eps"),
-                     ({"eps": float("inf")}, "eps"), ({"reps_rel": 0.0}, "reps_rel"),
-                     ({"weight_decay": -0.1}, "weight_decay"), ({"init_eta": -1.0}, "init_eta")]:
+    for kw, word in [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": float("inf")}, "eps"),
+        ({"reps_rel": 0.0}, "reps_rel"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"init_eta": -1.0}, "init_eta"),
+    ]:
         with pytest.raises(ValueError, match=word):
             DoG(p, **kw)
-    for kw, word in [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
-                     ({"weight_decay": float("nan")}, "weight_decay")]:
+    for kw, word in [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+    ]:
         with pytest.raises(ValueError, match=word):
             Lion(p, **kw)
-    for kw, word in [({"eps": -1.0}, "eps"), ({"betas": (float("nan"), 0.9)}, "betas"),
-                     ({"clamp_value": 0.0}, "clamp_value")]:
+    for kw, word in [
+        ({"eps": -1.0}, "eps"),
+        ({"betas": (float("nan"), 0.9)}, "betas"),
+        ({"clamp_value": 0.0}, "clamp_value"),
+    ]:
         with pytest.raises(ValueError, match=word):
             LAMB(p, **kw)
-    for kw, word in [({"momentum": 1.0}, "momentum"), ({"trust_coefficient": 0.0}, "trust_coefficient"),
-                     ({"lr": float("inf")}, "lr")]:
+    for kw, word in [
+        ({"momentum": 1.0}, "momentum"),
+        ({"trust_coefficient": 0.0}, "trust_coefficient"),
+        ({"lr": float("inf")}, "lr"),
+    ]:
         with pytest.raises(ValueError, match=word):
             LARS(p, **kw)
     with pytest.raises(ValueError, match="gamma"):
         PolynomialDecayAverager(nn.Linear(2, 2), gamma=-1.0)
     emb = nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
-    for kw, word in [({"delta": -0.1}, "delta"), ({"wd_ratio": float("nan")}, "wd_ratio"),
-                     ({"betas": (0.9,)}, "betas")]:
+    for kw, word in [
+        ({"delta": -0.1}, "delta"),
+        ({"wd_ratio": float("nan")}, "wd_ratio"),
+        ({"betas": (0.9,)}, "betas"),
+    ]:
         with pytest.raises(ValueError, match=word):
             AdamP(p, **kw)
     for cls in (DoG, LDoG, Lion, LAMB, LARS, AdamP):
@@ -235,17 +260,58 @@ def test_bad_hyperparameters_and_sparse_grads():
 # (optimizer, constructor kwargs, [(hyperparameter, bad value)]): values set in param_groups after
 # construction, each refused by the next step() before anything moves.
 STEP_CHECKS = [
-    (DoG, {"reps_rel": 1e-3}, [("lr", -1.0), ("lr", float("nan")), ("eps", float("inf")),
-                               ("weight_decay", float("nan")), ("reps_rel", 0.0), ("init_eta", -1.0)]),
+    (
+        DoG,
+        {"reps_rel": 1e-3},
+        [
+            ("lr", -1.0),
+            ("lr", float("nan")),
+            ("eps", float("inf")),
+            ("weight_decay", float("nan")),
+            ("reps_rel", 0.0),
+            ("init_eta", -1.0),
+        ],
+    ),
     (LDoG, {"reps_rel": 1e-3}, [("lr", 0.0), ("weight_decay", -1.0)]),
-    (Lion, {}, [("lr", -1e-3), ("lr", torch.tensor([1e-3, 1e-3])), ("betas", (0.9, 1.0)),
-                ("betas", (float("nan"), 0.9)), ("weight_decay", -1.0)]),
-    (LAMB, {}, [("lr", float("nan")), ("betas", (0.9,)), ("eps", -1.0), ("weight_decay", float("nan")),
-                ("clamp_value", 0.0)]),
-    (LARS, {}, [("lr", float("inf")), ("momentum", 1.0), ("weight_decay", -1.0), ("trust_coefficient", 0.0),
-                ("eps", float("nan"))]),
-    (AdamP, {}, [("lr", -1.0), ("betas", (0.9, 1.5)), ("eps", float("nan")), ("weight_decay", -0.1),
-                 ("delta", float("nan")), ("wd_ratio", -1.0)]),
+    (
+        Lion,
+        {},
+        [
+            ("lr", -1e-3),
+            ("lr", torch.tensor([1e-3, 1e-3])),
+            ("betas", (0.9, 1.0)),
+            ("betas", (float("nan"), 0.9)),
+            ("weight_decay", -1.0),
+        ],
+    ),
+    (
+        LAMB,
+        {},
+        [("lr", float("nan")), ("betas", (0.9,)), ("eps", -1.0), ("weight_decay", float("nan")), ("clamp_value", 0.0)],
+    ),
+    (
+        LARS,
+        {},
+        [
+            ("lr", float("inf")),
+            ("momentum", 1.0),
+            ("weight_decay", -1.0),
+            ("trust_coefficient", 0.0),
+            ("eps", float("nan")),
+        ],
+    ),
+    (
+        AdamP,
+        {},
+        [
+            ("lr", -1.0),
+            ("betas", (0.9, 1.5)),
+            ("eps", float("nan")),
+            ("weight_decay", -0.1),
+            ("delta", float("nan")),
+            ("wd_ratio", -1.0),
+        ],
+    ),
 ]
 
 
@@ -284,9 +350,11 @@ def test_averager_gamma_checked_at_every_step():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"lr": 3e-3, "weight_decay": 0.5, "betas": (0.8, 0.95)},
-                                {"lr": 1e-3, "maximize": True}],
-                         ids=["defaults", "wd", "maximize"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"lr": 3e-3, "weight_decay": 0.5, "betas": (0.8, 0.95)}, {"lr": 1e-3, "maximize": True}],
+    ids=["defaults", "wd", "maximize"],
+)
 def test_lion_matches_reference(device, dtype, kw):
     model = make_model(device, dtype)
     opt = Lion(model.parameters(), **kw)
@@ -302,8 +370,12 @@ def test_lion_matches_reference(device, dtype, kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-8}, {"clamp_value": 0.5, "maximize": True},
-     {"bias_correction": False, "lr": 3e-3}],
+    [
+        {},
+        {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-8},
+        {"clamp_value": 0.5, "maximize": True},
+        {"bias_correction": False, "lr": 3e-3},
+    ],
     ids=["defaults", "no_wd", "clamp_maximize", "no_bias_correction"],
 )
 def test_lamb_matches_reference(device, dtype, kw):
@@ -318,8 +390,11 @@ def test_lamb_matches_reference(device, dtype, kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"lr": 0.5, "clip": True, "trust_coefficient": 0.02},
-     {"lr": 2.0, "momentum": 0.0, "weight_decay": 0.0, "maximize": True}],
+    [
+        {},
+        {"lr": 0.5, "clip": True, "trust_coefficient": 0.02},
+        {"lr": 2.0, "momentum": 0.0, "weight_decay": 0.0, "maximize": True},
+    ],
     ids=["defaults", "larc_clip", "no_momentum_maximize"],
 )
 def test_lars_matches_reference(device, dtype, kw):
@@ -334,8 +409,16 @@ def make_invariant_model(device, dtype=torch.float32):
     """Weights of three kinds: channel-wise scale invariant (Linear -> BatchNorm), layer-wise scale
     invariant (bias-free Linear -> LayerNorm), and ordinary ones; odd sizes."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(7, 13, bias=False), nn.LayerNorm(13), nn.Tanh(), nn.Linear(13, 9), nn.BatchNorm1d(9),
-                      nn.Tanh(), nn.Linear(9, 1), nn.Flatten(0))
+    m = nn.Sequential(
+        nn.Linear(7, 13, bias=False),
+        nn.LayerNorm(13),
+        nn.Tanh(),
+        nn.Linear(13, 9),
+        nn.BatchNorm1d(9),
+        nn.Tanh(),
+        nn.Linear(9, 1),
+        nn.Flatten(0),
+    )
     return m.to(device=device, dtype=dtype)
 
 
@@ -343,8 +426,12 @@ def make_invariant_model(device, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"lr": 1e-2, "weight_decay": 0.1, "wd_ratio": 0.5}, {"nesterov": True, "maximize": True, "betas": (0.8, 0.99)},
-     {"delta": 0.0, "weight_decay": 0.01}],
+    [
+        {},
+        {"lr": 1e-2, "weight_decay": 0.1, "wd_ratio": 0.5},
+        {"nesterov": True, "maximize": True, "betas": (0.8, 0.99)},
+        {"delta": 0.0, "weight_decay": 0.01},
+    ],
     ids=["defaults", "wd", "nesterov_maximize", "no_projection"],
 )
 def test_adamp_matches_reference(device, dtype, kw):
@@ -437,20 +524,38 @@ def test_dog_update_op_non_contiguous_and_odd_sizes(device, dtype):
 def test_raw_op_errors(device):
     x = [torch.randn(3, device=device)]
     with pytest.raises(RuntimeError, match=r"grads\[0\] must have the shape"):
-        oo.dog_update_(x, [torch.randn(4, device=device)], [torch.zeros(3, device=device)],
-                       torch.ones(1, device=device),
-                       [torch.zeros((), device=device)])
+        oo.dog_update_(
+            x,
+            [torch.randn(4, device=device)],
+            [torch.zeros(3, device=device)],
+            torch.ones(1, device=device),
+            [torch.zeros((), device=device)],
+        )
     with pytest.raises(RuntimeError, match=r"x0\[0\] must be Float"):
-        oo.dog_update_(x, [torch.randn(3, device=device)], [torch.zeros(3, device=device, dtype=torch.float64)],
-                       torch.ones(1, device=device), [torch.zeros((), device=device)])
+        oo.dog_update_(
+            x,
+            [torch.randn(3, device=device)],
+            [torch.zeros(3, device=device, dtype=torch.float64)],
+            torch.ones(1, device=device),
+            [torch.zeros((), device=device)],
+        )
     with pytest.raises(RuntimeError, match="eta must be"):
-        oo.dog_update_(x, [torch.randn(3, device=device)], [torch.zeros(3, device=device)],
-                       torch.ones(2, device=device),
-                       [torch.zeros((), device=device)])
+        oo.dog_update_(
+            x,
+            [torch.randn(3, device=device)],
+            [torch.zeros(3, device=device)],
+            torch.ones(2, device=device),
+            [torch.zeros((), device=device)],
+        )
     with pytest.raises(RuntimeError, match="weight_decay"):
-        oo.dog_update_(x, [torch.randn(3, device=device)], [torch.zeros(3, device=device)],
-                       torch.ones(1, device=device),
-                       [torch.zeros((), device=device)], float("nan"))
+        oo.dog_update_(
+            x,
+            [torch.randn(3, device=device)],
+            [torch.zeros(3, device=device)],
+            torch.ones(1, device=device),
+            [torch.zeros((), device=device)],
+            float("nan"),
+        )
     with pytest.raises(RuntimeError, match="one dtype"):
         oo.multi_tensor_sq_norm([torch.randn(3, device=device), torch.randn(3, device=device, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="at least one"):
@@ -458,8 +563,7 @@ def test_raw_op_errors(device):
     with pytest.raises(RuntimeError, match="int|Long|float32"):
         oo.multi_tensor_sq_norm([torch.ones(3, dtype=torch.long, device=device)])
     with pytest.raises(RuntimeError, match="beta1"):
-        oo.lion_update_(x, x, [torch.zeros(3, device=device)],
-                       torch.ones(1, device=device), 1.5, 0.9)
+        oo.lion_update_(x, x, [torch.zeros(3, device=device)], torch.ones(1, device=device), 1.5, 0.9)
 
 
 def _op_args(op, device):
@@ -475,50 +579,95 @@ def _op_args(op, device):
     bc = torch.ones(2, 2, device=device)
     args = {
         "multi_tensor_sq_norm": dict(tensors=ts(), others=ts(), weight_decay=0.1),
-        "dog_update_": dict(params=ts(), grads=ts(), x0=ts(), eta=vec(2),
-                            dist2=[torch.zeros((), device=device) for _ in range(2)]),
+        "dog_update_": dict(
+            params=ts(), grads=ts(), x0=ts(), eta=vec(2), dist2=[torch.zeros((), device=device) for _ in range(2)]
+        ),
         "lion_update_": dict(params=ts(), grads=ts(), exp_avgs=ts(), lr=vec(1), beta1=0.9, beta2=0.99),
         "multi_tensor_lerp_": dict(avg=ts(), x=ts(), weight=0.25),
-        "lamb_stage1_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
-                             beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01),
-        "lamb_stage2_": dict(params=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc, lr=vec(2),
-                             beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01),
-        "momentum_update_": dict(params=ts(), grads=ts(), momentum_buffers=ts(), scale=vec(2), lr=vec(1),
-                                 momentum=0.9),
-        "adamp_stage1_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
-                              beta1=0.9, beta2=0.999, eps=1e-8),
-        "adamp_stage2_": dict(params=ts(), grads=ts(), exp_avgs=ts(), exp_avg_sqs=ts(torch.rand), bias_corr=bc,
-                              coef=vec(6), decay=vec(2), lr=vec(1), beta1=0.9, beta2=0.999, eps=1e-8),
+        "lamb_stage1_": dict(
+            params=ts(),
+            grads=ts(),
+            exp_avgs=ts(),
+            exp_avg_sqs=ts(torch.rand),
+            bias_corr=bc,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-6,
+            weight_decay=0.01,
+        ),
+        "lamb_stage2_": dict(
+            params=ts(),
+            exp_avgs=ts(),
+            exp_avg_sqs=ts(torch.rand),
+            bias_corr=bc,
+            lr=vec(2),
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-6,
+            weight_decay=0.01,
+        ),
+        "momentum_update_": dict(params=ts(), grads=ts(), momentum_buffers=ts(), scale=vec(2), lr=vec(1), momentum=0.9),
+        "adamp_stage1_": dict(
+            params=ts(),
+            grads=ts(),
+            exp_avgs=ts(),
+            exp_avg_sqs=ts(torch.rand),
+            bias_corr=bc,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+        ),
+        "adamp_stage2_": dict(
+            params=ts(),
+            grads=ts(),
+            exp_avgs=ts(),
+            exp_avg_sqs=ts(torch.rand),
+            bias_corr=bc,
+            coef=vec(6),
+            decay=vec(2),
+            lr=vec(1),
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+        ),
     }
     return args[op]
 
 
 def _share(dst, i, src, j):
     """dst[i] becomes (a view of) src[j]: the same memory under two arguments."""
+
     def alias(a):
         a[dst][i] = a[src][j]
+
     return alias
 
 
 def _expanded(name, i):
     """name[i] becomes a stride-0 view (every element one memory location)."""
+
     def alias(a):
         a[name][i] = a[name][i][:1].expand_as(a[name][i])
+
     return alias
 
 
 def _overlapping(name):
     """name[0] and name[1] become overlapping views of one buffer."""
+
     def alias(a):
         base = torch.randn(20, device=a[name][0].device)
         a[name][0], a[name][1] = base[:15].view(5, 3), base[3:]
+
     return alias
 
 
 def _view_of(name, src, j):
     """The one-tensor argument `name` becomes a view into src[j]."""
+
     def alias(a):
         a[name] = a[src][j].view(-1)[: a[name].numel()].view(a[name].shape)
+
     return alias
 
 
@@ -573,12 +722,24 @@ def test_in_place_overlap_refused_before_writing(device, op, case, alias):
 
 
 def _tensor_args(op):
-    return [a.name for a in getattr(torch.ops.slab, op).default._schema.arguments
-            if str(a.type) in ("Tensor", "List[Tensor]", "Optional[List[Tensor]]")]
+    return [
+        a.name
+        for a in getattr(torch.ops.slab, op).default._schema.arguments
+        if str(a.type) in ("Tensor", "List[Tensor]", "Optional[List[Tensor]]")
+    ]
 
 
-OPS = ["multi_tensor_sq_norm", "dog_update_", "lion_update_", "multi_tensor_lerp_", "lamb_stage1_", "lamb_stage2_",
-       "momentum_update_", "adamp_stage1_", "adamp_stage2_"]
+OPS = [
+    "multi_tensor_sq_norm",
+    "dog_update_",
+    "lion_update_",
+    "multi_tensor_lerp_",
+    "lamb_stage1_",
+    "lamb_stage2_",
+    "momentum_update_",
+    "adamp_stage1_",
+    "adamp_stage2_",
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -617,8 +778,11 @@ FAKE_CASES = [
     ("lamb_stage2_", "lr size", lambda a: a.__setitem__("lr", a["lr"][:1])),
     ("lamb_stage2_", "bias_corr rows", lambda a: a.__setitem__("bias_corr", a["bias_corr"][:1])),
     ("momentum_update_", "scale size", lambda a: a.__setitem__("scale", a["scale"][:1])),
-    ("momentum_update_", "momentum_buffers shape",
-     lambda a: a["momentum_buffers"].__setitem__(1, a["momentum_buffers"][1][:3])),
+    (
+        "momentum_update_",
+        "momentum_buffers shape",
+        lambda a: a["momentum_buffers"].__setitem__(1, a["momentum_buffers"][1][:3]),
+    ),
     ("adamp_stage1_", "grads shape", lambda a: a["grads"].__setitem__(0, a["grads"][0].reshape(3, 5))),
     ("adamp_stage2_", "coef size", lambda a: a.__setitem__("coef", a["coef"][:5])),
     ("adamp_stage2_", "decay size", lambda a: a.__setitem__("decay", a["decay"][:1])),
@@ -635,14 +799,26 @@ def test_fakes_check_what_the_real_ops_check(op, case, spoil):
     with pytest.raises((RuntimeError, ValueError)) as real:
         getattr(torch.ops.slab, op)(**args)
     with FakeTensorMode() as mode:
-        fake = {k: [mode.from_tensor(t) for t in v] if isinstance(v, list) else
-                mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        fake = {
+            k: [mode.from_tensor(t) for t in v]
+            if isinstance(v, list)
+            else mode.from_tensor(v)
+            if isinstance(v, torch.Tensor)
+            else v
+            for k, v in args.items()
+        }
         with pytest.raises(type(real.value)):
             getattr(torch.ops.slab, op)(**fake)
     with FakeTensorMode() as mode:  # and the unspoilt arguments pass
         good = _op_args(op, "cpu")
-        fake = {k: [mode.from_tensor(t) for t in v] if isinstance(v, list) else
-                mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in good.items()}
+        fake = {
+            k: [mode.from_tensor(t) for t in v]
+            if isinstance(v, list)
+            else mode.from_tensor(v)
+            if isinstance(v, torch.Tensor)
+            else v
+            for k, v in good.items()
+        }
         getattr(torch.ops.slab, op)(**fake)
 
 
@@ -656,14 +832,24 @@ def test_opcheck_raw_ops(device):
     torch.library.opcheck(torch.ops.slab.multi_tensor_sq_norm.default, (lists(torch.bfloat16), None, 0.0, None))
     torch.library.opcheck(
         torch.ops.slab.dog_update_.default,
-        (lists(), lists(), [t.clone() for t in lists()], torch.rand(2, device=device),
-         [torch.zeros((), device=device) for _ in range(2)], 0.1, False, None, None),
+        (
+            lists(),
+            lists(),
+            [t.clone() for t in lists()],
+            torch.rand(2, device=device),
+            [torch.zeros((), device=device) for _ in range(2)],
+            0.1,
+            False,
+            None,
+            None,
+        ),
     )
     torch.library.opcheck(
         torch.ops.slab.lion_update_.default,
         (lists(), lists(), lists(), torch.full((1,), 1e-3, device=device), 0.9, 0.99, 0.1, False, None, None),
     )
     torch.library.opcheck(torch.ops.slab.multi_tensor_lerp_.default, (lists(), lists(), 0.25))
+
     def bias_corr(*steps):  # per tensor, as each counts its own steps
         return torch.tensor([[1 / (1 - 0.9**t), (1 - 0.999**t) ** -0.5] for t in steps], device=device)
 
@@ -674,8 +860,18 @@ def test_opcheck_raw_ops(device):
     )
     torch.library.opcheck(
         torch.ops.slab.lamb_stage2_.default,
-        (lists(), lists(), [t.abs() for t in lists()], step, torch.rand(2, device=device), 0.9, 0.999, 1e-6, 0.01,
-         None),
+        (
+            lists(),
+            lists(),
+            [t.abs() for t in lists()],
+            step,
+            torch.rand(2, device=device),
+            0.9,
+            0.999,
+            1e-6,
+            0.01,
+            None,
+        ),
     )
     shapes = [(4, 3, 2), (17,), (1, 5)]
     ps = [torch.randn(s, device=device) for s in shapes]
@@ -683,17 +879,43 @@ def test_opcheck_raw_ops(device):
     ms = [torch.randn(s, device=device) for s in shapes]
     vs = [torch.rand(s, device=device) for s in shapes]
     step = bias_corr(3, 7, 1)
-    torch.library.opcheck(torch.ops.slab.adamp_stage1_.default,
-                          (ps, gs, ms, vs, step, 0.9, 0.999, 1e-8, True, False, None, None))
+    torch.library.opcheck(
+        torch.ops.slab.adamp_stage1_.default, (ps, gs, ms, vs, step, 0.9, 0.999, 1e-8, True, False, None, None)
+    )
     torch.library.opcheck(
         torch.ops.slab.adamp_stage2_.default,
-        (ps, gs, ms, vs, step, torch.rand(6, device=device), torch.rand(3, device=device) * 1e-3,
-         torch.full((1,), 1e-3, device=device), 0.9, 0.999, 1e-8, False, True, None, None),
+        (
+            ps,
+            gs,
+            ms,
+            vs,
+            step,
+            torch.rand(6, device=device),
+            torch.rand(3, device=device) * 1e-3,
+            torch.full((1,), 1e-3, device=device),
+            0.9,
+            0.999,
+            1e-8,
+            False,
+            True,
+            None,
+            None,
+        ),
     )
     torch.library.opcheck(
         torch.ops.slab.momentum_update_.default,
-        (lists(), lists(), lists(), torch.rand(2, device=device), torch.ones(1, device=device), 0.9, 1e-4, False,
-         None, None),
+        (
+            lists(),
+            lists(),
+            lists(),
+            torch.rand(2, device=device),
+            torch.ones(1, device=device),
+            0.9,
+            1e-4,
+            False,
+            None,
+            None,
+        ),
     )
 
 
@@ -761,7 +983,8 @@ def test_step_captured_in_a_cuda_graph(cls):
         o1.step()
     for t in range(2, 5):
         lr1.fill_(1e-3 * t), lr2.fill_(1e-3 * t)
-        g1, g2 = grads_of(m1, t, "cuda", torch.float32), grads_of(m2, t, "cuda", torch.float32)
+        grads_of(m1, t, "cuda", torch.float32)  # fills .grad in place: the graph replay reads it
+        grads_of(m2, t, "cuda", torch.float32)
         graph.replay()
         o2.step()
         for p, q in zip(m1.parameters(), m2.parameters()):

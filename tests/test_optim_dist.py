@@ -29,8 +29,16 @@ def _model():
     torch.manual_seed(0)
     # (no bias before the BatchNorm: its gradient is rounding noise, which Adam-type rules
     # normalise into O(1) steps that differ between any two runs)
-    return nn.Sequential(nn.Linear(7, 13, bias=False), nn.LayerNorm(13), nn.Tanh(), nn.Linear(13, 9, bias=False),
-                         nn.BatchNorm1d(9), nn.Tanh(), nn.Linear(9, 1), nn.Flatten(0)).double()
+    return nn.Sequential(
+        nn.Linear(7, 13, bias=False),
+        nn.LayerNorm(13),
+        nn.Tanh(),
+        nn.Linear(13, 9, bias=False),
+        nn.BatchNorm1d(9),
+        nn.Tanh(),
+        nn.Linear(9, 1),
+        nn.Flatten(0),
+    ).double()
 
 
 def _worker(rank: int, world: int, store: str) -> None:

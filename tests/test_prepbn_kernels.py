@@ -32,9 +32,15 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 
 # shape: C = 384 (packs), 37 (odd: scalar), 4096 (the most held in registers), 4100 (two segments),
 # 6 (fewer channels than one warp's lanes); 1200 rows give several row splits per channel tile.
-PATH_CASES = [((3, 7, 384), torch.bfloat16), ((2, 9, 37), torch.float32), ((2, 3, 4096), torch.float32),
-              ((3, 4100), torch.float32), ((4, 5, 4100), torch.bfloat16), ((1200, 6), torch.float32),
-              ((3, 400, 64), torch.float16)]
+PATH_CASES = [
+    ((3, 7, 384), torch.bfloat16),
+    ((2, 9, 37), torch.float32),
+    ((2, 3, 4096), torch.float32),
+    ((3, 4100), torch.float32),
+    ((4, 5, 4100), torch.bfloat16),
+    ((1200, 6), torch.float32),
+    ((3, 400, 64), torch.float16),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,8 +66,27 @@ def _fused_args(shape, dtype, training, mask_kind="random"):
     x = make_x(shape, dtype, "cuda")
     p = make_params(c, dtype, "cuda", param_dtype=torch.float32)
     mask = make_mask(shape[:-1], "cuda", mask_kind)
-    return x, p, mask, (x, p["norm_weight"], p["norm_bias"], p["bn_weight"], p["bn_bias"], p["alpha"],
-                        p["running_mean"], p["running_var"], 0.4, training, 1e-5, 1e-6, "layer", mask)
+    return (
+        x,
+        p,
+        mask,
+        (
+            x,
+            p["norm_weight"],
+            p["norm_bias"],
+            p["bn_weight"],
+            p["bn_bias"],
+            p["alpha"],
+            p["running_mean"],
+            p["running_var"],
+            0.4,
+            training,
+            1e-5,
+            1e-6,
+            "layer",
+            mask,
+        ),
+    )
 
 
 def _kernels(fn):
@@ -71,8 +96,11 @@ def _kernels(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memset", "Memcpy"))]
+    return [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memset", "Memcpy"))
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
@@ -85,13 +113,29 @@ def test_at_most_two_launches(shape, dtype, training, device):
     assert len(fwd) <= (2 if training else 1), f"prep_bn_forward ran {len(fwd)} kernels: {fwd}"
     y, row_mean, row_rstd, bn_mean, bn_rstd, _ = OPS.prep_bn_forward(*args)
     dy = torch.randn_like(y)
-    bwd = _kernels(lambda: OPS.prep_bn_backward(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], row_mean, row_rstd,
-                                           bn_mean, bn_rstd, 0.4, training, "layer", mask))
+    bwd = _kernels(
+        lambda: OPS.prep_bn_backward(
+            dy,
+            x,
+            p["norm_weight"],
+            p["bn_weight"],
+            p["alpha"],
+            row_mean,
+            row_rstd,
+            bn_mean,
+            bn_rstd,
+            0.4,
+            training,
+            "layer",
+            mask,
+        )
+    )
     assert len(bwd) <= 2, f"prep_bn_backward ran {len(bwd)} kernels: {bwd}"
     # The public op adds the in-place running-stat update in training (one _foreach_lerp_).
     params = [p[k] for k in PARAM_NAMES]
-    public = _kernels(lambda: slab.ops.prep_bn(x, *params, p["running_mean"], p["running_var"], 0.4, training,
-                                               mask=mask))
+    public = _kernels(
+        lambda: slab.ops.prep_bn(x, *params, p["running_mean"], p["running_var"], 0.4, training, mask=mask)
+    )
     assert len(public) <= (3 if training else 1), f"slab.ops.prep_bn ran {len(public)} kernels: {public}"
 
 
@@ -102,8 +146,18 @@ def test_deterministic(device):
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"prep_bn_forward output {i} differs between two runs"
     dy = torch.randn_like(a[0])
-    bwd = lambda: OPS.prep_bn_backward(dy, x, p["norm_weight"], p["bn_weight"], p["alpha"], *a[1:5], 0.4, True,  # noqa: E731
-                                  "layer", mask)
+    bwd = lambda: OPS.prep_bn_backward(
+        dy,
+        x,
+        p["norm_weight"],
+        p["bn_weight"],
+        p["alpha"],
+        *a[1:5],
+        0.4,
+        True,  # noqa: E731
+        "layer",
+        mask,
+    )
     for i, (u, v) in enumerate(zip(bwd(), bwd())):
         assert torch.equal(u, v), f"prep_bn_backward output {i} differs between two runs"
 
@@ -145,9 +199,18 @@ def test_too_few_kept_tokens_give_nan_on_cuda(kept, device):
     x, p, _, _ = _fused_args((2, 5, 16), torch.float32, True)
     mask = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
     mask.view(-1)[:kept] = True
-    y = slab.ops.rep_bn(x, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"], p["running_var"], True,
-                        mask=mask)
+    y = slab.ops.rep_bn(
+        x, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"], p["running_var"], True, mask=mask
+    )
     assert torch.isnan(y).all() and torch.isnan(p["running_var"]).all()
     with pytest.raises(RuntimeError, match="unmasked token"):
-        slab.ops.rep_bn(x.cpu(), p["bn_weight"].cpu(), p["bn_bias"].cpu(), p["alpha"].cpu(),
-                        p["running_mean"].cpu(), p["running_var"].cpu(), True, mask=mask.cpu())
+        slab.ops.rep_bn(
+            x.cpu(),
+            p["bn_weight"].cpu(),
+            p["bn_bias"].cpu(),
+            p["alpha"].cpu(),
+            p["running_mean"].cpu(),
+            p["running_var"].cpu(),
+            True,
+            mask=mask.cpu(),
+        )

@@ -10,7 +10,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import slab  # noqa: F401  (loads the op library)
@@ -39,8 +38,9 @@ def ref_norm1(x, w, b, eps, norm):
 def ref_prep(mod: PRepBN, x, lam, training=True, mask=None, momentum=0.1):
     """Reference of one PRepBN forward from the module's current parameters (no mutation)."""
     bn = mod.norm2.bn
-    y2, rm, rv = ref_rep_bn(x, bn.weight, bn.bias, mod.norm2.alpha, bn.running_mean, bn.running_var,
-                            training, momentum, bn.eps, mask)
+    y2, rm, rv = ref_rep_bn(
+        x, bn.weight, bn.bias, mod.norm2.alpha, bn.running_mean, bn.running_var, training, momentum, bn.eps, mask
+    )
     if not training:
         return y2, rm, rv
     y1 = ref_norm1(x, mod.norm1.weight, getattr(mod.norm1, "bias", None), mod.norm1.eps, mod.norm)
@@ -181,8 +181,7 @@ def test_repbn_mask_excludes_padding(gen):
     mask = torch.rand(3, 9, generator=gen) > 0.4
     mask[0, :2] = True  # at least two kept tokens
     bn = m.bn
-    y_ref, rm_ref, rv_ref = ref_rep_bn(x, bn.weight, bn.bias, m.alpha, bn.running_mean, bn.running_var,
-                                       True, mask=mask)
+    y_ref, rm_ref, rv_ref = ref_rep_bn(x, bn.weight, bn.bias, m.alpha, bn.running_mean, bn.running_var, True, mask=mask)
     y = m(x, mask)
     close(y, y_ref)
     close(bn.running_mean, rm_ref)
@@ -357,8 +356,9 @@ def test_prepbn_gradients_match_reference(norm, masked, gen):
     p = {n: t.detach().clone().requires_grad_() for n, t in m.named_parameters()}
     xr = x.detach().clone().requires_grad_()
     bn = m.norm2.bn
-    y2, _, _ = ref_rep_bn(xr, p["norm2.bn.weight"], p["norm2.bn.bias"], p["norm2.alpha"],
-                          bn.running_mean, bn.running_var, True, mask=mask)
+    y2, _, _ = ref_rep_bn(
+        xr, p["norm2.bn.weight"], p["norm2.bn.bias"], p["norm2.alpha"], bn.running_mean, bn.running_var, True, mask=mask
+    )
     y1 = ref_norm1(xr, p["norm1.weight"], p.get("norm1.bias"), m.norm1.eps, norm)
     ((0.75 * y1 + 0.25 * y2) * dy).sum().backward()
 
@@ -379,8 +379,7 @@ def test_repbn_gradients_fp32(gen):
     m(x).square().sum().backward()
     p = {n: t.detach().to(F64).requires_grad_() for n, t in m.named_parameters()}
     xr = x.detach().to(F64).requires_grad_()
-    y, _, _ = ref_rep_bn(xr, p["bn.weight"], p["bn.bias"], p["alpha"],
-                         torch.zeros(C), torch.ones(C), True)
+    y, _, _ = ref_rep_bn(xr, p["bn.weight"], p["bn.bias"], p["alpha"], torch.zeros(C), torch.ones(C), True)
     y.square().sum().backward()
     close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
     for n, prm in m.named_parameters():
@@ -407,8 +406,7 @@ def test_bf16_input_with_fp32_module(gen):
 # ------------------------------------------------------------------------------------------------
 # State dicts (SLAB checkpoints)
 # ------------------------------------------------------------------------------------------------
-SLAB_REPBN_KEYS = {"alpha", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-                   "bn.num_batches_tracked"}
+SLAB_REPBN_KEYS = {"alpha", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
 
 
 def test_state_dict_keys_are_slabs():
@@ -416,7 +414,8 @@ def test_state_dict_keys_are_slabs():
     layer = set(PRepBN(5).state_dict())
     assert layer == set(SlabLinearNorm(5, slab_layernorm, SlabRepBN).state_dict())
     assert layer == {"warm", "iter", "total_step", "norm1.weight", "norm1.bias"} | {
-        "norm2." + k for k in SLAB_REPBN_KEYS}
+        "norm2." + k for k in SLAB_REPBN_KEYS
+    }
     assert set(PRepBN(5, norm="rms").state_dict()) == layer - {"norm1.bias"}
     for name in ("warm", "iter", "total_step"):
         b = getattr(PRepBN(5, warm=3, step=7), name)

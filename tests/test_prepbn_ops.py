@@ -34,8 +34,7 @@ def make_x(shape, dtype, device, scale=2.0, shift=0.5):
     return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
 
 
-def make_params(c, dtype, device, *, norm="layer", param_dtype=None, alpha_shape=(1,),
-                stats_dtype=None):
+def make_params(c, dtype, device, *, norm="layer", param_dtype=None, alpha_shape=(1,), stats_dtype=None):
     """Per-channel parameters / running stats. norm: "layer", "layer_nobias", "rms" or "none"."""
     pd = dtype if param_dtype is None else param_dtype
     sd = (torch.float64 if dtype == torch.float64 else torch.float32) if stats_dtype is None else stats_dtype
@@ -82,11 +81,35 @@ def make_mask(lead_shape, device, kind="random"):
 
 def _call(fn, x, p, *, op, lam, training, norm, mask, momentum=0.1, eps=1e-5, norm_eps=1e-6):
     if op == "rep_bn":
-        return fn.rep_bn(x, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"], p["running_var"],
-                         training, momentum=momentum, eps=eps, mask=mask)
-    return fn.prep_bn(x, p["norm_weight"], p["norm_bias"], p["bn_weight"], p["bn_bias"], p["alpha"],
-                      p["running_mean"], p["running_var"], lam, training, momentum=momentum, eps=eps,
-                      norm_eps=norm_eps, norm=norm_kind(norm), mask=mask)
+        return fn.rep_bn(
+            x,
+            p["bn_weight"],
+            p["bn_bias"],
+            p["alpha"],
+            p["running_mean"],
+            p["running_var"],
+            training,
+            momentum=momentum,
+            eps=eps,
+            mask=mask,
+        )
+    return fn.prep_bn(
+        x,
+        p["norm_weight"],
+        p["norm_bias"],
+        p["bn_weight"],
+        p["bn_bias"],
+        p["alpha"],
+        p["running_mean"],
+        p["running_var"],
+        lam,
+        training,
+        momentum=momentum,
+        eps=eps,
+        norm_eps=norm_eps,
+        norm=norm_kind(norm),
+        mask=mask,
+    )
 
 
 def run_both(x, p, *, op="prep_bn", lam=0.3, training=True, norm="layer", mask=None, dy=None, **hyper):
@@ -112,15 +135,23 @@ def run_both(x, p, *, op="prep_bn", lam=0.3, training=True, norm="layer", mask=N
         ps["running_mean"] = ref_copy(p["running_mean"], False) if to_ref else p["running_mean"].clone()
         ps["running_var"] = ref_copy(p["running_var"], False) if to_ref else p["running_var"].clone()
         m = None if mask is None else (mask.cpu() if to_ref else mask)
-        y = _call(ref if to_ref else slab.ops, xs, ps, op=op, lam=lam, training=training, norm=norm, mask=m,
-                  **hyper)
+        y = _call(ref if to_ref else slab.ops, xs, ps, op=op, lam=lam, training=training, norm=norm, mask=m, **hyper)
         g = ref_copy(dy, False) if to_ref else dy
         y.backward(g)
-        out = {"y": y.detach(), "running_mean": ps["running_mean"], "running_var": ps["running_var"],
-               "grad_x": xs.grad}
+        out = {"y": y.detach(), "running_mean": ps["running_mean"], "running_var": ps["running_var"], "grad_x": xs.grad}
         if to_ref:
-            out["scales"] = grad_scales(xs.detach(), g, p, op=op, training=training, norm=norm, mask=m, lam=lam,
-                                        eps=hyper.get("eps", 1e-5), norm_eps=hyper.get("norm_eps", 1e-6))
+            out["scales"] = grad_scales(
+                xs.detach(),
+                g,
+                p,
+                op=op,
+                training=training,
+                norm=norm,
+                mask=m,
+                lam=lam,
+                eps=hyper.get("eps", 1e-5),
+                norm_eps=hyper.get("norm_eps", 1e-6),
+            )
         for k in used:
             if ps[k] is not None:
                 out["grad_" + k] = ps[k].grad
@@ -248,8 +279,16 @@ def test_hyperparameters_are_used(op, device):
     x = make_x((3, 11, 20), torch.float32, device, scale=0.05)  # small variance: eps matters
     p = make_params(20, torch.float32, device)
     for training in (True, False):
-        got, want = run_both(x, p, op=op, lam=0.4, training=training, momentum=0.35, eps=1e-2,
-                             **({} if op == "rep_bn" else {"norm_eps": 1e-2}))
+        got, want = run_both(
+            x,
+            p,
+            op=op,
+            lam=0.4,
+            training=training,
+            momentum=0.35,
+            eps=1e-2,
+            **({} if op == "rep_bn" else {"norm_eps": 1e-2}),
+        )
         check_results(got, want, x, p, training=training, ctx=f"{op} momentum/eps")
 
 
@@ -331,7 +370,7 @@ def _strided_x(kind, b, n, c, dtype, device):
     if kind == "channel_stride":
         return make_x((b, c, n), dtype, device).transpose(1, 2)
     if kind == "sliced":
-        return make_x((b, 2 * n, c + 5), dtype, device)[:, ::2, 2:c + 2]
+        return make_x((b, 2 * n, c + 5), dtype, device)[:, ::2, 2 : c + 2]
     if kind == "expanded":
         return make_x((1, n, c), dtype, device).expand(b, n, c)
     raise ValueError(kind)
@@ -373,8 +412,22 @@ def test_large_values_fp32(op, kind, device):
     # Batch statistics (through the running-stat update: momentum 0.1 of the batch value).
     assert_close(got["running_mean"], want["running_mean"], rtol=1e-5, atol=1e-6, name=f"{ctx} running_mean")
     assert_close(got["running_var"], want["running_var"], rtol=1e-4, atol=1e-5, name=f"{ctx} running_var")
-    fwd = OPS.prep_bn_forward(x, None, None, p["bn_weight"], p["bn_bias"], p["alpha"], p["running_mean"],
-                          p["running_var"], 0.0, True, 1e-5, 0.0, "none", None)
+    fwd = OPS.prep_bn_forward(
+        x,
+        None,
+        None,
+        p["bn_weight"],
+        p["bn_bias"],
+        p["alpha"],
+        p["running_mean"],
+        p["running_var"],
+        0.0,
+        True,
+        1e-5,
+        0.0,
+        "none",
+        None,
+    )
     mean, var, n = ref.batch_stats(x.double().cpu())
     # The mean is good to a few ulps of the data (|x| up to ~4e4 here), not of the mean itself.
     assert_close(fwd[3], mean, rtol=0.0, atol=1e-6, scale=float(x.abs().max()), name=f"{ctx} bn_mean")
@@ -419,23 +472,34 @@ def test_offset_with_zero_alpha_keeps_bn_exact(device):
 def test_gradcheck(op, training, masked):
     shape = (2, 5, 6)
     x = make_x(shape, torch.float64, "cpu").requires_grad_(True)
-    norm = "none" if op == "rep_bn" else op[len("prep_bn_"):]
+    norm = "none" if op == "rep_bn" else op[len("prep_bn_") :]
     p = make_params(6, torch.float64, "cpu", norm=norm)
     mask = make_mask(shape[:-1], "cpu", "random") if masked else None
     rm, rv = p["running_mean"], p["running_var"]
-    names = ["bn_weight", "bn_bias", "alpha"] if op == "rep_bn" else [
-        k for k in PARAM_NAMES if p[k] is not None]
+    names = ["bn_weight", "bn_bias", "alpha"] if op == "rep_bn" else [k for k in PARAM_NAMES if p[k] is not None]
     leaves = [p[k].clone().requires_grad_(True) for k in names]
 
     def f(x, *ws):
         q = dict(zip(names, ws))
         q["running_mean"], q["running_var"] = rm.clone(), rv.clone()  # fresh per call
         if op == "rep_bn":
-            return slab.ops.rep_bn(x, q["bn_weight"], q["bn_bias"], q["alpha"], q["running_mean"],
-                                   q["running_var"], training, mask=mask)
-        return slab.ops.prep_bn(x, q["norm_weight"], q.get("norm_bias"), q["bn_weight"], q["bn_bias"],
-                                q["alpha"], q["running_mean"], q["running_var"], 0.3, training,
-                                norm=norm_kind(norm), mask=mask)
+            return slab.ops.rep_bn(
+                x, q["bn_weight"], q["bn_bias"], q["alpha"], q["running_mean"], q["running_var"], training, mask=mask
+            )
+        return slab.ops.prep_bn(
+            x,
+            q["norm_weight"],
+            q.get("norm_bias"),
+            q["bn_weight"],
+            q["bn_bias"],
+            q["alpha"],
+            q["running_mean"],
+            q["running_var"],
+            0.3,
+            training,
+            norm=norm_kind(norm),
+            mask=mask,
+        )
 
     assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -446,8 +510,9 @@ def test_gradcheck_raw_prep_bn_fwd():
     leaves = [p[k].clone().requires_grad_(True) for k in PARAM_NAMES]
 
     def f(x, nw, nb, bw, bb, al):
-        return OPS.prep_bn_forward(x, nw, nb, bw, bb, al, p["running_mean"], p["running_var"], 0.6, True,
-                               1e-5, 1e-6, "layer", None)[0]
+        return OPS.prep_bn_forward(
+            x, nw, nb, bw, bb, al, p["running_mean"], p["running_var"], 0.6, True, 1e-5, 1e-6, "layer", None
+        )[0]
 
     assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -472,46 +537,88 @@ def _opcheck_cases():
     _, row_mean, row_rstd, bn_mean, bn_rstd, bn_var = fwd
     sums, count = OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
     cases = {
-        "prep_bn_forward_train": (OPS.prep_bn_forward.default,
-                              (g(x), g(nw), g(nb), g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, True, 1e-5,
-                               1e-6, "layer", mask)),
-        "prep_bn_forward_eval_rms": (OPS.prep_bn_forward.default,
-                                 (g(x), g(nw), None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, False,
-                                  1e-5, 1e-6, "rms", None)),
-        "prep_bn_forward_none": (OPS.prep_bn_forward.default,
-                             (g(x), None, None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.0, True, 1e-5,
-                              0.0, "none", None)),
-        "prep_bn_backward": (OPS.prep_bn_backward.default,
-                        (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3, True, "layer", mask)),
+        "prep_bn_forward_train": (
+            OPS.prep_bn_forward.default,
+            (g(x), g(nw), g(nb), g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, True, 1e-5, 1e-6, "layer", mask),
+        ),
+        "prep_bn_forward_eval_rms": (
+            OPS.prep_bn_forward.default,
+            (g(x), g(nw), None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, False, 1e-5, 1e-6, "rms", None),
+        ),
+        "prep_bn_forward_none": (
+            OPS.prep_bn_forward.default,
+            (g(x), None, None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.0, True, 1e-5, 0.0, "none", None),
+        ),
+        "prep_bn_backward": (
+            OPS.prep_bn_backward.default,
+            (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3, True, "layer", mask),
+        ),
         "prep_bn_stats": (OPS.prep_bn_stats.default, (x, mask)),
         "prep_bn_stats_nomask": (OPS.prep_bn_stats.default, (x, None)),
-        "prep_bn_apply": (OPS.prep_bn_apply.default,
-                          (x, nw, nb, bw, bb, al, bn_mean, bn_rstd, 0.3, 1e-6, "layer")),
-        "prep_bn_backward_reduce": (OPS.prep_bn_backward_reduce.default,
-                               (dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)),
-        "prep_bn_backward_apply": (OPS.prep_bn_backward_apply.default,
-                              (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, 0.3, True,
-                               "layer", mask)),
-        "bn_update_running_stats": (OPS.bn_update_running_stats.default,
-                                    (rm.clone(), rv.clone(), bn_mean, bn_var, 0.1)),
-        "rep_bn_train": (OPS.rep_bn.default,
-                         (g(x), g(bw), g(bb), g(al), rm.clone(), rv.clone(), True, 0.1, 1e-5, mask)),
-        "rep_bn_eval": (OPS.rep_bn.default,
-                        (g(x), g(bw), g(bb), g(al), rm.clone(), rv.clone(), False, 0.1, 1e-5, None)),
-        "prep_bn_train": (OPS.prep_bn.default,
-                          (g(x), g(nw), g(nb), g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, True, 0.1,
-                           1e-5, 1e-6, "layer", mask)),
-        "prep_bn_eval_rms": (OPS.prep_bn.default,
-                             (g(x), g(nw), None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, False, 0.1,
-                              1e-5, 1e-6, "rms", None)),
+        "prep_bn_apply": (OPS.prep_bn_apply.default, (x, nw, nb, bw, bb, al, bn_mean, bn_rstd, 0.3, 1e-6, "layer")),
+        "prep_bn_backward_reduce": (
+            OPS.prep_bn_backward_reduce.default,
+            (dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask),
+        ),
+        "prep_bn_backward_apply": (
+            OPS.prep_bn_backward_apply.default,
+            (dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, 0.3, True, "layer", mask),
+        ),
+        "bn_update_running_stats": (
+            OPS.bn_update_running_stats.default,
+            (rm.clone(), rv.clone(), bn_mean, bn_var, 0.1),
+        ),
+        "rep_bn_train": (
+            OPS.rep_bn.default,
+            (g(x), g(bw), g(bb), g(al), rm.clone(), rv.clone(), True, 0.1, 1e-5, mask),
+        ),
+        "rep_bn_eval": (
+            OPS.rep_bn.default,
+            (g(x), g(bw), g(bb), g(al), rm.clone(), rv.clone(), False, 0.1, 1e-5, None),
+        ),
+        "prep_bn_train": (
+            OPS.prep_bn.default,
+            (
+                g(x),
+                g(nw),
+                g(nb),
+                g(bw),
+                g(bb),
+                g(al),
+                rm.clone(),
+                rv.clone(),
+                0.3,
+                True,
+                0.1,
+                1e-5,
+                1e-6,
+                "layer",
+                mask,
+            ),
+        ),
+        "prep_bn_eval_rms": (
+            OPS.prep_bn.default,
+            (g(x), g(nw), None, g(bw), g(bb), g(al), rm.clone(), rv.clone(), 0.3, False, 0.1, 1e-5, 1e-6, "rms", None),
+        ),
     }
     return cases
 
 
 _OPCHECK_NAMES = [
-    "prep_bn_forward_train", "prep_bn_forward_eval_rms", "prep_bn_forward_none", "prep_bn_backward", "prep_bn_stats",
-    "prep_bn_stats_nomask", "prep_bn_apply", "prep_bn_backward_reduce", "prep_bn_backward_apply",
-    "bn_update_running_stats", "rep_bn_train", "rep_bn_eval", "prep_bn_train", "prep_bn_eval_rms",
+    "prep_bn_forward_train",
+    "prep_bn_forward_eval_rms",
+    "prep_bn_forward_none",
+    "prep_bn_backward",
+    "prep_bn_stats",
+    "prep_bn_stats_nomask",
+    "prep_bn_apply",
+    "prep_bn_backward_reduce",
+    "prep_bn_backward_apply",
+    "bn_update_running_stats",
+    "rep_bn_train",
+    "rep_bn_eval",
+    "prep_bn_train",
+    "prep_bn_eval_rms",
 ]
 
 
@@ -522,8 +629,17 @@ def test_opcheck(case):
 
 
 def test_every_contract_op_is_registered():
-    for name in ("prep_bn_forward", "prep_bn_backward", "prep_bn_stats", "prep_bn_apply", "prep_bn_backward_reduce",
-                 "prep_bn_backward_apply", "bn_update_running_stats", "rep_bn", "prep_bn"):
+    for name in (
+        "prep_bn_forward",
+        "prep_bn_backward",
+        "prep_bn_stats",
+        "prep_bn_apply",
+        "prep_bn_backward_reduce",
+        "prep_bn_backward_apply",
+        "bn_update_running_stats",
+        "rep_bn",
+        "prep_bn",
+    ):
         assert hasattr(OPS, name), f"torch.ops.slab.{name} is missing"
     # Mutation of the running stats is declared in the schemas.
     for name in ("rep_bn", "prep_bn", "bn_update_running_stats"):
@@ -642,31 +758,45 @@ def test_stages_match_fused(dtype, norm, masked, training, device):
     if norm != "none":
         rmu = row_mean.double().cpu()[:, None] if norm == "layer" else 0.0
         xhat_n = (xr - rmu) * row_rstd.double().cpu()[:, None]
-        assert_close(sums[2], (dyd * xhat_n).sum(0), name="sums[2] = sum dy*xhat_norm",
-                     scale=sc["grad_norm_weight"])
-    dx_staged = OPS.prep_bn_backward_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, cnt, lam,
-                                      training, norm, mask)
+        assert_close(sums[2], (dyd * xhat_n).sum(0), name="sums[2] = sum dy*xhat_norm", scale=sc["grad_norm_weight"])
+    dx_staged = OPS.prep_bn_backward_apply(
+        dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, cnt, lam, training, norm, mask
+    )
     bwd = OPS.prep_bn_backward(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm, mask)
     dx, d_nw, d_nb, d_bw, d_bb, d_al = bwd
     assert_close(dx_staged, dx, name="bwd_apply dx vs bwd dx")
     from_sums = {
-        "norm_weight": lam * sums[2], "norm_bias": lam * sums[0], "bn_weight": (1 - lam) * sums[1],
+        "norm_weight": lam * sums[2],
+        "norm_bias": lam * sums[0],
+        "bn_weight": (1 - lam) * sums[1],
         "bn_bias": (1 - lam) * sums[0],
         "alpha": (1 - lam) * (sums[1] / bn_rstd + bn_mean * sums[0]).sum().reshape(1),
     }
     fused = {"norm_weight": d_nw, "norm_bias": d_nb, "bn_weight": d_bw, "bn_bias": d_bb, "alpha": d_al}
     for k in ("bn_weight", "bn_bias", "alpha") + (("norm_weight", "norm_bias") if norm != "none" else ()):
-        assert_close(fused[k], from_sums[k].reshape(fused[k].shape), name=f"bwd d_{k} vs sums formula",
-                     scale=max(sc["grad_" + k], float(from_sums[k].abs().max())))
+        assert_close(
+            fused[k],
+            from_sums[k].reshape(fused[k].shape),
+            name=f"bwd d_{k} vs sums formula",
+            scale=max(sc["grad_" + k], float(from_sums[k].abs().max())),
+        )
 
     # Against the reference's autograd (same inputs, float64).
-    assert_close(dx, want["grad_x"], name="bwd dx vs reference",
-                 scale=max(sc["grad_x"], float(want["grad_x"].abs().max())))
-    for k in ("bn_weight", "bn_bias", "alpha") + (("norm_weight",) if norm != "none" else ()) + (
-            ("norm_bias",) if norm == "layer" else ()):
+    assert_close(
+        dx, want["grad_x"], name="bwd dx vs reference", scale=max(sc["grad_x"], float(want["grad_x"].abs().max()))
+    )
+    for k in (
+        ("bn_weight", "bn_bias", "alpha")
+        + (("norm_weight",) if norm != "none" else ())
+        + (("norm_bias",) if norm == "layer" else ())
+    ):
         w = want["grad_" + k]
-        assert_close(fused[k].reshape(w.shape), w, name=f"bwd d_{k} vs reference",
-                     scale=max(sc["grad_" + k], float(w.abs().max())))
+        assert_close(
+            fused[k].reshape(w.shape),
+            w,
+            name=f"bwd d_{k} vs reference",
+            scale=max(sc["grad_" + k], float(w.abs().max())),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -704,20 +834,35 @@ def test_inputs_not_written(training, device):
     _, row_mean, row_rstd, bn_mean, bn_rstd, _ = fwd
     sums, cnt = OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask)
     calls = {
-        "prep_bn_forward": lambda: OPS.prep_bn_forward(x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6,
-                                               "layer", mask),
+        "prep_bn_forward": lambda: OPS.prep_bn_forward(
+            x, nw, nb, bw, bb, al, rm, rv, 0.3, training, 1e-5, 1e-6, "layer", mask
+        ),
         "prep_bn_stats": lambda: OPS.prep_bn_stats(x, mask),
         "prep_bn_apply": lambda: OPS.prep_bn_apply(x, nw, nb, bw, bb, al, bn_mean, bn_rstd, 0.3, 1e-6, "layer"),
-        "prep_bn_backward_reduce": lambda: OPS.prep_bn_backward_reduce(dy, x, row_mean, row_rstd, bn_mean, bn_rstd,
-                                                             "layer", mask),
-        "prep_bn_backward_apply": lambda: OPS.prep_bn_backward_apply(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean,
-                                                           bn_rstd, sums, cnt, 0.3, training, "layer", mask),
-        "prep_bn_backward": lambda: OPS.prep_bn_backward(dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3,
-                                               training, "layer", mask),
+        "prep_bn_backward_reduce": lambda: OPS.prep_bn_backward_reduce(
+            dy, x, row_mean, row_rstd, bn_mean, bn_rstd, "layer", mask
+        ),
+        "prep_bn_backward_apply": lambda: OPS.prep_bn_backward_apply(
+            dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, sums, cnt, 0.3, training, "layer", mask
+        ),
+        "prep_bn_backward": lambda: OPS.prep_bn_backward(
+            dy, x, nw, bw, al, row_mean, row_rstd, bn_mean, bn_rstd, 0.3, training, "layer", mask
+        ),
     }
-    inputs = {"x": x, "mask": mask, "dy": dy, "running_mean": rm, "running_var": rv, "row_mean": row_mean,
-              "row_rstd": row_rstd, "bn_mean": bn_mean, "bn_rstd": bn_rstd, "sums": sums, "count": cnt,
-              **{k: p[k] for k in PARAM_NAMES}}
+    inputs = {
+        "x": x,
+        "mask": mask,
+        "dy": dy,
+        "running_mean": rm,
+        "running_var": rv,
+        "row_mean": row_mean,
+        "row_rstd": row_rstd,
+        "bn_mean": bn_mean,
+        "bn_rstd": bn_rstd,
+        "sums": sums,
+        "count": cnt,
+        **{k: p[k] for k in PARAM_NAMES},
+    }
     for name, call in calls.items():
         before = {k: v.clone() for k, v in inputs.items()}
         call()
@@ -753,14 +898,23 @@ def _bad_cases(device):
     ok_mask = torch.ones(2, 5, dtype=torch.bool, device=device)
 
     def prep(**kw):
-        a = dict(x=x, norm_weight=nw, norm_bias=nb, bn_weight=bw, bn_bias=bb, alpha=al, running_mean=rm.clone(),
-                 running_var=rv.clone(), lam=0.3, training=True)
+        a = dict(
+            x=x,
+            norm_weight=nw,
+            norm_bias=nb,
+            bn_weight=bw,
+            bn_bias=bb,
+            alpha=al,
+            running_mean=rm.clone(),
+            running_var=rv.clone(),
+            lam=0.3,
+            training=True,
+        )
         a.update(kw)
         return lambda: slab.ops.prep_bn(**a)
 
     def rep(**kw):
-        a = dict(x=x, weight=bw, bias=bb, alpha=al, running_mean=rm.clone(), running_var=rv.clone(),
-                 training=True)
+        a = dict(x=x, weight=bw, bias=bb, alpha=al, running_mean=rm.clone(), running_var=rv.clone(), training=True)
         a.update(kw)
         return lambda: slab.ops.rep_bn(**a)
 
@@ -778,10 +932,16 @@ def _bad_cases(device):
         "prep_bn norm_bias size": (prep(norm_bias=wide), (RuntimeError, ValueError), r"norm_bias"),
         "prep_bn bn_weight size": (prep(bn_weight=wide), (RuntimeError, ValueError), r"bn_weight"),
         "prep_bn bn_bias size": (prep(bn_bias=wide), (RuntimeError, ValueError), r"bn_bias"),
-        "mask shape": (prep(mask=torch.ones(2, 4, dtype=torch.bool, device=device)), (RuntimeError, ValueError),
-                       r"mask"),
-        "mask with channel dim": (rep(mask=torch.ones(2, 5, c, dtype=torch.bool, device=device)),
-                                  (RuntimeError, ValueError), r"mask"),
+        "mask shape": (
+            prep(mask=torch.ones(2, 4, dtype=torch.bool, device=device)),
+            (RuntimeError, ValueError),
+            r"mask",
+        ),
+        "mask with channel dim": (
+            rep(mask=torch.ones(2, 5, c, dtype=torch.bool, device=device)),
+            (RuntimeError, ValueError),
+            r"mask",
+        ),
         "mask int32 with fp32 x": (prep(mask=ok_mask.to(torch.int32)), (RuntimeError, ValueError), r"mask"),
         "mask uint8": (rep(mask=ok_mask.to(torch.uint8)), (RuntimeError, ValueError), r"mask"),
         "mask float": (rep(mask=ok_mask.float()), (RuntimeError, ValueError), r"mask"),
@@ -789,13 +949,15 @@ def _bad_cases(device):
         "rms with norm_bias": (prep(norm="rms"), (RuntimeError, ValueError), r"norm_bias"),
         "x 0-dim": (rep(x=torch.tensor(1.0, device=device)), (RuntimeError, ValueError), r"\bx\b"),
         "x int": (rep(x=torch.ones(2, 5, c, dtype=torch.int32, device=device)), (RuntimeError, ValueError), r"\bx\b"),
-        "x weight dtype mix": (prep(x=x.to(torch.bfloat16), bn_weight=bw.to(torch.float16)),
-                               (RuntimeError, ValueError), r"bn_weight"),
+        "x weight dtype mix": (
+            prep(x=x.to(torch.bfloat16), bn_weight=bw.to(torch.float16)),
+            (RuntimeError, ValueError),
+            r"bn_weight",
+        ),
         "training 1 token": (rep(x=make_x((1, 1, c), torch.float32, device)), (RuntimeError,), r"."),
         "training 1 token 2-D": (prep(x=make_x((1, c), torch.float32, device)), (RuntimeError,), r"."),
         "training 1 kept token": (prep(mask=one_kept), (RuntimeError,), r"."),
-        "training 0 kept tokens": (rep(mask=torch.zeros(2, 5, dtype=torch.bool, device=device)), (RuntimeError,),
-                                   r"."),
+        "training 0 kept tokens": (rep(mask=torch.zeros(2, 5, dtype=torch.bool, device=device)), (RuntimeError,), r"."),
         "eps nan": (rep(eps=float("nan")), (RuntimeError, ValueError), r"eps"),
         "momentum inf": (rep(momentum=float("inf")), (RuntimeError, ValueError), r"momentum"),
         "lam nan": (prep(lam=float("nan")), (RuntimeError, ValueError), r"lam"),
@@ -815,8 +977,9 @@ def test_bad_inputs(case, device):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or CUDA_OK,
-                    reason="needs a GPU visible to torch and a CPU-only slab build")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or CUDA_OK, reason="needs a GPU visible to torch and a CPU-only slab build"
+)
 def test_cuda_tensor_in_cpu_only_build():
     x = torch.randn(2, 5, 8, device="cuda")
     p = make_params(8, torch.float32, "cuda")
@@ -829,8 +992,7 @@ def test_device_mix_raises():
     x = torch.randn(2, 5, 8, device="cuda")
     p = make_params(8, torch.float32, "cuda")
     with pytest.raises((RuntimeError, ValueError), match=r"bn_weight|weight"):
-        slab.ops.rep_bn(x, p["bn_weight"].cpu(), p["bn_bias"], p["alpha"], p["running_mean"], p["running_var"],
-                        True)
+        slab.ops.rep_bn(x, p["bn_weight"].cpu(), p["bn_bias"], p["alpha"], p["running_mean"], p["running_var"], True)
 
 
 # ---- the eager composite (benchmark baseline) computes the same thing -------------------------------
@@ -854,8 +1016,21 @@ def test_eager_composite_matches_ops(norm):
     params = [m.norm1.weight, getattr(m.norm1, "bias", None), bn.weight, bn.bias, m.norm2.alpha]
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in params]
     xs, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y = slab.ops.prep_bn(xs, leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], rm, rv, lam, True,
-                         eps=bn.eps, norm_eps=1e-6, norm=norm)
+    y = slab.ops.prep_bn(
+        xs,
+        leaves[0],
+        leaves[1],
+        leaves[2],
+        leaves[3],
+        leaves[4],
+        rm,
+        rv,
+        lam,
+        True,
+        eps=bn.eps,
+        norm_eps=1e-6,
+        norm=norm,
+    )
     ye = m(xe)
     y.backward(dy)
     ye.backward(dy)
@@ -869,6 +1044,7 @@ def test_eager_composite_matches_ops(norm):
     # Eval: RepBN only.
     m.eval()
     ye = m(x)
-    y = slab.ops.rep_bn(x, bn.weight, bn.bias, m.norm2.alpha, bn.running_mean.clone(), bn.running_var.clone(),
-                        False, eps=bn.eps)
+    y = slab.ops.rep_bn(
+        x, bn.weight, bn.bias, m.norm2.alpha, bn.running_mean.clone(), bn.running_var.clone(), False, eps=bn.eps
+    )
     assert_close(y, ye, name="eval y")

@@ -25,8 +25,10 @@ from slab.nn._sync import prep_bn_sync
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with the gloo backend is not available"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
 ]
 
 WORLD = 2
@@ -44,22 +46,21 @@ CASES = {
     # RepBN, rank 1 keeps no token at all (its tokens are still normalised and get gradients)
     "repbn_zero_kept_on_rank1": dict(shape=(6, 4, 9), split=(3, 3), norm="none", lam=0.0, mask="none_on_1"),
     # RepBN, 2-D tokens, no mask, very uneven, non-contiguous local x, 0-d alpha
-    "repbn_2d_nomask_noncontig": dict(shape=(11, 6), split=(9, 2), norm="none", lam=0.0, mask=None,
-                                      noncontig=True, alpha_shape=()),
+    "repbn_2d_nomask_noncontig": dict(
+        shape=(11, 6), split=(9, 2), norm="none", lam=0.0, mask=None, noncontig=True, alpha_shape=()
+    ),
     # PRepBN with LayerNorm (weight and bias), uneven split, mask, large mean offset
-    "layer_uneven_mask": dict(shape=(5, 7, 24), split=(2, 3), norm="layer", lam=0.35, mask="random",
-                              offset=30.0),
+    "layer_uneven_mask": dict(shape=(5, 7, 24), split=(2, 3), norm="layer", lam=0.35, mask="random", offset=30.0),
     # PRepBN with LayerNorm without bias, rank 1 keeps one token, explicit process group
-    "layer_nobias_few_group": dict(shape=(4, 6, 17), split=(3, 1), norm="layer", lam=0.6, mask="few",
-                                   norm_bias=False, group=True),
+    "layer_nobias_few_group": dict(
+        shape=(4, 6, 17), split=(3, 1), norm="layer", lam=0.6, mask="few", norm_bias=False, group=True
+    ),
     # PRepBN with RMSNorm
     "rms_mask": dict(shape=(6, 5, 16), split=(2, 4), norm="rms", lam=0.5, mask="random", norm_bias=False),
     # bfloat16 activations and parameters (statistics still float32)
-    "layer_bf16": dict(shape=(4, 6, 16), split=(1, 3), norm="layer", lam=0.4, mask="random",
-                       dtype=torch.bfloat16),
+    "layer_bf16": dict(shape=(4, 6, 16), split=(1, 3), norm="layer", lam=0.4, mask="random", dtype=torch.bfloat16),
     # float64 end to end (tight tolerance)
-    "layer_f64": dict(shape=(5, 3, 12), split=(3, 2), norm="layer", lam=0.25, mask="random",
-                      dtype=torch.float64),
+    "layer_f64": dict(shape=(5, 3, 12), split=(3, 2), norm="layer", lam=0.25, mask="random", dtype=torch.float64),
 }
 # A global batch with a single kept token must raise ValueError on every rank (no deadlock).
 ERROR_CASE = dict(shape=(2, 3, 8), split=(1, 1), norm="none", lam=0.0, mask="one_total")
@@ -71,8 +72,11 @@ def make_case(name: str, spec: dict) -> dict:
     shape = spec["shape"]
     C = shape[-1]
     offset = spec.get("offset", 1.5)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + offset
-         + torch.randn(C, generator=g, dtype=torch.float64)).to(dtype)
+    x = (
+        torch.randn(shape, generator=g, dtype=torch.float64) * 2.0
+        + offset
+        + torch.randn(C, generator=g, dtype=torch.float64)
+    ).to(dtype)
     dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     tok = shape[:-1]
     kind = spec.get("mask")
@@ -96,6 +100,7 @@ def make_case(name: str, spec: dict) -> dict:
             mask[s0:].view(-1)[0] = True
     norm = spec["norm"]
     has_norm = norm != "none"
+
     def rnd(scale, shift=0.0):
         return (shift + scale * torch.randn(C, generator=g, dtype=torch.float64)).to(dtype)
 
@@ -108,9 +113,22 @@ def make_case(name: str, spec: dict) -> dict:
     )
     running_mean = (0.1 * torch.randn(C, generator=g, dtype=torch.float64)).to(dtype)
     running_var = (0.5 + torch.rand(C, generator=g, dtype=torch.float64)).to(dtype)
-    return dict(x=x, dy=dy, mask=mask, params=p, running_mean=running_mean, running_var=running_var,
-                norm=norm, lam=spec["lam"], momentum=0.1, eps=1e-5, norm_eps=1e-6, split=spec["split"],
-                noncontig=spec.get("noncontig", False), group=spec.get("group", False))
+    return dict(
+        x=x,
+        dy=dy,
+        mask=mask,
+        params=p,
+        running_mean=running_mean,
+        running_var=running_var,
+        norm=norm,
+        lam=spec["lam"],
+        momentum=0.1,
+        eps=1e-5,
+        norm_eps=1e-6,
+        split=spec["split"],
+        noncontig=spec.get("noncontig", False),
+        group=spec.get("group", False),
+    )
 
 
 def rank_slice(case: dict, rank: int) -> slice:
@@ -130,12 +148,27 @@ def _run_sync_case(case: dict, rank: int, group) -> dict:
     mask = None if case["mask"] is None else case["mask"][sl].clone()
     params = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in case["params"].items()}
     rm, rv = case["running_mean"].clone(), case["running_var"].clone()
-    y = prep_bn_sync(x, params["norm_weight"], params["norm_bias"], params["bn_weight"], params["bn_bias"],
-                     params["alpha"], rm, rv, case["lam"], case["momentum"], case["eps"], case["norm_eps"],
-                     case["norm"], mask, group)
+    y = prep_bn_sync(
+        x,
+        params["norm_weight"],
+        params["norm_bias"],
+        params["bn_weight"],
+        params["bn_bias"],
+        params["alpha"],
+        rm,
+        rv,
+        case["lam"],
+        case["momentum"],
+        case["eps"],
+        case["norm_eps"],
+        case["norm"],
+        mask,
+        group,
+    )
     y.backward(case["dy"][sl])
-    out = dict(y=y.detach(), dx=x.grad, running_mean=rm, running_var=rv,
-               stats_in_graph=rm.requires_grad or rv.requires_grad)
+    out = dict(
+        y=y.detach(), dx=x.grad, running_mean=rm, running_var=rv, stats_in_graph=rm.requires_grad or rv.requires_grad
+    )
     for k, v in params.items():
         out["d_" + k] = None if v is None else v.grad
     return out
@@ -165,8 +198,12 @@ def _module_case(rank: int) -> dict:
     x = x_full[sl].clone().requires_grad_(True)
     y = rep(x, mask=mask_full[sl])
     y.backward(dy_full[sl])
-    out["repbn"] = dict(y=y.detach(), dx=x.grad, state={k: v.clone() for k, v in rep.state_dict().items()},
-                        grads={n: p.grad.clone() for n, p in rep.named_parameters()})
+    out["repbn"] = dict(
+        y=y.detach(),
+        dx=x.grad,
+        state={k: v.clone() for k, v in rep.state_dict().items()},
+        grads={n: p.grad.clone() for n, p in rep.named_parameters()},
+    )
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(C, C), snn.PRepBN(C, norm="layer", warm=0, step=10))
@@ -178,16 +215,20 @@ def _module_case(rank: int) -> dict:
         y = model[1](model[0](x), mask=mask_full[sl])
         y.backward(dy_full[sl])
         ys.append(y.detach())
-    out["prepbn"] = dict(y=torch.stack(ys), dx=x.grad,
-                         state={k: v.clone() for k, v in model.state_dict().items()},
-                         grads={n: p.grad.clone() for n, p in model.named_parameters()})
+    out["prepbn"] = dict(
+        y=torch.stack(ys),
+        dx=x.grad,
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        grads={n: p.grad.clone() for n, p in model.named_parameters()},
+    )
     return out
 
 
 def _worker(rank: int, world: int, init_file: str, outdir: str, names: list, with_modules: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method="file://" + init_file, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
     results = {}
     try:
         group = dist.new_group(list(range(world)))
@@ -224,8 +265,7 @@ def _modules_available() -> bool:
 def sync_results(tmp_path_factory):
     d = tmp_path_factory.mktemp("prepbn_sync")
     init_file = str(d / "init")
-    mp.spawn(_worker, args=(WORLD, init_file, str(d), list(CASES), _modules_available()),
-             nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, init_file, str(d), list(CASES), _modules_available()), nprocs=WORLD, join=True)
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -236,13 +276,36 @@ def _single_process(case: dict) -> dict:
     params = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in case["params"].items()}
     rm, rv = case["running_mean"].clone(), case["running_var"].clone()
     if case["norm"] == "none":
-        y = slab.ops.rep_bn(x, params["bn_weight"], params["bn_bias"], params["alpha"], rm, rv, True,
-                            momentum=case["momentum"], eps=case["eps"], mask=case["mask"])
+        y = slab.ops.rep_bn(
+            x,
+            params["bn_weight"],
+            params["bn_bias"],
+            params["alpha"],
+            rm,
+            rv,
+            True,
+            momentum=case["momentum"],
+            eps=case["eps"],
+            mask=case["mask"],
+        )
     else:
-        y = slab.ops.prep_bn(x, params["norm_weight"], params["norm_bias"], params["bn_weight"],
-                             params["bn_bias"], params["alpha"], rm, rv, case["lam"], True,
-                             momentum=case["momentum"], eps=case["eps"], norm_eps=case["norm_eps"],
-                             norm=case["norm"], mask=case["mask"])
+        y = slab.ops.prep_bn(
+            x,
+            params["norm_weight"],
+            params["norm_bias"],
+            params["bn_weight"],
+            params["bn_bias"],
+            params["alpha"],
+            rm,
+            rv,
+            case["lam"],
+            True,
+            momentum=case["momentum"],
+            eps=case["eps"],
+            norm_eps=case["norm_eps"],
+            norm=case["norm"],
+            mask=case["mask"],
+        )
     y.backward(case["dy"])
     out = dict(y=y.detach(), dx=x.grad, running_mean=rm, running_var=rv)
     for k, v in params.items():
@@ -253,8 +316,7 @@ def _single_process(case: dict) -> dict:
 def _torch_reference(case: dict) -> dict:
     """Plain-torch float64 composite on the whole batch (independent of slab's kernels)."""
     x = case["x"].double().clone().requires_grad_(True)
-    p = {k: (None if v is None else v.double().clone().requires_grad_(True))
-         for k, v in case["params"].items()}
+    p = {k: (None if v is None else v.double().clone().requires_grad_(True)) for k, v in case["params"].items()}
     C = x.shape[-1]
     flat = x.reshape(-1, C)
     kept = flat if case["mask"] is None else flat[case["mask"].reshape(-1)]
@@ -272,9 +334,12 @@ def _torch_reference(case: dict) -> dict:
     y.backward(case["dy"].double())
     n = kept.shape[0]
     m = case["momentum"]
-    out = dict(y=y.detach(), dx=x.grad,
-               running_mean=(1 - m) * case["running_mean"].double() + m * mean.detach(),
-               running_var=(1 - m) * case["running_var"].double() + m * var.detach() * n / (n - 1))
+    out = dict(
+        y=y.detach(),
+        dx=x.grad,
+        running_mean=(1 - m) * case["running_mean"].double() + m * mean.detach(),
+        running_var=(1 - m) * case["running_var"].double() + m * var.detach() * n / (n - 1),
+    )
     for k, v in p.items():
         out["d_" + k] = None if v is None else v.grad
     return out
@@ -331,7 +396,8 @@ def test_sync_matches_float64_composite(sync_results, name):
     case = make_case(name, CASES[name])
     ref = _torch_reference(case)
     tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4)}.get(
-        case["x"].dtype, dict(rtol=3e-2, atol=5e-2))
+        case["x"].dtype, dict(rtol=3e-2, atol=5e-2)
+    )
     for k in ("y", "dx"):
         got = torch.cat([sync_results[r][name][k] for r in range(WORLD)])
         _close(got.double(), ref[k], k, **tol)
@@ -377,8 +443,9 @@ def test_sync_bad_arguments():
 
 def test_sync_modules(sync_results):
     if "modules" not in sync_results[0]:
-        pytest.skip("slab.nn.RepBN / PRepBN / convert_sync are not there yet "
-                    "(python/slab/nn is written by another helper)")
+        pytest.skip(
+            "slab.nn.RepBN / PRepBN / convert_sync are not there yet (python/slab/nn is written by another helper)"
+        )
     for r in range(WORLD):
         assert "failed" not in sync_results[r]["modules"], sync_results[r]["modules"].get("failed")
     import slab.nn as snn
@@ -401,8 +468,9 @@ def test_sync_modules(sync_results):
     x = x_full.clone().requires_grad_(True)
     y = rep(x, mask=mask_full)
     y.backward(dy_full)
-    ref_rep = dict(y=y.detach(), dx=x.grad, state=rep.state_dict(),
-                   grads={n: p.grad for n, p in rep.named_parameters()})
+    ref_rep = dict(
+        y=y.detach(), dx=x.grad, state=rep.state_dict(), grads={n: p.grad for n, p in rep.named_parameters()}
+    )
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(C, C), snn.PRepBN(C, norm="layer", warm=0, step=10))
@@ -413,8 +481,9 @@ def test_sync_modules(sync_results):
         y = model[1](model[0](x), mask=mask_full)
         y.backward(dy_full)
         ys.append(y.detach())
-    ref_pre = dict(y=torch.stack(ys), dx=x.grad, state=model.state_dict(),
-                   grads={n: p.grad for n, p in model.named_parameters()})
+    ref_pre = dict(
+        y=torch.stack(ys), dx=x.grad, state=model.state_dict(), grads={n: p.grad for n, p in model.named_parameters()}
+    )
 
     for key, ref, dim in (("repbn", ref_rep, 0), ("prepbn", ref_pre, 1)):
         for r in range(WORLD):
@@ -422,7 +491,7 @@ def test_sync_modules(sync_results):
             start = sum(split[:r])
             idx = [slice(None)] * dim + [slice(start, start + split[r])]
             _close(got["y"], ref["y"][tuple(idx)], f"{key} rank {r} y", **tol)
-            _close(got["dx"], ref["dx"][start:start + split[r]], f"{key} rank {r} dx", **tol)
+            _close(got["dx"], ref["dx"][start : start + split[r]], f"{key} rank {r} dx", **tol)
             assert set(got["state"]) == set(ref["state"]), f"{key}: state_dict keys differ"
             for k, v in ref["state"].items():
                 if v.is_floating_point():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import slab
 from slab.ops.dwc import dwc_cache_from_prefill
@@ -121,12 +120,14 @@ def test_step_matches_full_causal(device, dtype, prefill):
     full = slab.ops.causal_dwc1d(v, weight, bias, residual=residual)
     cache = dwc_cache_from_prefill(v[:, :, :prefill], kernel)
     v_before = v.clone()
-    outs = [slab.ops.causal_dwc1d_step(v[:, :, t], cache, weight, bias, residual=residual[:, :, t])
-            for t in range(prefill, n)]
+    outs = [
+        slab.ops.causal_dwc1d_step(v[:, :, t], cache, weight, bias, residual=residual[:, :, t])
+        for t in range(prefill, n)
+    ]
     assert torch.equal(v, v_before)
     # The step does the same fp32 arithmetic in the same tap order as the full call.
     assert_close(torch.stack(outs, 2), full[:, :, prefill:], dtype, name="steps")
-    assert_close(cache, v[:, :, n - kernel + 1:], dtype, rtol=0, atol=0, name="cache")
+    assert_close(cache, v[:, :, n - kernel + 1 :], dtype, rtol=0, atol=0, name="cache")
 
 
 def test_opcheck():
@@ -162,10 +163,18 @@ def test_compile_fullgraph():
         (lambda v, w: slab.ops.dwc2d(v[0], w), "v must have shape"),
         (lambda v, w: slab.ops.causal_dwc1d(v, w), "Conv1d"),
         (lambda v, w: slab.ops.causal_dwc1d_step(v[:, :, 0], torch.zeros(2, 2, 2, 8), torch.randn(8, 1, 4)), "cache"),
-        (lambda v, w: slab.ops.causal_dwc1d_step(v[:, :, 0], torch.zeros(2, 2, 3, 8, dtype=torch.float64),
-                                                 torch.randn(8, 1, 4)), "cache"),
-        (lambda v, w: slab.ops.causal_dwc1d_step(v[:, :, 0], torch.zeros(2, 2, 8, 3).transpose(2, 3),
-                                                 torch.randn(8, 1, 4)), "contiguous"),
+        (
+            lambda v, w: slab.ops.causal_dwc1d_step(
+                v[:, :, 0], torch.zeros(2, 2, 3, 8, dtype=torch.float64), torch.randn(8, 1, 4)
+            ),
+            "cache",
+        ),
+        (
+            lambda v, w: slab.ops.causal_dwc1d_step(
+                v[:, :, 0], torch.zeros(2, 2, 8, 3).transpose(2, 3), torch.randn(8, 1, 4)
+            ),
+            "contiguous",
+        ),
         (lambda v, w: slab.ops.causal_dwc1d_step(v[:, :, 0], torch.zeros(2, 2, 4, 8), w), "Conv1d"),
     ],
 )

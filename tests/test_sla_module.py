@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import slab
 from slab.nn import SimplifiedLinearAttention
 
 from conftest import DEVICES, FLOAT_DTYPES, assert_close
@@ -30,7 +29,9 @@ class SlabStyleAttention(nn.Module):
         self.num_heads, self.causal = num_heads, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.dwc = nn.Conv1d(d, d, kernel, groups=d) if causal else nn.Conv2d(d, d, kernel, groups=d, padding=kernel // 2)
+        self.dwc = (
+            nn.Conv1d(d, d, kernel, groups=d) if causal else nn.Conv2d(d, d, kernel, groups=d, padding=kernel // 2)
+        )
         self.positional_encoding = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.5)
 
     def forward(self, x):
@@ -43,8 +44,12 @@ class SlabStyleAttention(nn.Module):
         if self.causal:
             scores = torch.tril(q @ k.transpose(1, 2))
             out = (scores @ v) / (scores.sum(-1, keepdim=True) + EPS)
-            fm = F.conv1d(F.pad(v.transpose(1, 2), (self.dwc.weight.shape[-1] - 1, 0)), self.dwc.weight,
-                          self.dwc.bias, groups=v.shape[-1]).transpose(1, 2)
+            fm = F.conv1d(
+                F.pad(v.transpose(1, 2), (self.dwc.weight.shape[-1] - 1, 0)),
+                self.dwc.weight,
+                self.dwc.bias,
+                groups=v.shape[-1],
+            ).transpose(1, 2)
         else:
             z = 1 / (torch.einsum("bic,bc->bi", q, k.sum(1)) + EPS)
             out = torch.einsum("bic,bcd,bi->bid", q, torch.einsum("bjc,bjd->bcd", k, v), z)
@@ -65,15 +70,18 @@ CONFIGS = [  # (dim, heads, causal, qkv_bias, kernel, tokens)
 def build_pair(device, config):
     dim, heads, causal, bias, kernel, tokens = config
     ref = SlabStyleAttention(dim, heads, causal, bias, kernel, tokens).double()
-    ours = SimplifiedLinearAttention(dim, heads, causal=causal, qkv_bias=bias, dwc_kernel_size=kernel,
-                                     num_tokens=tokens).to(device)
+    ours = SimplifiedLinearAttention(
+        dim, heads, causal=causal, qkv_bias=bias, dwc_kernel_size=kernel, num_tokens=tokens
+    ).to(device)
     ours.load_state_dict(ref.state_dict())  # strict: the same keys and shapes as SLAB's module
     return ref, ours
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"d{c[0]}h{c[1]}{'causal' if c[2] else 'vision'}k{c[4]}n{c[5]}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"d{c[0]}h{c[1]}{'causal' if c[2] else 'vision'}k{c[4]}n{c[5]}"
+)
 def test_module_matches_slab_formula(device, dtype, config):
     ref, ours = build_pair(device, config)
     ours = ours.to(dtype)
@@ -116,8 +124,13 @@ def test_prefill_and_step_equal_forward(device, dtype, prompt):
     assert cache.position == prompt
     steps = [m.step(x[:, t], cache) for t in range(prompt, 12)]
     got = torch.cat([out, torch.stack(steps, 1)], 1)
-    assert_close(got, full.float(), dtype, rtol=2e-2 if dtype != torch.float32 else 1e-5,
-                 atol=2e-2 if dtype != torch.float32 else 1e-5)
+    assert_close(
+        got,
+        full.float(),
+        dtype,
+        rtol=2e-2 if dtype != torch.float32 else 1e-5,
+        atol=2e-2 if dtype != torch.float32 else 1e-5,
+    )
     assert m.step(x[:, 0:1], m.init_cache(3, device, dtype)).shape == (3, 1, 32)
 
 

@@ -97,8 +97,15 @@ def check_against_ref(q, k, v, causal, mask, name=""):
 
 # (B, H, N, D, Dv): N = 1; D != Dv; N below / above the non-causal quadratic switch; N not a
 # multiple of the causal chunk (and below / above it); odd D and Dv; LM-sized heads (D = 128).
-SHAPES = [(1, 1, 1, 8, 8), (2, 3, 37, 16, 24), (1, 2, 20, 32, 32), (1, 2, 130, 32, 32), (2, 1, 200, 64, 48),
-          (1, 1, 65, 5, 3), (1, 2, 100, 128, 96)]
+SHAPES = [
+    (1, 1, 1, 8, 8),
+    (2, 3, 37, 16, 24),
+    (1, 2, 20, 32, 32),
+    (1, 2, 130, 32, 32),
+    (2, 1, 200, 64, 48),
+    (1, 1, 65, 5, 3),
+    (1, 2, 100, 128, 96),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -237,8 +244,9 @@ def test_sla_gradcheck(causal, shape):
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, "cpu"))
     mask = make_mask(shape[0], shape[2], "cpu")
     for m in (None, mask):
-        assert torch.autograd.gradcheck(lambda a, b, c: slab.ops.sla(a, b, c, causal=causal, mask=m), (q, k, v),
-                                        eps=1e-6, atol=1e-6, rtol=1e-5)
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: slab.ops.sla(a, b, c, causal=causal, mask=m), (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,8 +293,9 @@ def test_sla_prefill_then_decode(device, dtype, prefill, masked):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if prefill > 0:
         pm = None if mask is None else mask[:, :prefill].contiguous()
-        o_pre, state, z = slab.ops.sla(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], causal=True, mask=pm,
-                                       return_state=True)
+        o_pre, state, z = slab.ops.sla(
+            q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], causal=True, mask=pm, return_state=True
+        )
         assert torch.equal(o_pre, full[:, :, :prefill])
     else:
         state = torch.zeros(b, h, d, dv, dtype=acc, device=device)
@@ -381,8 +390,13 @@ def test_sla_step_opcheck():
     b, h, d, dv = 2, 3, 8, 5
     for rank4 in (False, True):
         shp = (b, h, 1) if rank4 else (b, h)
-        args = (torch.randn(*shp, d), torch.randn(*shp, d), torch.randn(*shp, dv), torch.randn(b, h, d, dv),
-                torch.rand(b, h, d))
+        args = (
+            torch.randn(*shp, d),
+            torch.randn(*shp, d),
+            torch.randn(*shp, dv),
+            torch.randn(b, h, d, dv),
+            torch.rand(b, h, d),
+        )
         torch.library.opcheck(OPS.sla_step.default, args + (1e-6,))
 
 
@@ -485,5 +499,6 @@ def test_sla_device_mismatch(device):
     with pytest.raises(RuntimeError, match="k is on"):
         slab.ops.sla(q, k.cpu(), v)
     with pytest.raises(RuntimeError, match="state is on"):
-        slab.ops.sla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], torch.zeros(1, 1, 4, 4),
-                          torch.zeros(1, 1, 4, device=device))
+        slab.ops.sla_step(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, device=device)
+        )

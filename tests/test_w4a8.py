@@ -64,7 +64,9 @@ def test_quantize_w4_round_trip(device, dtype, group_size):
     assert deq.dtype == torch.float32 and deq.shape == (n, k)
     assert torch.equal(deq.cpu(), (q.float() * scales.cpu().unsqueeze(-1)).reshape(n, k))  # exact inverse map
     err = (wf - deq.cpu().reshape(n, k // g, g)).abs()
-    assert bool((err <= expect_scale.unsqueeze(-1) / 2 * (1 + 1e-6)).all()), float((err / expect_scale.unsqueeze(-1)).max())
+    assert bool((err <= expect_scale.unsqueeze(-1) / 2 * (1 + 1e-6)).all()), float(
+        (err / expect_scale.unsqueeze(-1)).max()
+    )
     # the zero group quantizes to zeros with scale 1 (group_size -1 has no all-zero row here)
     if group_size != -1:
         assert torch.all(deq[2, :128] == 0) and float(scales[2, 0]) == 1.0
@@ -90,8 +92,10 @@ def test_quantize_w4_bit_layout():
     row2[0], row2[1] = -7.5, 7.0  # absmax 7.5 -> scale 7.5/7; -7.5/scale = -7 exactly
     p2, s2 = quant.quantize_w4(row2.unsqueeze(0), 32)
     assert p2[0, 0].item() == 0x79  # -7 -> 0x9 low, 7 * 7/7.5 = 6.53 -> 7 high
-    assert torch.equal(quant.unpack_int4(torch.tensor([[0x80, 0x08, 0xFF]], dtype=torch.uint8)),
-                       torch.tensor([[0, -8, -8, 0, -1, -1]], dtype=torch.int8))
+    assert torch.equal(
+        quant.unpack_int4(torch.tensor([[0x80, 0x08, 0xFF]], dtype=torch.uint8)),
+        torch.tensor([[0, -8, -8, 0, -1, -1]], dtype=torch.int8),
+    )
 
 
 def test_quantize_w4_tiny_groups():
@@ -162,8 +166,10 @@ def test_quantize_fp8_encoder_exhaustive():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize_fp8_special_values(device):
-    x = torch.tensor([[1e30, -3e29, 1.0, 0.0], [float("inf"), 1.0, -2.0, 0.0], [1e-30, -2e-38, 5e-39, 0.0],
-                      [0.0, -0.0, 0.0, 0.0]], device=device)
+    x = torch.tensor(
+        [[1e30, -3e29, 1.0, 0.0], [float("inf"), 1.0, -2.0, 0.0], [1e-30, -2e-38, 5e-39, 0.0], [0.0, -0.0, 0.0, 0.0]],
+        device=device,
+    )
     q, s = quant.quantize_fp8(x)
     rq, rs = ref_quantize_fp8(x)
     assert torch.equal(s, rs)
@@ -192,8 +198,15 @@ def test_quantize_fp8_noncontiguous(device):
 def test_quantize_fp8_tiny_rows(device):
     """Finite rows with 0 < absmax < 448 * FLT_MIN (absmax / 448 subnormal or 0 in float32) get the
     smallest normal scale: codes within +-448, never a NaN row, on every W4A8 path."""
-    x = torch.tensor([[1e-44, -3e-45, 0.0, 2e-45], [3e-42, -1e-42, 5e-43, 0.0], [1e-39, 4e-40, -1e-40, 0.0],
-                      [5e-36, 1e-36, -2e-36, 0.0]], device=device)
+    x = torch.tensor(
+        [
+            [1e-44, -3e-45, 0.0, 2e-45],
+            [3e-42, -1e-42, 5e-43, 0.0],
+            [1e-39, 4e-40, -1e-40, 0.0],
+            [5e-36, 1e-36, -2e-36, 0.0],
+        ],
+        device=device,
+    )
     q, s = quant.quantize_fp8(x)
     rq, rs = ref_quantize_fp8(x)
     assert torch.equal(s, rs) and bool((s > 0).all())
@@ -259,9 +272,20 @@ def test_gemm_matches_reference(device, m, group_size, out_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,n,k,group_size", [(1, 1, 32, 32), (3, 5, 96, 32), (2, 130, 192, 64), (9, 17, 384, 128),
-                                              (5, 3, 70, -1), (17, 33, 2, -1), (4096, 3, 64, 32), (8, 4101, 64, 64)],
-                         ids=param_id)
+@pytest.mark.parametrize(
+    "m,n,k,group_size",
+    [
+        (1, 1, 32, 32),
+        (3, 5, 96, 32),
+        (2, 130, 192, 64),
+        (9, 17, 384, 128),
+        (5, 3, 70, -1),
+        (17, 33, 2, -1),
+        (4096, 3, 64, 32),
+        (8, 4101, 64, 64),
+    ],
+    ids=param_id,
+)
 def test_gemm_odd_shapes(device, m, n, k, group_size):
     _gemm_case(device, m, n, k, group_size, torch.float32, "spec")
 
@@ -339,8 +363,14 @@ def test_linear_matches_reference(device, dtype, m, bias):
     y2 = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=torch.float32)
     if b is not None:
         y2 = y2 + b.float()
-    assert_close(y, y2.to(dtype), dtype, rtol=1e-6 if dtype == torch.float32 else None,
-                 atol=1e-6 if dtype == torch.float32 else None, name="linear vs quantize + gemm")
+    assert_close(
+        y,
+        y2.to(dtype),
+        dtype,
+        rtol=1e-6 if dtype == torch.float32 else None,
+        atol=1e-6 if dtype == torch.float32 else None,
+        name="linear vs quantize + gemm",
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -486,7 +516,15 @@ def test_convert_and_state_dict_round_trip(device):
     assert not torch.equal(fresh(x), y)  # a different random init before loading
     fresh.load_state_dict(torch.load(buf))
     assert torch.equal(fresh(x), y)
-    assert set(model.state_dict()) == {"0.packed", "0.scales", "0.bias", "2.0.packed", "2.0.scales", "3.weight", "3.bias"}
+    assert set(model.state_dict()) == {
+        "0.packed",
+        "0.scales",
+        "0.bias",
+        "2.0.packed",
+        "2.0.scales",
+        "3.weight",
+        "3.bias",
+    }
 
 
 def test_convert_errors_and_skip_prefix():
@@ -519,8 +557,9 @@ def test_opcheck():
     x = torch.randn(3, 64)
     xq, xs = quant.quantize_fp8(x)
     torch.library.opcheck(OPS.quantize_fp8.default, (x,), test_utils=NO_SCHEMA)
-    torch.library.opcheck(OPS.quantize_fp8.default, (torch.randn(2, 3, 40, dtype=torch.bfloat16),),
-                          test_utils=NO_SCHEMA)
+    torch.library.opcheck(
+        OPS.quantize_fp8.default, (torch.randn(2, 3, 40, dtype=torch.bfloat16),), test_utils=NO_SCHEMA
+    )
     torch.library.opcheck(OPS.w4a8_tile_weights.default, (packed,))
     torch.library.opcheck(OPS.w4a8_int4_to_e4m3.default, (packed,))
     torch.library.opcheck(OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, 0, torch.bfloat16), test_utils=NO_SCHEMA)
@@ -595,4 +634,3 @@ def test_gemm_errors():
         slab.ops.w4a8_linear(x, packed, scales, 32, bias=torch.randn(7))
     with pytest.raises(RuntimeError, match="w_packed must have shape"):
         slab.ops.w4a8_linear(torch.randn(3, 128), packed, scales[:, :1].repeat(1, 4), 32)
-

@@ -37,13 +37,12 @@ using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Signatures of the schemas in csrc/prepbn/prepbn_ops.cpp.
 using FwdFn = Tensors6(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
-                       const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha,
-                       const Tensor& running_mean, const Tensor& running_var, double lam, bool training,
-                       double eps, double norm_eps, c10::string_view norm, const OptTensor& mask);
+                       const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha, const Tensor& running_mean,
+                       const Tensor& running_var, double lam, bool training, double eps, double norm_eps,
+                       c10::string_view norm, const OptTensor& mask);
 using BwdFn = Tensors6(const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight,
                        const Tensor& alpha, const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean,
-                       const Tensor& bn_rstd, double lam, bool training, c10::string_view norm,
-                       const OptTensor& mask);
+                       const Tensor& bn_rstd, double lam, bool training, c10::string_view norm, const OptTensor& mask);
 
 constexpr double kEps = 1e-5, kNormEps = 1e-6, kMomentum = 0.1;
 
@@ -90,8 +89,8 @@ bool own_flag(const std::string& a, std::string& shapes) {
 // Removes our flags from argv (Google Benchmark rejects unknown ones) and fills g_opt.
 void parse_own_flags(int* argc, char** argv) {
   std::string shapes = "12544x384,4096x1024";  // DeiT-S (64 x 196 tokens, C 384), LM (8 x 512, C 1024)
-  parse_flags("bench_prepbn", argc, argv, g_opt.common, [&](const std::string& a) { return own_flag(a, shapes); },
-              kHelp);
+  parse_flags(
+      "bench_prepbn", argc, argv, g_opt.common, [&](const std::string& a) { return own_flag(a, shapes); }, kHelp);
   if (g_opt.rows.empty() != g_opt.channels.empty()) usage_error("give both --rows and --channels, or --shapes");
   if (g_opt.rows.empty())
     for (const auto& rc : parse_shapes(shapes, 2, "--shapes", "ROWSxCHANNELS")) g_opt.shapes.emplace_back(rc[0], rc[1]);
@@ -135,7 +134,7 @@ Inputs make_inputs(int64_t rows, int64_t channels, at::ScalarType dtype, at::Dev
 // slab::bn_update_running_stats does in Python: two lerps).
 Tensors6 slab_forward(Inputs& in) {
   auto out = ops().fwd.call(in.x, in.norm_weight, in.nb(), in.bn_weight, in.bn_bias, in.alpha, in.running_mean,
-                           in.running_var, g_opt.lam, true, kEps, kNormEps, g_opt.norm, std::nullopt);
+                            in.running_var, g_opt.lam, true, kEps, kNormEps, g_opt.norm, std::nullopt);
   in.running_mean.lerp_(std::get<3>(out), kMomentum);
   in.running_var.lerp_(std::get<5>(out), kMomentum);
   return out;
@@ -143,7 +142,7 @@ Tensors6 slab_forward(Inputs& in) {
 
 Tensors6 slab_backward(const Inputs& in, const Tensors6& f) {
   return ops().bwd.call(in.dy, in.x, in.norm_weight, in.bn_weight, in.alpha, std::get<1>(f), std::get<2>(f),
-                       std::get<3>(f), std::get<4>(f), g_opt.lam, true, g_opt.norm, std::nullopt);
+                        std::get<3>(f), std::get<4>(f), g_opt.lam, true, g_opt.norm, std::nullopt);
 }
 
 Tensor norm1(const Tensor& x, const Tensor& w, const Tensor& b) {
@@ -172,8 +171,7 @@ bool verify(int64_t rows, int64_t channels, int64_t dt, int64_t dev) {
   }
   // Reference: the composite in float64 on the same (rounded) inputs, gradients by autograd.
   auto leaf = [](const Tensor& t) { return t.detach().to(at::kDouble).requires_grad_(true); };
-  Tensor x = leaf(in.x), nw = leaf(in.norm_weight), bw = leaf(in.bn_weight), bb = leaf(in.bn_bias),
-         al = leaf(in.alpha);
+  Tensor x = leaf(in.x), nw = leaf(in.norm_weight), bw = leaf(in.bn_weight), bb = leaf(in.bn_bias), al = leaf(in.alpha);
   Tensor nb = in.norm_bias.defined() ? leaf(in.norm_bias) : Tensor();
   Tensor rm = rm0.to(at::kDouble), rv = rv0.to(at::kDouble);
   const Tensor y = aten_forward(x, nw, nb, bw, bb, al, rm, rv);
@@ -193,9 +191,8 @@ bool verify(int64_t rows, int64_t channels, int64_t dt, int64_t dev) {
   ok &= close("d_bn_bias", std::get<4>(g), grads[3], tol, report);
   ok &= close("d_alpha", std::get<5>(g), grads[4], tol, report);
   if (nb.defined()) ok &= close("d_norm_bias", std::get<2>(g), grads[5], tol, report);
-  std::fprintf(stderr, "verify %lldx%lld %s %s norm=%s: %s (max abs err:%s)\n", (long long)rows,
-               (long long)channels, kDtypeNames[dt], kDeviceNames[dev], g_opt.norm.c_str(), ok ? "OK" : "FAILED",
-               report.c_str());
+  std::fprintf(stderr, "verify %lldx%lld %s %s norm=%s: %s (max abs err:%s)\n", (long long)rows, (long long)channels,
+               kDtypeNames[dt], kDeviceNames[dev], g_opt.norm.c_str(), ok ? "OK" : "FAILED", report.c_str());
   return ok;
 }
 
@@ -205,9 +202,9 @@ enum class Provider { kSlab, kAten, kLayerNorm };
 // Bytes the algorithm moves and its absolute floor (one read of each input, one write of each
 // output), in tensor passes of rows x channels elements.
 std::pair<double, double> passes(Provider p, bool backward) {
-  const double floor = backward ? 5 : 2;  // fwd: x, y; + bwd: x, dy, dx
+  const double floor = backward ? 5 : 2;                 // fwd: x, y; + bwd: x, dy, dx
   if (p == Provider::kLayerNorm) return {floor, floor};  // per-row: one pass each way
-  return {backward ? 8.0 : 3.0, floor};  // fwd: stats pass + output pass; bwd: reduce pass + dx pass
+  return {backward ? 8.0 : 3.0, floor};                  // fwd: stats pass + output pass; bwd: reduce pass + dx pass
 }
 
 void run_benchmark(benchmark::State& state, Provider provider, bool backward) {
@@ -240,8 +237,8 @@ void run_benchmark(benchmark::State& state, Provider provider, bool backward) {
       step = [&, backward] {
         if (!backward) {
           c10::InferenceMode guard;
-          benchmark::DoNotOptimize(aten_forward(in.x, in.norm_weight, in.norm_bias, in.bn_weight, in.bn_bias,
-                                                in.alpha, in.running_mean, in.running_var)
+          benchmark::DoNotOptimize(aten_forward(in.x, in.norm_weight, in.norm_bias, in.bn_weight, in.bn_bias, in.alpha,
+                                                in.running_mean, in.running_var)
                                        .data_ptr());
           return;
         }
@@ -279,9 +276,12 @@ void register_all() {
     bool backward;
   };
   const Spec specs[] = {
-      {"slab_fwd", Provider::kSlab, false},         {"slab_fwd_bwd", Provider::kSlab, true},
-      {"aten_fwd", Provider::kAten, false},         {"aten_fwd_bwd", Provider::kAten, true},
-      {"layer_norm_fwd", Provider::kLayerNorm, false}, {"layer_norm_fwd_bwd", Provider::kLayerNorm, true},
+      {"slab_fwd", Provider::kSlab, false},
+      {"slab_fwd_bwd", Provider::kSlab, true},
+      {"aten_fwd", Provider::kAten, false},
+      {"aten_fwd_bwd", Provider::kAten, true},
+      {"layer_norm_fwd", Provider::kLayerNorm, false},
+      {"layer_norm_fwd_bwd", Provider::kLayerNorm, true},
   };
   for (const auto& s : specs) {
     for (int64_t dev : g_opt.common.devices) {

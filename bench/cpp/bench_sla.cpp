@@ -51,15 +51,15 @@ namespace {
 using namespace slab_bench;
 
 // Signatures of the schemas in csrc/sla/sla_ops.cpp.
-using FwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                         bool causal, double eps, const OptTensor& mask);
+using FwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                         double eps, const OptTensor& mask);
 using BwdFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor& grad_o, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const Tensor& o, const Tensor& den, bool causal,
                                                  const OptTensor& mask);
 using StepFn = Tensor(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& state, Tensor& z, double eps);
 
-constexpr double kEps = 1e-6;     // SLAB's
-constexpr int64_t kChunk = 64;    // the causal chunk of the CPU kernels (kChunkCpu), for the FLOP count
+constexpr double kEps = 1e-6;   // SLAB's
+constexpr int64_t kChunk = 64;  // the causal chunk of the CPU kernels (kChunkCpu), for the FLOP count
 
 // ---- options -----------------------------------------------------------------------------------
 struct Options {
@@ -237,10 +237,17 @@ double flops(Kind kind, const Dims& d) {
   const double fwd = 2 * d.D * d.Dv + t * (d.D + d.Dv);
   double macs_per_token = 0;
   switch (kind) {
-    case Kind::kCausalFwd: macs_per_token = fwd; break;
-    case Kind::kCausalFwdBwd: macs_per_token = fwd + 5 * d.D * d.Dv + t * (3 * d.D + 2 * d.Dv); break;
-    case Kind::kFwd: macs_per_token = std::min(d.N * (d.D + d.Dv), 2 * d.D * d.Dv); break;
-    case Kind::kStep: return 2 * d.B * d.H * 2 * d.D * d.Dv;  // one token
+    case Kind::kCausalFwd:
+      macs_per_token = fwd;
+      break;
+    case Kind::kCausalFwdBwd:
+      macs_per_token = fwd + 5 * d.D * d.Dv + t * (3 * d.D + 2 * d.Dv);
+      break;
+    case Kind::kFwd:
+      macs_per_token = std::min(d.N * (d.D + d.Dv), 2 * d.D * d.Dv);
+      break;
+    case Kind::kStep:
+      return 2 * d.B * d.H * 2 * d.D * d.Dv;  // one token
   }
   return 2 * d.B * d.H * d.N * macs_per_token;
 }
@@ -273,9 +280,9 @@ std::function<void()> slab_call(Kind kind, Inputs& in) {
     const bool causal = kind != Kind::kFwd;
     const auto f = ops().fwd.call(in.q, in.k, in.v, causal, kEps, std::nullopt);
     if (kind == Kind::kCausalFwdBwd)
-      benchmark::DoNotOptimize(std::get<0>(ops().bwd.call(in.dout, in.q, in.k, in.v, std::get<0>(f), std::get<1>(f),
-                                                          causal, std::nullopt))
-                                   .data_ptr());
+      benchmark::DoNotOptimize(
+          std::get<0>(ops().bwd.call(in.dout, in.q, in.k, in.v, std::get<0>(f), std::get<1>(f), causal, std::nullopt))
+              .data_ptr());
     benchmark::DoNotOptimize(std::get<0>(f).data_ptr());
   };
 }
@@ -311,9 +318,12 @@ void run_benchmark(benchmark::State& state, Provider provider, Kind kind) {
   Inputs in = make_inputs(shape, kDtypes[dt], device);
 
   std::function<void()> step;
-  if (provider == Provider::kSlab) step = slab_call(kind, in);
-  else if (provider == Provider::kSdpa) step = aten_call(kind, in, sdpa_causal);
-  else step = aten_call(kind, in, kind == Kind::kFwd ? linear_composite : causal_composite);
+  if (provider == Provider::kSlab)
+    step = slab_call(kind, in);
+  else if (provider == Provider::kSdpa)
+    step = aten_call(kind, in, sdpa_causal);
+  else
+    step = aten_call(kind, in, kind == Kind::kFwd ? linear_composite : causal_composite);
 
   const Dims d{double(shape[0]), double(shape[1]), double(shape[2]), double(shape[3]), double(shape[3])};
   const double seconds = timed_loop(state, device, step, traffic(provider, kind, d, double(in.q.element_size())));
@@ -344,7 +354,8 @@ void register_all() {
       const auto unit = s.kind == Kind::kStep ? benchmark::kMicrosecond : benchmark::kMillisecond;
       auto* b = register_on(s.name, dev, [s](benchmark::State& st) { run_benchmark(st, s.provider, s.kind); }, unit);
       b->ArgNames({"B", "H", "N", "D", "dtype", "device"});
-      for (const auto& sh : g_opt.shapes) b->ArgsProduct({{sh[0]}, {sh[1]}, {sh[2]}, {sh[3]}, g_opt.common.dtypes, {dev}});
+      for (const auto& sh : g_opt.shapes)
+        b->ArgsProduct({{sh[0]}, {sh[1]}, {sh[2]}, {sh[3]}, g_opt.common.dtypes, {dev}});
     }
   }
 }

@@ -91,7 +91,8 @@ void parse_own_flags(int* argc, char** argv) {
   g_opt.shapes = parse_shapes(shapes, 3, "--shapes", "MxNxK");
   for (const auto& s : g_opt.shapes) {
     const int64_t k = s[2], g = g_opt.group == -1 ? k : g_opt.group;
-    if (k % 2 != 0 || k % g != 0) usage_error("--shapes: K = " + std::to_string(k) + " must be even and a multiple of --group");
+    if (k % 2 != 0 || k % g != 0)
+      usage_error("--shapes: K = " + std::to_string(k) + " must be even and a multiple of --group");
   }
 }
 

@@ -64,10 +64,10 @@ struct MlpParams {
 struct TokenIndexParams {
   DType dtype;  // of scores
   int64_t batch, tokens, keep;
-  const void* scores;          // [batch, tokens], NaN already mapped to -inf
-  const void* kth;             // [batch], accumulation type
-  const int64_t* n_greater;    // [batch]
-  int64_t* index;              // [batch, keep]
+  const void* scores;        // [batch, tokens], NaN already mapped to -inf
+  const void* kth;           // [batch], accumulation type
+  const int64_t* n_greater;  // [batch]
+  int64_t* index;            // [batch, keep]
 };
 
 // Row moves between a full (batch, tokens, channels) tensor and its kept rows (batch, keep,

@@ -14,8 +14,8 @@
 namespace slab::cats {
 namespace {
 
-constexpr int64_t kElemGrain = 16384;  // elements per elementwise task
-constexpr int64_t kRowGrain = 16;      // neurons per gate/up task
+constexpr int64_t kElemGrain = 16384;    // elements per elementwise task
+constexpr int64_t kRowGrain = 16;        // neurons per gate/up task
 constexpr int64_t kPrefetchBytes = 512;  // distance of the software prefetch in weight streams
 
 // ---- elementwise cats and its backward ---------------------------------------------------------
@@ -98,8 +98,7 @@ void dot_rows(const T* const* rows, const acc_t<T>* x, int64_t x_stride, int64_t
 // out[r * kMaxTokens + m] = rows[r] . x[m] for R rows and every token, two tokens per pass over
 // the rows (R * 2 accumulators stay in registers).
 template <int R, typename T>
-void dot_block(const T* const* rows, const acc_t<T>* x, int64_t x_stride, int64_t dim, int64_t tokens,
-               acc_t<T>* out) {
+void dot_block(const T* const* rows, const acc_t<T>* x, int64_t x_stride, int64_t dim, int64_t tokens, acc_t<T>* out) {
   int64_t m = 0;
   for (; m + 2 <= tokens; m += 2) dot_rows<R, 2>(rows, x + m * x_stride, x_stride, dim, out + m, kMaxTokens);
   if (m < tokens) dot_rows<R, 1>(rows, x + m * x_stride, x_stride, dim, out + m, kMaxTokens);
@@ -109,11 +108,20 @@ template <typename T>
 void dot_any(int n, const T* const* rows, const acc_t<T>* x, int64_t x_stride, int64_t dim, int64_t tokens,
              acc_t<T>* out) {
   switch (n) {
-    case 4: dot_block<4>(rows, x, x_stride, dim, tokens, out); break;
-    case 3: dot_block<3>(rows, x, x_stride, dim, tokens, out); break;
-    case 2: dot_block<2>(rows, x, x_stride, dim, tokens, out); break;
-    case 1: dot_block<1>(rows, x, x_stride, dim, tokens, out); break;
-    default: break;
+    case 4:
+      dot_block<4>(rows, x, x_stride, dim, tokens, out);
+      break;
+    case 3:
+      dot_block<3>(rows, x, x_stride, dim, tokens, out);
+      break;
+    case 2:
+      dot_block<2>(rows, x, x_stride, dim, tokens, out);
+      break;
+    case 1:
+      dot_block<1>(rows, x, x_stride, dim, tokens, out);
+      break;
+    default:
+      break;
   }
 }
 
@@ -206,7 +214,7 @@ void down_tokens(const T* wd, const acc_t<T>* act, const int64_t* kept, int64_t 
 // full rows of its chunk (a dropped neuron's row is never read), kRowTile rows at a time so the
 // accumulators stay in registers across a tile, into its own partial sums; the partials are
 // then added in chunk order.
-constexpr int64_t kRowTile = 8;          // rows streamed together (few enough for the prefetchers)
+constexpr int64_t kRowTile = 8;  // rows streamed together (few enough for the prefetchers)
 constexpr int64_t kMinRowsPerChunk = 32;
 constexpr int64_t kMaxChunks = 16;
 
@@ -225,10 +233,17 @@ void down_chunk(const MlpParams& p, const int64_t* kept, int64_t r0, int64_t r1,
     }
     const A* act_m = static_cast<const A*>(p.act) + m;
     switch (M - m) {
-      case 3: down_tokens<3>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width); break;
-      case 2: down_tokens<2>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width); break;
-      case 1: down_tokens<1>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width); break;
-      default: break;
+      case 3:
+        down_tokens<3>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width);
+        break;
+      case 2:
+        down_tokens<2>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width);
+        break;
+      case 1:
+        down_tokens<1>(wd, act_m, kept, t0, t1, D, M, 0, D, acc + m * width, width);
+        break;
+      default:
+        break;
     }
   }
 }
@@ -327,8 +342,14 @@ void token_rows_cpu(const TokenRowsParams& p) {
   });
 }
 
-void cats_cpu(const CatsParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_forward<T>(p); }); }
-void cats_backward_cpu(const CatsBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_backward<T>(p); }); }
-void mlp_cpu(const MlpParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { mlp<T>(p); }); }
+void cats_cpu(const CatsParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_forward<T>(p); });
+}
+void cats_backward_cpu(const CatsBwdParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { cats_backward<T>(p); });
+}
+void mlp_cpu(const MlpParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { mlp<T>(p); });
+}
 
 }  // namespace slab::cats

@@ -27,16 +27,21 @@ static_assert(kCompactRows == kScanThreads, "the compaction scans one neuron per
 // Blocks per SM the MLP kernels are built for: 2 (at most 128 registers) up to 8 tokens; 16 tokens
 // (and fp64 from 4 tokens) need more accumulators than that. (Without the bound ptxas picks fewer
 // registers for some small instantiations and spills.)
-template <typename T, int MB> constexpr int kMinBlocks = MB >= 16 || (sizeof(T) == 8 && MB >= 4) ? 1 : 2;
+template <typename T, int MB>
+constexpr int kMinBlocks = MB >= 16 || (sizeof(T) == 8 && MB >= 4) ? 1 : 2;
 
 int elem_blocks(int64_t n) { return grid_stride_blocks(n, kElemThreads); }
 
 __device__ __forceinline__ float exp_acc(float v) { return __expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 
-template <typename A> __device__ __forceinline__ A silu_acc(A v) { return silu_from_sigmoid(v, sigmoid_from_exp(exp_acc(-v))); }
+template <typename A>
+__device__ __forceinline__ A silu_acc(A v) {
+  return silu_from_sigmoid(v, sigmoid_from_exp(exp_acc(-v)));
+}
 
-template <typename A, int W> __device__ __forceinline__ void set_zero(A (&v)[W]) {
+template <typename A, int W>
+__device__ __forceinline__ void set_zero(A (&v)[W]) {
 #pragma unroll
   for (int i = 0; i < W; ++i) v[i] = A(0);
 }
@@ -288,7 +293,7 @@ __global__ void __launch_bounds__(kDownWarps * 32, kMinBlocks<T, MB>) down_parti
   const int64_t tile0 = down_column(blockIdx.x, 0, W);
 #pragma unroll
   for (int m = 0; m < MB; ++m) {
-    if (m < M) {  // block-uniform
+    if (m < M) {        // block-uniform
       __syncthreads();  // s_sum is no longer read (or the chunk loop is done)
 #pragma unroll
       for (int i = 0; i < W; ++i) s_sum[warp][lane * W + i] = acc[m][i];
@@ -318,13 +323,19 @@ __global__ void __launch_bounds__(kElemThreads) down_reduce_kernel(MlpParams p, 
 }
 
 // Runs body(std::integral_constant<int, MB>{}) with MB = token_bucket(tokens).
-template <typename Body> void token_bucket_switch(int64_t tokens, Body&& body) {
+template <typename Body>
+void token_bucket_switch(int64_t tokens, Body&& body) {
   switch (token_bucket(tokens)) {
-    case 1: return body(std::integral_constant<int, 1>{});
-    case 2: return body(std::integral_constant<int, 2>{});
-    case 4: return body(std::integral_constant<int, 4>{});
-    case 8: return body(std::integral_constant<int, 8>{});
-    default: return body(std::integral_constant<int, 16>{});
+    case 1:
+      return body(std::integral_constant<int, 1>{});
+    case 2:
+      return body(std::integral_constant<int, 2>{});
+    case 4:
+      return body(std::integral_constant<int, 4>{});
+    case 8:
+      return body(std::integral_constant<int, 8>{});
+    default:
+      return body(std::integral_constant<int, 16>{});
   }
 }
 

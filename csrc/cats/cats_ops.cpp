@@ -70,9 +70,20 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
   partial = empty({mlp_workspace_elems(M, D, F, static_cast<int>(x.element_size()))}, act.scalar_type(), x.device());
   kept = empty({F + 1}, ScalarType::Int, x.device());
 #endif
-  MlpParams p{dtype, M, D, F, xc.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), y.data_ptr(),
-              act.data_ptr(), keep.mutable_data_ptr<uint8_t>(), data_or_null(partial),
-              static_cast<int32_t*>(data_or_null(kept)), threshold};
+  MlpParams p{dtype,
+              M,
+              D,
+              F,
+              xc.data_ptr(),
+              wg.data_ptr(),
+              wu.data_ptr(),
+              wd.data_ptr(),
+              y.data_ptr(),
+              act.data_ptr(),
+              keep.mutable_data_ptr<uint8_t>(),
+              data_or_null(partial),
+              static_cast<int32_t*>(data_or_null(kept)),
+              threshold};
   launch(x, p, mlp_cpu, SLAB_CUDA_FN(mlp_cuda));
   return y;
 }
@@ -95,7 +106,13 @@ Tensor token_select_index_op(const Tensor& scores, int64_t keep) {
   const Tensor above = aten("aten::gt", "Tensor", s, torch::stable::unsqueeze(kth, -1));
   const Tensor n_greater = contiguous(torch::stable::sum(above, std::vector<int64_t>{-1}, false, ScalarType::Long));
   const Tensor kth_acc = to_dtype(kth, acc_dtype(scores.scalar_type()));
-  TokenIndexParams p{dtype, B, N, keep, s.data_ptr(), kth_acc.data_ptr(), n_greater.const_data_ptr<int64_t>(),
+  TokenIndexParams p{dtype,
+                     B,
+                     N,
+                     keep,
+                     s.data_ptr(),
+                     kth_acc.data_ptr(),
+                     n_greater.const_data_ptr<int64_t>(),
                      index.mutable_data_ptr<int64_t>()};
   launch(scores, p, token_index_cpu, SLAB_CUDA_FN(token_index_cuda));
   return index;
@@ -128,7 +145,7 @@ void move_rows(const Tensor& full, const Tensor& index, const Tensor& src, const
   const int64_t row_bytes = full.size(2) * static_cast<int64_t>(full.element_size());
   const int word = copy_word_bytes(row_bytes, reinterpret_cast<uintptr_t>(src.data_ptr()),
                                    reinterpret_cast<uintptr_t>(dst.data_ptr()));
-  TokenRowsParams p{full.size(0), full.size(1), index.size(1), row_bytes, word, index.const_data_ptr<int64_t>(),
+  TokenRowsParams p{full.size(0),   full.size(1),   index.size(1), row_bytes, word, index.const_data_ptr<int64_t>(),
                     src.data_ptr(), dst.data_ptr(), gather};
   launch(full, p, token_rows_cpu, SLAB_CUDA_FN(token_rows_cuda));
 }

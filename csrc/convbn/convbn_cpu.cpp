@@ -14,7 +14,10 @@ namespace {
 constexpr int64_t kElemGrain = 32768;  // elements per task (at::internal::GRAIN_SIZE: below it a
                                        // thread-pool hand-off costs more than the pass)
 
-template <typename A> const A* vec(const void* p) { return static_cast<const A*>(p); }
+template <typename A>
+const A* vec(const void* p) {
+  return static_cast<const A*>(p);
+}
 
 template <typename T>
 void fold_forward(const FoldParams& p) {
@@ -78,8 +81,8 @@ void fold_backward(const FoldBwdParams& p) {
         for (int64_t o = begin; o < end; ++o) {
           const Channel<A> c =
               channel(vec<A>(p.bias), vec<A>(p.bn_weight), vec<A>(p.running_mean), vec<A>(p.running_var), eps, o);
-          const A dot = bwd_row<T, kDw, kDot>(gw + o * p.k, kDot ? w + o * p.k : nullptr,
-                                              kDw ? dw + o * p.k : nullptr, p.k, c.g);
+          const A dot =
+              bwd_row<T, kDw, kDot>(gw + o * p.k, kDot ? w + o * p.k : nullptr, kDw ? dw + o * p.k : nullptr, p.k, c.g);
           const ChannelGrads<A> g = channel_grads(c, gb ? gb[o] : A(0), dot);
           d_bias[o] = g.bias;
           d_beta[o] = g.beta;

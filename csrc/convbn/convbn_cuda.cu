@@ -11,7 +11,10 @@
 namespace slab::convbn {
 namespace {
 
-template <typename A> __device__ __forceinline__ const A* vec(const void* p) { return static_cast<const A*>(p); }
+template <typename A>
+__device__ __forceinline__ const A* vec(const void* p) {
+  return static_cast<const A*>(p);
+}
 
 template <typename A, typename P>
 __device__ __forceinline__ Channel<A> channel_of(const P& p, int64_t o) {

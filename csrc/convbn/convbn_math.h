@@ -10,7 +10,10 @@ namespace slab::convbn {
 // The per-channel factors of eval-mode BatchNorm, y = (x - mean) * r * gamma + beta: r = 1 /
 // sqrt(var + eps) as torch computes it (a variance of -eps gives inf, below that NaN, as there),
 // and the weight scale g = gamma * r.
-template <typename A> struct Scale { A r, g; };
+template <typename A>
+struct Scale {
+  A r, g;
+};
 
 template <typename A>
 SLAB_HD Scale<A> fold_scale(A gamma, A var, A eps) {
@@ -46,7 +49,10 @@ SLAB_HD A fold_grad_gamma(A dot, A grad_bias, A centered, A r) {
 
 // Everything a kernel needs of channel o: r, g and bias - mean, from the accumulation-type
 // vectors (a null optional vector reads as its neutral value: bias 0, gamma 1).
-template <typename A> struct Channel { A r, g, centered; };
+template <typename A>
+struct Channel {
+  A r, g, centered;
+};
 
 template <typename A>
 SLAB_HD Channel<A> channel(const A* bias, const A* gamma, const A* mean, const A* var, A eps, int64_t o) {
@@ -55,7 +61,10 @@ SLAB_HD Channel<A> channel(const A* bias, const A* gamma, const A* mean, const A
 }
 
 // The per-channel gradients from db' and the row's sum of dw' * w: (db, dgamma, dbeta).
-template <typename A> struct ChannelGrads { A bias, gamma, beta; };
+template <typename A>
+struct ChannelGrads {
+  A bias, gamma, beta;
+};
 
 template <typename A>
 SLAB_HD ChannelGrads<A> channel_grads(const Channel<A>& c, A grad_bias, A dot) {

@@ -30,8 +30,8 @@ Tensor channel_vec(const Tensor& t, const Tensor& weight, int64_t channels, cons
   SLAB_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels,
              ",) = (out_channels of weight,), got ", t.sizes());
   const ScalarType wt = weight.scalar_type(), acc = acc_dtype(wt);
-  SLAB_CHECK(t.scalar_type() == wt || t.scalar_type() == acc, name, " must be ", wt,
-             wt == acc ? "" : " or float32", " to match weight, got ", t.scalar_type());
+  SLAB_CHECK(t.scalar_type() == wt || t.scalar_type() == acc, name, " must be ", wt, wt == acc ? "" : " or float32",
+             " to match weight, got ", t.scalar_type());
   return contiguous(to_dtype(t, acc));
 }
 
@@ -55,8 +55,9 @@ std::tuple<Tensor, Tensor> fold_op(const Tensor& weight, const OptTensor& bias, 
   Tensor out_w = empty(shape_of(weight), weight.scalar_type(), weight.device());
   Tensor out_b = empty({s.channels}, weight.scalar_type(), weight.device());
   if (s.channels == 0) return {out_w, out_b};
-  FoldParams p{dtype, s.channels, s.k, w.data_ptr(), data_or_null(b), data_or_null(gamma), data_or_null(beta),
-               mean.data_ptr(), var.data_ptr(), eps, out_w.data_ptr(), out_b.data_ptr()};
+  FoldParams p{
+      dtype,           s.channels,     s.k, w.data_ptr(),     data_or_null(b), data_or_null(gamma), data_or_null(beta),
+      mean.data_ptr(), var.data_ptr(), eps, out_w.data_ptr(), out_b.data_ptr()};
   launch(weight, p, fold_cpu, SLAB_CUDA_FN(fold_cuda));
   return {out_w, out_b};
 }
@@ -64,10 +65,10 @@ std::tuple<Tensor, Tensor> fold_op(const Tensor& weight, const OptTensor& bias, 
 // Gradients of fold_op: (dw in weight's dtype, or shape (0,) unless weight_grad; db, dgamma (shape
 // (0,) unless bn_weight_grad) and dbeta, (O,) in the accumulation dtype).
 std::tuple<Tensor, Tensor, Tensor, Tensor> fold_backward_op(const Tensor& grad_weight, const OptTensor& grad_bias,
-                                                       const Tensor& weight, const OptTensor& bias,
-                                                       const OptTensor& bn_weight, const Tensor& running_mean,
-                                                       const Tensor& running_var, double eps, bool weight_grad,
-                                                       bool bn_weight_grad) {
+                                                            const Tensor& weight, const OptTensor& bias,
+                                                            const OptTensor& bn_weight, const Tensor& running_mean,
+                                                            const Tensor& running_var, double eps, bool weight_grad,
+                                                            bool bn_weight_grad) {
   const DType dtype = kernel_dtype(weight, "weight");
   const Shape s = check_weight(weight);
   check_same_device(grad_weight, weight, "grad_weight", "weight");
@@ -92,10 +93,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fold_backward_op(const Tensor& grad_w
 #ifdef SLAB_WITH_CUDA
   workspace = empty({fold_backward_workspace_elems(s.channels, s.k)}, acc, dev);
 #endif
-  FoldBwdParams p{dtype, s.channels, s.k, gw.data_ptr(), data_or_null(gb), data_or_null(w), data_or_null(b),
-                  data_or_null(gamma), mean.data_ptr(), var.data_ptr(), eps,
-                  weight_grad ? dw.data_ptr() : nullptr, d_bias.data_ptr(),
-                  bn_weight_grad ? d_gamma.data_ptr() : nullptr, d_beta.data_ptr(), data_or_null(workspace)};
+  FoldBwdParams p{dtype,
+                  s.channels,
+                  s.k,
+                  gw.data_ptr(),
+                  data_or_null(gb),
+                  data_or_null(w),
+                  data_or_null(b),
+                  data_or_null(gamma),
+                  mean.data_ptr(),
+                  var.data_ptr(),
+                  eps,
+                  weight_grad ? dw.data_ptr() : nullptr,
+                  d_bias.data_ptr(),
+                  bn_weight_grad ? d_gamma.data_ptr() : nullptr,
+                  d_beta.data_ptr(),
+                  data_or_null(workspace)};
   launch(weight, p, fold_backward_cpu, SLAB_CUDA_FN(fold_backward_cuda));
   return {dw, d_bias, d_gamma, d_beta};
 }

@@ -21,7 +21,8 @@ AliasCheck& AliasCheck::add(const Tensor& t, std::string name, bool written) {
     if (t.size(d) <= 1) continue;
     SLAB_CHECK(!written || t.stride(d) != 0, "unsupported operation: ", name,
                " is written in place, but more than one of its elements refer to a single memory location "
-               "(an expanded or stride-0 view); pass a tensor that owns its elements (e.g. ", name, ".clone())");
+               "(an expanded or stride-0 view); pass a tensor that owns its elements (e.g. ",
+               name, ".clone())");
     const int64_t reach = (t.size(d) - 1) * t.stride(d);
     (reach < 0 ? lo : hi) += reach;
   }

@@ -55,10 +55,18 @@ inline std::ostream& operator<<(std::ostream& os, IntArrayRef shape) {
 
 inline std::ostream& operator<<(std::ostream& os, const Device& d) {
   switch (d.type()) {
-    case torch::headeronly::DeviceType::CPU: os << "cpu"; break;
-    case torch::headeronly::DeviceType::CUDA: os << "cuda"; break;
-    case torch::headeronly::DeviceType::Meta: os << "meta"; break;
-    default: os << "device type " << static_cast<int>(d.type()); break;
+    case torch::headeronly::DeviceType::CPU:
+      os << "cpu";
+      break;
+    case torch::headeronly::DeviceType::CUDA:
+      os << "cuda";
+      break;
+    case torch::headeronly::DeviceType::Meta:
+      os << "meta";
+      break;
+    default:
+      os << "device type " << static_cast<int>(d.type());
+      break;
   }
   if (d.type() != torch::headeronly::DeviceType::CPU && d.has_index()) os << ":" << static_cast<int>(d.index());
   return os;
@@ -74,8 +82,8 @@ template <typename... Args>
 }  // namespace slab
 
 // SLAB_CHECK(cond, "x must be ...", value, ...): a RuntimeError with the message when cond is false.
-#define SLAB_CHECK(COND, ...)         \
-  do {                                \
+#define SLAB_CHECK(COND, ...)               \
+  do {                                      \
     if (!(COND)) ::slab::fail(__VA_ARGS__); \
   } while (0)
 
@@ -87,7 +95,7 @@ namespace slab {
 // ScalarType, int lists, ...): the first (R) or the first two (aten2).
 template <typename... Args>
 std::array<StableIValue, std::max<size_t>(sizeof...(Args), 2)> call_op(const char* op, const char* overload,
-                                                                      const Args&... args) {
+                                                                       const Args&... args) {
   std::array<StableIValue, std::max<size_t>(sizeof...(Args), 2)> stack{torch::stable::detail::from(args)...};
   STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
   return stack;
@@ -122,15 +130,21 @@ inline bool same_shape(const Tensor& a, IntArrayRef shape) { return a.sizes().eq
 inline std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
 // A tensor argument the schema requires: None reaches the kernel as an undefined tensor.
-inline void check_defined(const Tensor& t, const char* name) { SLAB_CHECK(t.defined(), name, " must be a tensor, got None"); }
+inline void check_defined(const Tensor& t, const char* name) {
+  SLAB_CHECK(t.defined(), name, " must be a tensor, got None");
+}
 
 inline DType kernel_dtype(const Tensor& t, const char* name) {
   check_defined(t, name);
   switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::kFloat32;
-    case ScalarType::Half: return DType::kFloat16;
-    case ScalarType::BFloat16: return DType::kBFloat16;
-    case ScalarType::Double: return DType::kFloat64;
+    case ScalarType::Float:
+      return DType::kFloat32;
+    case ScalarType::Half:
+      return DType::kFloat16;
+    case ScalarType::BFloat16:
+      return DType::kBFloat16;
+    case ScalarType::Double:
+      return DType::kFloat64;
     default:
       fail(name, " must be float32, bfloat16 or float16 (float64 for gradcheck), got ", t.scalar_type());
   }
@@ -139,9 +153,16 @@ inline DType kernel_dtype(const Tensor& t, const char* name) {
 // A real floating-point dtype, as c10::isFloatingType: float64/32/16, bfloat16, float8, float4.
 inline bool is_floating_point(ScalarType t) {
   switch (t) {
-    case ScalarType::Double: case ScalarType::Float: case ScalarType::Half: case ScalarType::BFloat16:
-    case ScalarType::Float8_e5m2: case ScalarType::Float8_e5m2fnuz: case ScalarType::Float8_e4m3fn:
-    case ScalarType::Float8_e4m3fnuz: case ScalarType::Float8_e8m0fnu: case ScalarType::Float4_e2m1fn_x2:
+    case ScalarType::Double:
+    case ScalarType::Float:
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e4m3fnuz:
+    case ScalarType::Float8_e8m0fnu:
+    case ScalarType::Float4_e2m1fn_x2:
       return true;
     default:
       return false;
@@ -153,8 +174,8 @@ inline ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? Sca
 
 // A scalar hyperparameter: finite, and >= 0 unless `non_negative` is false.
 inline void check_finite(double v, const char* name, bool non_negative = true) {
-  SLAB_CHECK(std::isfinite(v) && (!non_negative || v >= 0), name, " must be finite",
-             non_negative ? " and >= 0" : "", ", got ", v);
+  SLAB_CHECK(std::isfinite(v) && (!non_negative || v >= 0), name, " must be finite", non_negative ? " and >= 0" : "",
+             ", got ", v);
 }
 
 // A fraction (momentum, interpolation weight): finite and in [0, 1].
@@ -187,8 +208,8 @@ inline Tensor channel_vector(const Tensor& t, const Tensor& x, int64_t channels,
   if (x.scalar_type() == acc) {
     SLAB_CHECK(t.scalar_type() == acc, name, " must be ", acc, " to match x, got ", t.scalar_type());
   } else {
-    SLAB_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, name, " must be ", x.scalar_type(),
-               " or ", acc, " to match x, got ", t.scalar_type());
+    SLAB_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, name, " must be ", x.scalar_type(), " or ",
+               acc, " to match x, got ", t.scalar_type());
   }
   return contiguous(to_dtype(t, acc));
 }

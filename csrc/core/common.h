@@ -41,36 +41,70 @@ enum class DType : int8_t { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 // Accumulation type: fp32 for every 16/32-bit input, fp64 only when the input is fp64
 // (so float64 gradcheck sees float64 arithmetic).
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
 
 }  // namespace slab
 
 // Runs the trailing lambda body with `T` bound to the element type of `dtype`, taken from the
 // side's type map (cpu_types.h or cuda_types.cuh), e.g.
 //   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { run<T>(p); });
-#define SLAB_DTYPE_SWITCH(DTYPE, MAP, T, ...)                                             \
-  [&] {                                                                                   \
-    switch (DTYPE) {                                                                      \
-      case ::slab::DType::kFloat32: { using T = MAP<::slab::DType::kFloat32>; return __VA_ARGS__(); } \
-      case ::slab::DType::kFloat16: { using T = MAP<::slab::DType::kFloat16>; return __VA_ARGS__(); } \
-      case ::slab::DType::kBFloat16: { using T = MAP<::slab::DType::kBFloat16>; return __VA_ARGS__(); } \
-      case ::slab::DType::kFloat64: { using T = MAP<::slab::DType::kFloat64>; return __VA_ARGS__(); } \
-    }                                                                                     \
+#define SLAB_DTYPE_SWITCH(DTYPE, MAP, T, ...)    \
+  [&] {                                          \
+    switch (DTYPE) {                             \
+      case ::slab::DType::kFloat32: {            \
+        using T = MAP<::slab::DType::kFloat32>;  \
+        return __VA_ARGS__();                    \
+      }                                          \
+      case ::slab::DType::kFloat16: {            \
+        using T = MAP<::slab::DType::kFloat16>;  \
+        return __VA_ARGS__();                    \
+      }                                          \
+      case ::slab::DType::kBFloat16: {           \
+        using T = MAP<::slab::DType::kBFloat16>; \
+        return __VA_ARGS__();                    \
+      }                                          \
+      case ::slab::DType::kFloat64: {            \
+        using T = MAP<::slab::DType::kFloat64>;  \
+        return __VA_ARGS__();                    \
+      }                                          \
+    }                                            \
   }()
 
 // Runs the trailing lambda body with `W` bound to the unsigned word type of `BYTES` (1, 2, 4, 8 or
 // 16, from copy_word_bytes).
-#define SLAB_WORD_SWITCH(BYTES, W, ...)                             \
-  [&] {                                                             \
-    switch (BYTES) {                                                \
-      case 16: { using W = ::slab::Word16; return __VA_ARGS__(); }  \
-      case 8: { using W = uint64_t; return __VA_ARGS__(); }         \
-      case 4: { using W = uint32_t; return __VA_ARGS__(); }         \
-      case 2: { using W = uint16_t; return __VA_ARGS__(); }         \
-      default: { using W = uint8_t; return __VA_ARGS__(); }         \
-    }                                                               \
+#define SLAB_WORD_SWITCH(BYTES, W, ...) \
+  [&] {                                 \
+    switch (BYTES) {                    \
+      case 16: {                        \
+        using W = ::slab::Word16;       \
+        return __VA_ARGS__();           \
+      }                                 \
+      case 8: {                         \
+        using W = uint64_t;             \
+        return __VA_ARGS__();           \
+      }                                 \
+      case 4: {                         \
+        using W = uint32_t;             \
+        return __VA_ARGS__();           \
+      }                                 \
+      case 2: {                         \
+        using W = uint16_t;             \
+        return __VA_ARGS__();           \
+      }                                 \
+      default: {                        \
+        using W = uint8_t;              \
+        return __VA_ARGS__();           \
+      }                                 \
+    }                                   \
   }()
 
 // Binds a runtime bool to a compile-time constant.

@@ -17,20 +17,42 @@
 
 namespace slab {
 
-template <DType D> struct CpuScalarOf;
-template <> struct CpuScalarOf<DType::kFloat32> { using type = float; };
-template <> struct CpuScalarOf<DType::kFloat16> { using type = c10::Half; };
-template <> struct CpuScalarOf<DType::kBFloat16> { using type = c10::BFloat16; };
-template <> struct CpuScalarOf<DType::kFloat64> { using type = double; };
-template <DType D> using CpuScalar = typename CpuScalarOf<D>::type;
+template <DType D>
+struct CpuScalarOf;
+template <>
+struct CpuScalarOf<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct CpuScalarOf<DType::kFloat16> {
+  using type = c10::Half;
+};
+template <>
+struct CpuScalarOf<DType::kBFloat16> {
+  using type = c10::BFloat16;
+};
+template <>
+struct CpuScalarOf<DType::kFloat64> {
+  using type = double;
+};
+template <DType D>
+using CpuScalar = typename CpuScalarOf<D>::type;
 
-template <> struct AccOf<c10::Half> { using type = float; };
-template <> struct AccOf<c10::BFloat16> { using type = float; };
+template <>
+struct AccOf<c10::Half> {
+  using type = float;
+};
+template <>
+struct AccOf<c10::BFloat16> {
+  using type = float;
+};
 
 // One vector of the accumulation type (8 floats or 4 doubles) per step; 16-bit inputs are
 // widened on load and narrowed on store.
-template <typename T> using AccVec = at::vec::Vectorized<acc_t<T>>;
-template <typename T> constexpr int64_t kVecWidth = AccVec<T>::size();
+template <typename T>
+using AccVec = at::vec::Vectorized<acc_t<T>>;
+template <typename T>
+constexpr int64_t kVecWidth = AccVec<T>::size();
 
 template <typename T>
 inline AccVec<T> load_vec(const T* p) {
@@ -75,8 +97,10 @@ inline AccVec<T> load_at(const T* p, int64_t i, int64_t end) {
 
 template <typename T>
 inline void store_at(T* p, int64_t i, int64_t end, const AccVec<T>& v) {
-  if (end - i >= kVecWidth<T>) store_vec(p + i, v);
-  else store_vec_n(p + i, end - i, v);
+  if (end - i >= kVecWidth<T>)
+    store_vec(p + i, v);
+  else
+    store_vec_n(p + i, end - i, v);
 }
 
 // Zeroes the lanes at and past n, so padded lanes add nothing to a reduction.
@@ -98,14 +122,18 @@ inline void for_each_vec(int64_t n, const Body& body) {
 
 template <typename T, typename Full>
 inline AccVec<T> load_piece(const T* p, int64_t i, int64_t end, Full) {
-  if constexpr (Full::value) return load_vec(p + i);
-  else return load_vec_n(p + i, end - i);
+  if constexpr (Full::value)
+    return load_vec(p + i);
+  else
+    return load_vec_n(p + i, end - i);
 }
 
 template <typename T, typename Full>
 inline void store_piece(T* p, int64_t i, int64_t end, const AccVec<T>& v, Full) {
-  if constexpr (Full::value) store_vec(p + i, v);
-  else store_vec_n(p + i, end - i, v);
+  if constexpr (Full::value)
+    store_vec(p + i, v);
+  else
+    store_vec_n(p + i, end - i, v);
 }
 
 // Sum over the vectors of a row of n elements of term(c, full) (as for_each_vec; a V each), the
@@ -127,7 +155,10 @@ inline V sum_vecs(int64_t n, const Term& term) {
   return (a0 + a1) + (a2 + a3);
 }
 
-template <typename V> struct VecPair { V a, b; };
+template <typename V>
+struct VecPair {
+  V a, b;
+};
 
 template <typename V, typename Term>
 inline VecPair<V> sum_vec_pairs(int64_t n, const Term& term) {

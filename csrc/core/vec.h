@@ -17,8 +17,10 @@ namespace slab {
 
 constexpr int kVecBytes = 16;
 
-// Elements of T in one 16-byte pack (4 floats, 8 halves, 2 doubles, 16 bytes); a variable, so device code may use it without --expt-relaxed-constexpr.
-template <typename T> constexpr int kPackWidth = kVecBytes / static_cast<int>(sizeof(T));
+// Elements of T in one 16-byte pack (4 floats, 8 halves, 2 doubles, 16 bytes); a variable, so device code may use it
+// without --expt-relaxed-constexpr.
+template <typename T>
+constexpr int kPackWidth = kVecBytes / static_cast<int>(sizeof(T));
 
 SLAB_HD bool vec_aligned(const void* p) { return reinterpret_cast<uint64_t>(p) % kVecBytes == 0; }
 
@@ -31,19 +33,19 @@ SLAB_HD bool all_vec_aligned(const P* p, const Rest*... rest) {
 }
 
 // Rows of row_elems elements of elem_bytes each all start aligned when the base is aligned.
-SLAB_HD bool rows_vec_aligned(int64_t row_elems, int elem_bytes) {
-  return (row_elems * elem_bytes) % kVecBytes == 0;
-}
+SLAB_HD bool rows_vec_aligned(int64_t row_elems, int elem_bytes) { return (row_elems * elem_bytes) % kVecBytes == 0; }
 
 // W elements of T as one aligned unit: a copy of it is one 16-byte load or store on the GPU when
 // W * sizeof(T) == 16 (the pointer must then be 16-byte aligned).
-template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 
 // Plain (host and device) pack access, for kernel bodies that the CPU tests also run; on the host
 // a memcpy, so the emulation does not depend on type punning.
-template <int W, typename T> SLAB_HD Pack<T, W> read_pack(const T* p) {
+template <int W, typename T>
+SLAB_HD Pack<T, W> read_pack(const T* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const Pack<T, W>*>(p);
 #else
@@ -52,7 +54,8 @@ template <int W, typename T> SLAB_HD Pack<T, W> read_pack(const T* p) {
   return out;
 #endif
 }
-template <int W, typename T> SLAB_HD void write_pack(T* p, const Pack<T, W>& v) {
+template <int W, typename T>
+SLAB_HD void write_pack(T* p, const Pack<T, W>& v) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<Pack<T, W>*>(p) = v;
 #else

@@ -15,9 +15,12 @@ namespace slab {
 // first, so they do not push reused lines out of L2).
 enum class Cache { kReuse, kStream };
 
-template <Cache C, typename V> __device__ __forceinline__ V load_raw(const V* p) {
-  if constexpr (C == Cache::kStream) return __ldcs(p);
-  else return __ldg(p);
+template <Cache C, typename V>
+__device__ __forceinline__ V load_raw(const V* p) {
+  if constexpr (C == Cache::kStream)
+    return __ldcs(p);
+  else
+    return __ldg(p);
 }
 
 // W raw elements at p (p aligned to W * sizeof(T) when W > 1).
@@ -26,8 +29,10 @@ __device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
   static_assert(W == 1 || W == kPackWidth<T>, "a pack is one element or 16 bytes");
   Pack<T, W> out;
   if constexpr (W == 1) {
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) out.v[0] = load_raw<C>(p);
-    else out.v[0] = *p;  // 16-bit types: a plain load (the cached intrinsics have no 16-bit float overloads)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+      out.v[0] = load_raw<C>(p);
+    else
+      out.v[0] = *p;  // 16-bit types: a plain load (the cached intrinsics have no 16-bit float overloads)
   } else {
     const uint4 raw = load_raw<C>(reinterpret_cast<const uint4*>(p));
     out = *reinterpret_cast<const Pack<T, W>*>(&raw);
@@ -68,12 +73,12 @@ __device__ __forceinline__ void for_each_pack(int64_t n, bool vectorized, Body&&
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   for (int64_t k = first; k < split.packs; k += stride) body(k * kW, std::integral_constant<int, kW>{});
-  for (int64_t k = first; k < split.tail; k += stride)
-    body(split.packs * kW + k, std::integral_constant<int, 1>{});
+  for (int64_t k = first; k < split.tail; k += stride) body(split.packs * kW + k, std::integral_constant<int, 1>{});
 }
 
 // Blocks for for_each_pack: one pack per thread up to the grid limit.
-template <typename T> inline int pack_blocks(int64_t n, int threads, bool vectorized) {
+template <typename T>
+inline int pack_blocks(int64_t n, int threads, bool vectorized) {
   const PackSplit split = pack_split(n, kPackWidth<T>, vectorized);
   return grid_stride_blocks(split.packs > split.tail ? split.packs : split.tail, threads);
 }

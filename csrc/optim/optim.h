@@ -116,7 +116,7 @@ struct MomentumParams {
 struct AdamPParams {
   DType dtype;
   TensorList x, g, m, v;
-  const int64_t* rows;  // [count]: rows of each tensor (cols = numel / rows)
+  const int64_t* rows;    // [count]: rows of each tensor (cols = numel / rows)
   const void* bias_corr;  // [count, 2] accumulation type: 1 / bc1, 1 / sqrt(bc2) per tensor
   double beta1, beta2, eps;
   bool nesterov, maximize;
@@ -177,7 +177,7 @@ SLAB_HD void static_for(F&& f) {
 
 constexpr int kMaxTensors = 48;  // per launch; keeps the table under the 4 KiB argument limit
 constexpr int kMaxLists = 4;
-constexpr int kMaxSums = 2;      // partial-sum terms per rule (LAMB stage 1: ||x||^2, ||u||^2)
+constexpr int kMaxSums = 2;  // partial-sum terms per rule (LAMB stage 1: ||x||^2, ||u||^2)
 
 // One launch's tensors, a __grid_constant__ kernel argument: the `count` tensors' sizes, the
 // first chunk of every tensor (prefix sums of their chunk counts; first_chunk[count] = blocks),
@@ -197,8 +197,10 @@ SLAB_HD int slot_of_chunk(const int* first_chunk, int count, int c) {
   int lo = 0, hi = count - 1;  // invariant: first_chunk[lo] <= c; answer in [lo, hi]
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (first_chunk[mid] <= c) lo = mid;
-    else hi = mid - 1;
+    if (first_chunk[mid] <= c)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }

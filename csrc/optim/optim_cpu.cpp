@@ -27,9 +27,13 @@ std::vector<Chunk> chunks(const TensorList& list) {
 }
 
 template <typename T>
-const T* in(const TensorList& l, int64_t t) { return static_cast<const T*>(l.data[t]); }
+const T* in(const TensorList& l, int64_t t) {
+  return static_cast<const T*>(l.data[t]);
+}
 template <typename T>
-T* out(const TensorList& l, int64_t t) { return static_cast<T*>(l.data[t]); }
+T* out(const TensorList& l, int64_t t) {
+  return static_cast<T*>(l.data[t]);
+}
 
 // What the rules need that differs between at::vec vectors and scalars.
 template <typename T>
@@ -53,7 +57,8 @@ struct VecOps {
 // terms (padded lanes masked out unless kFull: a whole vector, no masking) into acc.
 // Always inlined: the accumulators must stay in registers across the steps of a chunk.
 template <typename T, typename Rule, bool kFull, typename K>
-[[gnu::always_inline]] inline void rule_step(const K& k, void* const (&ptr)[kMaxLists], int64_t i, int64_t end, AccVec<T> (&acc)[kMaxSums]) {
+[[gnu::always_inline]] inline void rule_step(const K& k, void* const (&ptr)[kMaxLists], int64_t i, int64_t end,
+                                             AccVec<T> (&acc)[kMaxSums]) {
   using V = AccVec<T>;
   V r[kMaxLists], s[kMaxSums];
   static_for<Rule::kLists>([&](auto l) {
@@ -137,15 +142,25 @@ void dog_update(const DogUpdateParams& p) {
 template <typename T>
 void lion(const LionParams& p) {
   using A = acc_t<T>;
-  const LionRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1),
-                         static_cast<A>(1.0 - p.beta2), static_cast<A>(p.weight_decay), static_cast<const A*>(p.lr)};
+  const LionRule<A> rule{p.found_inf,
+                         p.grad_scale,
+                         p.maximize,
+                         static_cast<A>(1.0 - p.beta1),
+                         static_cast<A>(1.0 - p.beta2),
+                         static_cast<A>(p.weight_decay),
+                         static_cast<const A*>(p.lr)};
   for_each_chunk<T>(rule, {p.x, p.g, p.m});
 }
 
 template <typename A>
 AdamConsts<A> lamb_consts(const LambParams& p) {
-  return {p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1), static_cast<A>(1.0 - p.beta2),
-          static_cast<A>(p.eps), static_cast<const A*>(p.bias_corr)};
+  return {p.found_inf,
+          p.grad_scale,
+          p.maximize,
+          static_cast<A>(1.0 - p.beta1),
+          static_cast<A>(1.0 - p.beta2),
+          static_cast<A>(p.eps),
+          static_cast<const A*>(p.bias_corr)};
 }
 
 template <typename T>
@@ -170,8 +185,12 @@ void lamb_stage2(const LambParams& p) {
 template <typename T>
 void momentum(const MomentumParams& p) {
   using A = acc_t<T>;
-  const MomentumRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(p.momentum),
-                             static_cast<A>(p.weight_decay), static_cast<const A*>(p.scale),
+  const MomentumRule<A> rule{p.found_inf,
+                             p.grad_scale,
+                             p.maximize,
+                             static_cast<A>(p.momentum),
+                             static_cast<A>(p.weight_decay),
+                             static_cast<const A*>(p.scale),
                              static_cast<const A*>(p.lr)};
   for_each_chunk<T>(rule, {p.x, p.g, p.buf});
 }
@@ -218,8 +237,10 @@ struct AdamPConsts {
   using V = AccVec<T>;
   V scale, b1, b2, eps;
   explicit AdamPConsts(const AdamPParams& p)
-      : scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))), b1(static_cast<A>(1.0 - p.beta1)),
-        b2(static_cast<A>(1.0 - p.beta2)), eps(static_cast<A>(p.eps)) {}
+      : scale(static_cast<A>(grad_factor(p.grad_scale, p.maximize))),
+        b1(static_cast<A>(1.0 - p.beta1)),
+        b2(static_cast<A>(1.0 - p.beta2)),
+        eps(static_cast<A>(p.eps)) {}
 };
 
 template <typename T>
@@ -311,24 +332,32 @@ void adamp_stage2(const AdamPParams& p) {
 
 }  // namespace
 
-void sq_norm_cpu(const SqNormParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { sq_norm<T>(p); }); }
+void sq_norm_cpu(const SqNormParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { sq_norm<T>(p); });
+}
 void dog_update_cpu(const DogUpdateParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dog_update<T>(p); });
 }
-void lion_cpu(const LionParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lion<T>(p); }); }
+void lion_cpu(const LionParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lion<T>(p); });
+}
 void lamb_stage1_cpu(const LambParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lamb_stage1<T>(p); });
 }
 void lamb_stage2_cpu(const LambParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lamb_stage2<T>(p); });
 }
-void momentum_cpu(const MomentumParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { momentum<T>(p); }); }
+void momentum_cpu(const MomentumParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { momentum<T>(p); });
+}
 void adamp_stage1_cpu(const AdamPParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { adamp_stage1<T>(p); });
 }
 void adamp_stage2_cpu(const AdamPParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { adamp_stage2<T>(p); });
 }
-void lerp_cpu(const LerpParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lerp<T>(p); }); }
+void lerp_cpu(const LerpParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { lerp<T>(p); });
+}
 
 }  // namespace slab::optim

@@ -70,8 +70,8 @@ __device__ __forceinline__ void write_partial(A acc, A* partial) {
 // the written lists stored back, the squares of the sum terms accumulated per thread and
 // written as one partial per chunk and term (partial[j * stride + chunk]).
 template <typename T, typename Rule>
-__global__ void __launch_bounds__(kThreads) rule_kernel(const __grid_constant__ ChunkTable t, const Rule rule,
-                                                       acc_t<T>* partial, int64_t stride) {
+__global__ void __launch_bounds__(kThreads)
+    rule_kernel(const __grid_constant__ ChunkTable t, const Rule rule, acc_t<T>* partial, int64_t stride) {
   using A = acc_t<T>;
   if (skip_step(rule.found_inf)) return;
   const ChunkSpan c = chunk_span(t, blockIdx.x);
@@ -122,15 +122,14 @@ struct SumTargets {
 // Sums the partials of each tensor (blockIdx.x) and term (blockIdx.y) in a fixed order; nothing
 // is written when the step was skipped.
 template <typename A>
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid_constant__ SumTargets t,
-                                                                   const A* __restrict__ partial, int64_t stride,
-                                                                   const float* found_inf) {
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const __grid_constant__ SumTargets t, const A* __restrict__ partial, int64_t stride,
+                    const float* found_inf) {
   __shared__ A scratch[32];
   if (skip_step(found_inf)) return;
   const A* p = partial + blockIdx.y * stride;
   A acc = 0;
-  for (int c = t.first_chunk[blockIdx.x] + threadIdx.x; c < t.first_chunk[blockIdx.x + 1]; c += blockDim.x)
-    acc += p[c];
+  for (int c = t.first_chunk[blockIdx.x] + threadIdx.x; c < t.first_chunk[blockIdx.x + 1]; c += blockDim.x) acc += p[c];
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) *static_cast<A*>(t.out[blockIdx.y][blockIdx.x]) = acc;
 }
@@ -154,8 +153,7 @@ void run_rule(const Rule& rule, const TensorList (&lists)[Rule::kLists], void* w
       for (int k = 0; k <= t.count; ++k) st.first_chunk[k] = t.first_chunk[k];
       for (int j = 0; j < Rule::kSums; ++j)
         for (int k = 0; k < t.count; ++k) st.out[j][k] = target(j, t.index[k]);
-      finalize_kernel<A><<<dim3(t.count, Rule::kSums), kFinalizeThreads, 0, stream>>>(st, part, stride,
-                                                                                     rule.found_inf);
+      finalize_kernel<A><<<dim3(t.count, Rule::kSums), kFinalizeThreads, 0, stream>>>(st, part, stride, rule.found_inf);
     }
   });
 }
@@ -181,15 +179,25 @@ void dog_update(const DogUpdateParams& p, cudaStream_t stream) {
 template <typename T>
 void lion(const LionParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  const LionRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1),
-                         static_cast<A>(1.0 - p.beta2), static_cast<A>(p.weight_decay), static_cast<const A*>(p.lr)};
+  const LionRule<A> rule{p.found_inf,
+                         p.grad_scale,
+                         p.maximize,
+                         static_cast<A>(1.0 - p.beta1),
+                         static_cast<A>(1.0 - p.beta2),
+                         static_cast<A>(p.weight_decay),
+                         static_cast<const A*>(p.lr)};
   run_rule<T>(rule, {p.x, p.g, p.m}, nullptr, nullptr, stream);
 }
 
 template <typename A>
 AdamConsts<A> lamb_consts(const LambParams& p) {
-  return {p.found_inf, p.grad_scale, p.maximize, static_cast<A>(1.0 - p.beta1), static_cast<A>(1.0 - p.beta2),
-          static_cast<A>(p.eps), static_cast<const A*>(p.bias_corr)};
+  return {p.found_inf,
+          p.grad_scale,
+          p.maximize,
+          static_cast<A>(1.0 - p.beta1),
+          static_cast<A>(1.0 - p.beta2),
+          static_cast<A>(p.eps),
+          static_cast<const A*>(p.bias_corr)};
 }
 
 template <typename T>
@@ -198,8 +206,8 @@ void lamb_stage1(const LambParams& p, cudaStream_t stream) {
   auto* norms = static_cast<A*>(p.norms);
   cudaMemsetAsync(norms, 0, sizeof(A) * 2 * p.x.count, stream);  // what a skipped step reports
   const LambStage1Rule<A> rule{lamb_consts<A>(p), static_cast<A>(p.weight_decay)};
-  run_rule<T>(rule, {p.x, p.g, p.m, p.v}, p.workspace,
-              [&](int j, int64_t i) -> void* { return norms + 2 * i + j; }, stream);
+  run_rule<T>(
+      rule, {p.x, p.g, p.m, p.v}, p.workspace, [&](int j, int64_t i) -> void* { return norms + 2 * i + j; }, stream);
 }
 
 template <typename T>
@@ -212,8 +220,12 @@ void lamb_stage2(const LambParams& p, cudaStream_t stream) {
 template <typename T>
 void momentum(const MomentumParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  const MomentumRule<A> rule{p.found_inf, p.grad_scale, p.maximize, static_cast<A>(p.momentum),
-                             static_cast<A>(p.weight_decay), static_cast<const A*>(p.scale),
+  const MomentumRule<A> rule{p.found_inf,
+                             p.grad_scale,
+                             p.maximize,
+                             static_cast<A>(p.momentum),
+                             static_cast<A>(p.weight_decay),
+                             static_cast<const A*>(p.scale),
                              static_cast<const A*>(p.lr)};
   run_rule<T>(rule, {p.x, p.g, p.buf}, nullptr, nullptr, stream);
 }
@@ -235,7 +247,7 @@ struct RowTable {
   int index[kMaxTensors];            // position of the tensor in the op's whole list
   int64_t cols[kMaxTensors];
   int64_t rows[kMaxTensors];
-  int64_t row_base[kMaxTensors];     // first row of the tensor in the row sums
+  int64_t row_base[kMaxTensors];  // first row of the tensor in the row sums
   void* data[kMaxLists][kMaxTensors];
 };
 
@@ -243,7 +255,9 @@ static_assert(sizeof(RowTable) + sizeof(AdamPParams) <= 4000, "kernel arguments 
 
 struct SqrtFn {
   template <typename A>
-  __device__ __forceinline__ A operator()(A v) const { return sqrt(v); }
+  __device__ __forceinline__ A operator()(A v) const {
+    return sqrt(v);
+  }
 };
 
 // Rows per block: 32-bit division (a 64-bit one is a called routine that made ptxas spill).
@@ -292,8 +306,8 @@ __device__ __forceinline__ void store_row_pack(T* p, const acc_t<T> (&in)[W]) {
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kRowThreads, 1) adamp_stage1_kernel(const __grid_constant__ RowTable t,
-                                                                    const __grid_constant__ AdamPParams p) {
+__global__ void __launch_bounds__(kRowThreads, 1)
+    adamp_stage1_kernel(const __grid_constant__ RowTable t, const __grid_constant__ AdamPParams p) {
   using A = acc_t<T>;
   __shared__ A scratch[32];
   if (skip_step(p.found_inf)) return;
@@ -339,8 +353,8 @@ __global__ void __launch_bounds__(kRowThreads, 1) adamp_stage1_kernel(const __gr
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kRowThreads, 1) adamp_stage2_kernel(const __grid_constant__ RowTable t,
-                                                                    const __grid_constant__ AdamPParams p) {
+__global__ void __launch_bounds__(kRowThreads, 1)
+    adamp_stage2_kernel(const __grid_constant__ RowTable t, const __grid_constant__ AdamPParams p) {
   using A = acc_t<T>;
   if (skip_step(p.found_inf)) return;
   const RowSpan s = block_rows(t);
@@ -373,7 +387,8 @@ __global__ void __launch_bounds__(kRowThreads, 1) adamp_stage2_kernel(const __gr
 
 // Packs of the state type's 16-byte width when every row of every tensor of the launch starts
 // aligned in all four lists (aligned bases, whole packs per row), else single elements.
-template <typename T> bool row_packs(const RowTable& t) {
+template <typename T>
+bool row_packs(const RowTable& t) {
   constexpr int kW = kPackWidth<acc_t<T>>;
   for (int k = 0; k < t.count; ++k) {
     if (t.cols[k] % kW != 0) return false;

@@ -92,7 +92,6 @@ SLAB_HD V lerp_to(const V& avg, const V& x, const V& w) {
   return avg + w * (x - avg);
 }
 
-
 // ---- the rules of the multi-tensor engine -------------------------------------------------------
 //
 // A rule is what one optimizer does to the elements of its lists; the engine (optim.h) loads the
@@ -148,8 +147,12 @@ struct SqNormRule {
   const float* found_inf;
   const float* grad_scale;
   A weight_decay;
-  template <typename V> struct Consts { V scale, wd; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t) const {
+  template <typename V>
+  struct Consts {
+    V scale, wd;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t) const {
     return {V(static_cast<A>(grad_factor(grad_scale, false))), V(weight_decay)};
   }
   template <typename Ops, typename V, int L, int S>
@@ -168,8 +171,12 @@ struct DogRule {
   bool maximize;
   A weight_decay;
   const A* eta;  // [count]
-  template <typename V> struct Consts { V scale, wd, eta; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+  template <typename V>
+  struct Consts {
+    V scale, wd, eta;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t t) const {
     return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(weight_decay), V(eta[t])};
   }
   template <typename Ops, typename V, int L, int S>
@@ -190,8 +197,12 @@ struct LionRule {
   bool maximize;
   A one_minus_beta1, one_minus_beta2, weight_decay;
   const A* lr;  // [1]
-  template <typename V> struct Consts { V scale, b1, b2, wd, lr; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t) const {
+  template <typename V>
+  struct Consts {
+    V scale, b1, b2, wd, lr;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t) const {
     return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(one_minus_beta1), V(one_minus_beta2),
             V(weight_decay), V(*lr)};
   }
@@ -206,7 +217,10 @@ struct LionRule {
 // Ops::sqrt as the function object lamb_direction / adamp_direction take.
 template <typename Ops>
 struct SqrtOf {
-  template <typename V> SLAB_HD V operator()(const V& v) const { return Ops::sqrt(v); }
+  template <typename V>
+  SLAB_HD V operator()(const V& v) const {
+    return Ops::sqrt(v);
+  }
 };
 
 // LAMB's and AdamP's constants shared by both stages; bias_corr: [count, 2] = 1 / bc1, 1 / sqrt(bc2).
@@ -225,10 +239,18 @@ struct LambStage1Rule : AdamConsts<A> {
   static constexpr int kLists = 4, kSums = 2, kCpuAccs = 1;
   static constexpr unsigned kState = 0b1100, kWritten = 0b1100;
   A weight_decay;
-  template <typename V> struct Consts { V scale, b1, b2, eps, wd, inv_bc1, rsqrt_bc2; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
-    return {V(static_cast<A>(grad_factor(this->grad_scale, this->maximize))), V(this->one_minus_beta1),
-            V(this->one_minus_beta2), V(this->eps), V(weight_decay), V(this->bias_corr[2 * t]),
+  template <typename V>
+  struct Consts {
+    V scale, b1, b2, eps, wd, inv_bc1, rsqrt_bc2;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t t) const {
+    return {V(static_cast<A>(grad_factor(this->grad_scale, this->maximize))),
+            V(this->one_minus_beta1),
+            V(this->one_minus_beta2),
+            V(this->eps),
+            V(weight_decay),
+            V(this->bias_corr[2 * t]),
             V(this->bias_corr[2 * t + 1])};
   }
   template <typename Ops, typename V, int L, int S>
@@ -249,8 +271,12 @@ struct LambStage2Rule : AdamConsts<A> {
   static constexpr unsigned kState = 0b110, kWritten = 0b001;
   A weight_decay;
   const A* lr;  // [count]: lr * trust ratio
-  template <typename V> struct Consts { V eps, wd, inv_bc1, rsqrt_bc2, lr; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+  template <typename V>
+  struct Consts {
+    V eps, wd, inv_bc1, rsqrt_bc2, lr;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t t) const {
     return {V(this->eps), V(weight_decay), V(this->bias_corr[2 * t]), V(this->bias_corr[2 * t + 1]), V(lr[t])};
   }
   template <typename Ops, typename V, int L, int S>
@@ -271,8 +297,12 @@ struct MomentumRule {
   A momentum, weight_decay;
   const A* scale;  // [count]
   const A* lr;     // [1]
-  template <typename V> struct Consts { V gscale, mu, wd, lr, ts; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t t) const {
+  template <typename V>
+  struct Consts {
+    V gscale, mu, wd, lr, ts;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t t) const {
     return {V(static_cast<A>(grad_factor(grad_scale, maximize))), V(momentum), V(weight_decay), V(*lr), V(scale[t])};
   }
   template <typename Ops, typename V, int L, int S>
@@ -290,8 +320,14 @@ struct LerpRule {
   static constexpr unsigned kState = 0, kWritten = 0b01;
   const float* found_inf;  // always null
   A weight;
-  template <typename V> struct Consts { V w; };
-  template <typename V> SLAB_HD Consts<V> consts(int64_t) const { return {V(weight)}; }
+  template <typename V>
+  struct Consts {
+    V w;
+  };
+  template <typename V>
+  SLAB_HD Consts<V> consts(int64_t) const {
+    return {V(weight)};
+  }
   template <typename Ops, typename V, int L, int S>
   SLAB_HD static void apply(const Consts<V>& k, V (&r)[L], V (&)[S]) {
     r[0] = lerp_to<V>(r[0], r[1], k.w);

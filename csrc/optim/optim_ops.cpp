@@ -37,15 +37,24 @@ ListView view_of(TensorVec tensors) {
 
 const char* layout_name(Layout l) {
   switch (l) {
-    case Layout::Strided: return "Strided";
-    case Layout::Sparse: return "Sparse";
-    case Layout::SparseCsr: return "SparseCsr";
-    case Layout::Mkldnn: return "Mkldnn";
-    case Layout::SparseCsc: return "SparseCsc";
-    case Layout::SparseBsr: return "SparseBsr";
-    case Layout::SparseBsc: return "SparseBsc";
-    case Layout::Jagged: return "Jagged";
-    default: return "unknown";
+    case Layout::Strided:
+      return "Strided";
+    case Layout::Sparse:
+      return "Sparse";
+    case Layout::SparseCsr:
+      return "SparseCsr";
+    case Layout::Mkldnn:
+      return "Mkldnn";
+    case Layout::SparseCsc:
+      return "SparseCsc";
+    case Layout::SparseBsr:
+      return "SparseBsr";
+    case Layout::SparseBsc:
+      return "SparseBsc";
+    case Layout::Jagged:
+      return "Jagged";
+    default:
+      return "unknown";
   }
 }
 
@@ -70,8 +79,7 @@ DType check_lead(const TensorVec& ts, const char* name) {
 }
 
 // A list matching `lead` element-wise in shape, on its device, of dtype `dtype`.
-void check_like(const TensorVec& ts, const TensorVec& lead, ScalarType dtype, const char* name,
-                const char* lead_name) {
+void check_like(const TensorVec& ts, const TensorVec& lead, ScalarType dtype, const char* name, const char* lead_name) {
   SLAB_CHECK(ts.size() == lead.size(), name, " must hold ", lead.size(), " tensors (one per ", lead_name, "), got ",
              ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -98,8 +106,8 @@ const float* scalar_f32(const OptTensor& t, const Tensor& like, const char* name
 Tensor acc_vector(const Tensor& t, const Tensor& like, int64_t n, const char* name) {
   check_same_device(t, like, name);
   const ScalarType acc = acc_dtype(like.scalar_type());
-  SLAB_CHECK(t.numel() == n && t.scalar_type() == acc, name, " must be a ", acc, " tensor of ", n,
-             " elements, got ", t.scalar_type(), " ", t.sizes());
+  SLAB_CHECK(t.numel() == n && t.scalar_type() == acc, name, " must be a ", acc, " tensor of ", n, " elements, got ",
+             t.scalar_type(), " ", t.sizes());
   return contiguous(torch::stable::reshape(t, {n}));
 }
 
@@ -108,8 +116,8 @@ Tensor acc_vector(const Tensor& t, const Tensor& like, int64_t n, const char* na
 Tensor bias_corrections(const Tensor& t, const Tensor& like, int64_t n) {
   check_same_device(t, like, "bias_corr");
   const ScalarType acc = acc_dtype(like.scalar_type());
-  SLAB_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2 && t.scalar_type() == acc, "bias_corr must be a ",
-             acc, " tensor of shape (", n, ", 2) (one row per tensor), got ", t.scalar_type(), " ", t.sizes());
+  SLAB_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2 && t.scalar_type() == acc, "bias_corr must be a ", acc,
+             " tensor of shape (", n, ", 2) (one row per tensor), got ", t.scalar_type(), " ", t.sizes());
   return contiguous(t);
 }
 
@@ -159,8 +167,13 @@ Tensor sq_norm_op(const TensorVec& a, const OptTensorVec& b, double weight_decay
   const ListView bv = b.has_value() ? view_of(contiguous_list(*b)) : ListView{};
   Tensor out = empty({static_cast<int64_t>(a.size())}, acc_dtype(a[0].scalar_type()), a[0].device());
   Tensor ws = workspace(a[0], av.list());
-  SqNormParams p{dt, av.list(), bv.list(), weight_decay, scalar_f32(grad_scale, a[0], "grad_scale"),
-                 out.data_ptr(), data_or_null(ws)};
+  SqNormParams p{dt,
+                 av.list(),
+                 bv.list(),
+                 weight_decay,
+                 scalar_f32(grad_scale, a[0], "grad_scale"),
+                 out.data_ptr(),
+                 data_or_null(ws)};
   launch(a[0], p, sq_norm_cpu, SLAB_CUDA_FN(sq_norm_cuda));
   return out;
 }
@@ -199,8 +212,8 @@ void dog_update_op(const TensorVec& params, const TensorVec& grads, const Tensor
   InPlace x(params);
   const ListView gv = view_of(contiguous_list(grads)), x0v = view_of(contiguous_list(x0));
   Tensor ws = workspace(params[0], x.view.list());
-  DogUpdateParams p{dt, x.view.list(), gv.list(), x0v.list(), dist2_ptr.data(), eta_c.data_ptr(), weight_decay,
-                    maximize, gs, fi, data_or_null(ws)};
+  DogUpdateParams p{dt,           x.view.list(), gv.list(), x0v.list(), dist2_ptr.data(), eta_c.data_ptr(),
+                    weight_decay, maximize,      gs,        fi,         data_or_null(ws)};
   launch(params[0], p, dog_update_cpu, SLAB_CUDA_FN(dog_update_cuda));
   x.write_back();
 }
@@ -209,8 +222,8 @@ void check_beta(double beta, const char* name) {
   SLAB_CHECK(std::isfinite(beta) && beta >= 0 && beta < 1, name, " must be in [0, 1), got ", beta);
 }
 
-void lion_op(const TensorVec& params, const TensorVec& grads, const TensorVec& exp_avgs, const Tensor& lr,
-             double beta1, double beta2, double weight_decay, bool maximize, const OptTensor& grad_scale,
+void lion_op(const TensorVec& params, const TensorVec& grads, const TensorVec& exp_avgs, const Tensor& lr, double beta1,
+             double beta2, double weight_decay, bool maximize, const OptTensor& grad_scale,
              const OptTensor& found_inf) {
   const DType dt = check_lead(params, "params");
   check_like(grads, params, params[0].scalar_type(), "grads", "params");
@@ -231,8 +244,8 @@ void lion_op(const TensorVec& params, const TensorVec& grads, const TensorVec& e
       .check();
   InPlace x(params), m(exp_avgs);
   const ListView gv = view_of(contiguous_list(grads));
-  LionParams p{dt, x.view.list(), gv.list(), m.view.list(), lr_c.data_ptr(), beta1, beta2, weight_decay, maximize,
-               gs, fi};
+  LionParams p{dt, x.view.list(), gv.list(), m.view.list(), lr_c.data_ptr(), beta1, beta2, weight_decay, maximize, gs,
+               fi};
   launch(params[0], p, lion_cpu, SLAB_CUDA_FN(lion_cuda));
   x.write_back();
   m.write_back();
@@ -246,9 +259,22 @@ LambParams lamb_params(const TensorVec& params, const Tensor& bias_corr, double 
   check_finite(eps, "eps");
   check_finite(weight_decay, "weight_decay");
   bc_keep = bias_corrections(bias_corr, params[0], static_cast<int64_t>(params.size()));
-  return LambParams{kernel_dtype(params[0], "params"), {}, {}, {}, {}, bc_keep.data_ptr(), beta1, beta2, eps,
-                    weight_decay, maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
-                    scalar_f32(found_inf, params[0], "found_inf"), nullptr, nullptr, nullptr};
+  return LambParams{kernel_dtype(params[0], "params"),
+                    {},
+                    {},
+                    {},
+                    {},
+                    bc_keep.data_ptr(),
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    maximize,
+                    scalar_f32(grad_scale, params[0], "grad_scale"),
+                    scalar_f32(found_inf, params[0], "found_inf"),
+                    nullptr,
+                    nullptr,
+                    nullptr};
 }
 
 // The first stage of LAMB and AdamP writes the moments and reads everything else.
@@ -340,8 +366,17 @@ void momentum_op(const TensorVec& params, const TensorVec& grads, const TensorVe
       .check();
   InPlace x(params), b(bufs);
   const ListView gv = view_of(contiguous_list(grads));
-  MomentumParams p{dt, x.view.list(), gv.list(), b.view.list(), scale_c.data_ptr(), lr_c.data_ptr(), momentum,
-                   weight_decay, maximize, gs, fi};
+  MomentumParams p{dt,
+                   x.view.list(),
+                   gv.list(),
+                   b.view.list(),
+                   scale_c.data_ptr(),
+                   lr_c.data_ptr(),
+                   momentum,
+                   weight_decay,
+                   maximize,
+                   gs,
+                   fi};
   launch(params[0], p, momentum_cpu, SLAB_CUDA_FN(momentum_cuda));
   x.write_back();
   b.write_back();
@@ -355,9 +390,9 @@ std::vector<int64_t> rows_of(const TensorVec& params) {
 }
 
 AdamPParams adamp_params(const TensorVec& params, const TensorVec& grads, const TensorVec& exp_avgs,
-                         const TensorVec& exp_avg_sqs, const Tensor& bias_corr, double beta1, double beta2,
-                         double eps, bool nesterov, bool maximize, const OptTensor& grad_scale,
-                         const OptTensor& found_inf, Tensor& bc_keep) {
+                         const TensorVec& exp_avg_sqs, const Tensor& bias_corr, double beta1, double beta2, double eps,
+                         bool nesterov, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
+                         Tensor& bc_keep) {
   const DType dt = check_lead(params, "params");
   const ScalarType acc = acc_dtype(params[0].scalar_type());
   check_like(grads, params, params[0].scalar_type(), "grads", "params");
@@ -367,9 +402,24 @@ AdamPParams adamp_params(const TensorVec& params, const TensorVec& grads, const 
   check_beta(beta2, "beta2");
   check_finite(eps, "eps");
   bc_keep = bias_corrections(bias_corr, params[0], static_cast<int64_t>(params.size()));
-  return AdamPParams{dt, {}, {}, {}, {}, nullptr, bc_keep.data_ptr(), beta1, beta2, eps, nesterov,
-                     maximize, scalar_f32(grad_scale, params[0], "grad_scale"),
-                     scalar_f32(found_inf, params[0], "found_inf"), nullptr, nullptr, nullptr, nullptr};
+  return AdamPParams{dt,
+                     {},
+                     {},
+                     {},
+                     {},
+                     nullptr,
+                     bc_keep.data_ptr(),
+                     beta1,
+                     beta2,
+                     eps,
+                     nesterov,
+                     maximize,
+                     scalar_f32(grad_scale, params[0], "grad_scale"),
+                     scalar_f32(found_inf, params[0], "found_inf"),
+                     nullptr,
+                     nullptr,
+                     nullptr,
+                     nullptr};
 }
 
 Tensor adamp_stage1_op(const TensorVec& params, const TensorVec& grads, const TensorVec& exp_avgs,

@@ -161,7 +161,7 @@ SLAB_HD RowSchedule row_schedule(int64_t channels, int width) {
 // result does not depend on which block finishes last: it is deterministic.
 constexpr int kColRowLanes = 8;
 constexpr int kColThreads = 32 * kColRowLanes;
-constexpr int64_t kColMinRows = 128;    // rows per split at least
+constexpr int64_t kColMinRows = 128;       // rows per split at least
 constexpr int64_t kColTargetBlocks = 512;  // enough blocks to fill a GPU
 
 // Workspace (acc type A): values [splits][3][channels], counts [tiles][splits], d_alpha partials
@@ -172,7 +172,9 @@ struct ColSchedule {
   SLAB_HD int64_t channel(int64_t tile, int lane) const { return (tile * 32 + lane) * width; }
   SLAB_HD int64_t split_begin(int s) const { return min64(rows, s * rows_per_split); }
   SLAB_HD int64_t split_end(int s) const { return min64(rows, split_begin(s) + rows_per_split); }
-  SLAB_HD int64_t value(int s, int kind, int64_t c) const { return (static_cast<int64_t>(s) * 3 + kind) * channels + c; }
+  SLAB_HD int64_t value(int s, int kind, int64_t c) const {
+    return (static_cast<int64_t>(s) * 3 + kind) * channels + c;
+  }
   SLAB_HD int64_t count(int64_t tile, int s) const { return splits * 3 * channels + tile * splits + s; }
   SLAB_HD int64_t alpha_part(int64_t tile) const { return splits * (3 * channels + tiles) + tile; }
   SLAB_HD int64_t acc_elems() const { return splits * (3 * channels + tiles) + tiles; }

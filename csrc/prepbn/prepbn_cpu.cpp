@@ -13,9 +13,8 @@
 namespace slab::prepbn {
 namespace {
 
-constexpr int64_t kRowBlock = 256;     // rows per partial of a column reduction
+constexpr int64_t kRowBlock = 256;      // rows per partial of a column reduction
 constexpr int64_t kChannelTile = 1024;  // channels per task: the tile's accumulators stay in L1
-
 
 bool is_kept(const bool* mask, int64_t row) { return mask == nullptr || mask[row]; }
 
@@ -82,8 +81,7 @@ void stats(const StatsParams& p) {
     for (int64_t c = begin; c < end; ++c) {
       A mean = 0, m2 = 0, n = 0;
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
-        merge_moments(mean, m2, n, part_mean[rb * channels + c], part_m2[rb * channels + c],
-                      part_n[rb]);
+        merge_moments(mean, m2, n, part_mean[rb * channels + c], part_m2[rb * channels + c], part_n[rb]);
         n += part_n[rb];
       }
       out_mean[c] = mean;
@@ -113,12 +111,10 @@ void apply(const ApplyParams& p) {
   const auto* br = static_cast<const A*>(p.bn_rstd);
   const A lam = static_cast<A>(p.lam), alpha = *static_cast<const A*>(p.alpha);
 
-  auto mu = padded<A>(channels), s = padded<A>(channels), t = padded<A>(channels),
-       k = padded<A>(channels);
+  auto mu = padded<A>(channels), s = padded<A>(channels), t = padded<A>(channels), k = padded<A>(channels);
   A al = 0;
   for (int64_t c = 0; c < channels; ++c) {
-    const auto f = fwd_coeffs<A>(nw ? nw[c] : A(0), nb ? nb[c] : A(0), bw[c], bb[c], alpha, bm[c],
-                                 br[c], lam);
+    const auto f = fwd_coeffs<A>(nw ? nw[c] : A(0), nb ? nb[c] : A(0), bw[c], bb[c], alpha, bm[c], br[c], lam);
     mu[c] = f.mu, s[c] = f.s, t[c] = f.t, k[c] = f.k, al = f.al;
   }
   const V al_v(al);
@@ -154,8 +150,8 @@ void apply(const ApplyParams& p) {
       T* yr = y + r * channels;
       for_each_vec<w>(channels, [&](int64_t c, auto full) {
         const V v = load_piece(xr, c, channels, full);
-        const V out = fwd_elem<V>(v, V::loadu(&mu[c]), V::loadu(&s[c]), al_v, V::loadu(&t[c]),
-                                  V::loadu(&k[c]), row_xhat<V>(v, rm_v, rr_v));
+        const V out = fwd_elem<V>(v, V::loadu(&mu[c]), V::loadu(&s[c]), al_v, V::loadu(&t[c]), V::loadu(&k[c]),
+                                  row_xhat<V>(v, rm_v, rr_v));
         store_piece(yr, c, channels, out, full);
       });
     }
@@ -238,11 +234,11 @@ void bwd_apply(const BwdApplyParams& p) {
   const A lam = static_cast<A>(p.lam), alpha = *static_cast<const A*>(p.alpha);
   const A count = *static_cast<const A*>(p.count);
 
-  auto mu = padded<A>(channels), pc = padded<A>(channels), c0 = padded<A>(channels),
-       c1r = padded<A>(channels), k = padded<A>(channels);
+  auto mu = padded<A>(channels), pc = padded<A>(channels), c0 = padded<A>(channels), c1r = padded<A>(channels),
+       k = padded<A>(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    const auto f = bwd_coeffs<A>(nw ? nw[c] : A(0), bw[c], alpha, bm[c], br[c], sums[c],
-                                 sums[channels + c], count, lam, p.training);
+    const auto f = bwd_coeffs<A>(nw ? nw[c] : A(0), bw[c], alpha, bm[c], br[c], sums[c], sums[channels + c], count, lam,
+                                 p.training);
     mu[c] = f.mu, pc[c] = f.p, c0[c] = f.c0, c1r[c] = f.c1r, k[c] = f.k;
   }
   const bool has_norm = p.norm != Norm::kNone;
@@ -269,9 +265,8 @@ void bwd_apply(const BwdApplyParams& p) {
       T* dxr = dx + r * channels;
       for_each_vec<w>(channels, [&](int64_t c, auto full) {
         const V g = load_piece(dyr, c, channels, full), v = load_piece(xr, c, channels, full);
-        const V out = bwd_elem<V>(g, v, V::loadu(&mu[c]), V::loadu(&pc[c]), V::loadu(&c0[c]),
-                                  V::loadu(&c1r[c]), V::loadu(&k[c]), kept, rr_v, rm_v, shift_v,
-                                  slope_v);
+        const V out = bwd_elem<V>(g, v, V::loadu(&mu[c]), V::loadu(&pc[c]), V::loadu(&c0[c]), V::loadu(&c1r[c]),
+                                  V::loadu(&k[c]), kept, rr_v, rm_v, shift_v, slope_v);
         store_piece(dxr, c, channels, out, full);
       });
     }
@@ -280,8 +275,12 @@ void bwd_apply(const BwdApplyParams& p) {
 
 }  // namespace
 
-void stats_cpu(const StatsParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { stats<T>(p); }); }
-void apply_cpu(const ApplyParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { apply<T>(p); }); }
+void stats_cpu(const StatsParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { stats<T>(p); });
+}
+void apply_cpu(const ApplyParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { apply<T>(p); });
+}
 void bwd_reduce_cpu(const BwdReduceParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { bwd_reduce<T>(p); });
 }

@@ -17,7 +17,10 @@ namespace {
 __device__ __forceinline__ bool is_kept(const bool* mask, int64_t row) { return mask == nullptr || mask[row]; }
 
 // Partials written by other blocks of the same launch: read through L2, not the non-coherent L1.
-template <typename A> __device__ __forceinline__ A load_l2(const A* p) { return __ldcg(p); }
+template <typename A>
+__device__ __forceinline__ A load_l2(const A* p) {
+  return __ldcg(p);
+}
 
 // ---- row passes --------------------------------------------------------------------------------
 
@@ -112,7 +115,10 @@ __device__ void row_stats(RowRegs<T, W>& x, const T* xr, Norm norm, A eps, A* sc
   rstd = A(1) / sqrt(group_sum(acc, scratch, rs, th) * inv_c + eps);
 }
 
-template <typename A> __device__ __forceinline__ A opt(const A* p, int64_t c) { return p ? __ldg(p + c) : A(0); }
+template <typename A>
+__device__ __forceinline__ A opt(const A* p, int64_t c) {
+  return p ? __ldg(p + c) : A(0);
+}
 
 template <typename T, int W>
 __global__ void __launch_bounds__(kRowBlockThreads) apply_kernel(ApplyParams p, RowSchedule rs) {
@@ -248,7 +254,9 @@ __device__ __forceinline__ ColThread col_thread(const ColSchedule& cs) {
 }
 
 template <typename A>
-__device__ __forceinline__ A* acc_ws(void* ws) { return static_cast<A*>(ws); }
+__device__ __forceinline__ A* acc_ws(void* ws) {
+  return static_cast<A*>(ws);
+}
 __device__ __forceinline__ int* tickets(void* ws, const ColSchedule& cs, int acc_bytes) {
   return reinterpret_cast<int*>(static_cast<char*>(ws) + cs.ticket_offset(acc_bytes));
 }
@@ -281,7 +289,8 @@ __device__ __forceinline__ void merge_row_lanes(const ColThread& th, A (&mean)[W
 #pragma unroll 1  // a loop, not 7 copies of the (double: called) division of merge_moments
   for (int j = 1; j < kColRowLanes; ++j) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) merge_moments(mean[i], m2[i], n, sh_mean[j][th.lane * W + i], sh_m2[j][th.lane * W + i], sh_n[j]);
+    for (int i = 0; i < W; ++i)
+      merge_moments(mean[i], m2[i], n, sh_mean[j][th.lane * W + i], sh_m2[j][th.lane * W + i], sh_n[j]);
     n += sh_n[j];
   }
 }
@@ -327,8 +336,8 @@ __global__ void __launch_bounds__(kColThreads) stats_kernel(StatsParams p, ColSc
     if (th.active)
 #pragma unroll
       for (int i = 0; i < W; ++i)
-        merge_moments(mean[i], m2[i], n, load_l2(ws + cs.value(s, 0, th.c0 + i)), load_l2(ws + cs.value(s, 1, th.c0 + i)),
-                      n_b);
+        merge_moments(mean[i], m2[i], n, load_l2(ws + cs.value(s, 0, th.c0 + i)),
+                      load_l2(ws + cs.value(s, 1, th.c0 + i)), n_b);
     n += n_b;
   }
   merge_row_lanes(th, mean, m2, n, sh_mean, sh_m2, sh_n);
@@ -477,8 +486,8 @@ ColSchedule col_launch_schedule(int64_t rows, int64_t channels, int width, void*
   const ColSchedule cs = col_schedule(rows, channels, width);
   const int64_t acc_bytes = sizeof(acc_t<T>);
   // The tickets must start at 0: an async memset (no kernel), capturable in a CUDA graph.
-  cudaMemsetAsync(static_cast<char*>(ws) + cs.ticket_offset(acc_bytes), 0, cs.bytes(acc_bytes) - cs.ticket_offset(acc_bytes),
-                  stream);
+  cudaMemsetAsync(static_cast<char*>(ws) + cs.ticket_offset(acc_bytes), 0,
+                  cs.bytes(acc_bytes) - cs.ticket_offset(acc_bytes), stream);
   return cs;
 }
 
@@ -490,9 +499,7 @@ dim3 row_grid(const RowSchedule& rs, int64_t rows) {
 }
 unsigned row_block(const RowSchedule& rs) { return static_cast<unsigned>(rs.rows_per_block * rs.threads()); }
 
-int elem_bytes(DType dtype) {
-  return dtype == DType::kFloat64 ? 8 : (dtype == DType::kFloat32 ? 4 : 2);
-}
+int elem_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : (dtype == DType::kFloat32 ? 4 : 2); }
 
 }  // namespace
 
@@ -508,9 +515,8 @@ void stats_cuda(const StatsParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
     const int width = access_width(kPackWidth<T>, p.channels, sizeof(T), p.x);
     const ColSchedule cs = col_launch_schedule<T>(p.rows, p.channels, width, p.workspace, stream);
-    SLAB_BOOL_SWITCH(width > 1, kVec, [&] {
-      stats_kernel<T, kVec ? kPackWidth<T> : 1><<<col_grid(cs), kColBlock, 0, stream>>>(p, cs);
-    });
+    SLAB_BOOL_SWITCH(width > 1, kVec,
+                     [&] { stats_kernel<T, kVec ? kPackWidth<T> : 1><<<col_grid(cs), kColBlock, 0, stream>>>(p, cs); });
   });
 }
 

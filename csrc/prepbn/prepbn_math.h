@@ -33,7 +33,10 @@ SLAB_HD void welford_push(A& mean, A& m2, A inv_n, A v) {
 // and the unbiased variance (the running-stat update). With fewer than 2 kept rows all three are
 // NaN: the CUDA forward does not read the count to the host (it would sync), so such a batch
 // shows as NaN outputs instead of the CPU's error.
-template <typename A> struct BatchStats { A mean, rstd, var; };
+template <typename A>
+struct BatchStats {
+  A mean, rstd, var;
+};
 
 template <typename A>
 SLAB_HD BatchStats<A> batch_stats(A mean, A m2, A count, A eps) {
@@ -44,14 +47,15 @@ SLAB_HD BatchStats<A> batch_stats(A mean, A m2, A count, A eps) {
 
 // Per-channel coefficients of the forward output, folded once per channel:
 //   y = (x - mu) * s + al * x + t + k * xhat_row
-template <typename A> struct FwdCoeffs { A mu, s, al, t, k; };
+template <typename A>
+struct FwdCoeffs {
+  A mu, s, al, t, k;
+};
 
 template <typename A>
-SLAB_HD FwdCoeffs<A> fwd_coeffs(A norm_w, A norm_b, A bn_w, A bn_b, A alpha, A bn_mean, A bn_rstd,
-                                A lam) {
+SLAB_HD FwdCoeffs<A> fwd_coeffs(A norm_w, A norm_b, A bn_w, A bn_b, A alpha, A bn_mean, A bn_rstd, A lam) {
   const A one_m = A(1) - lam;
-  return {bn_mean, one_m * bn_w * bn_rstd, one_m * alpha, one_m * bn_b + lam * norm_b,
-          lam * norm_w};
+  return {bn_mean, one_m * bn_w * bn_rstd, one_m * alpha, one_m * bn_b + lam * norm_b, lam * norm_w};
 }
 
 template <typename A>
@@ -72,18 +76,23 @@ SLAB_HD A row_xhat(A x, A row_mean, A row_rstd) {
 // k = lam * norm_w; and per row, with h = k * dy, shift = -row_rstd * mean_c(h) and
 // slope = -row_rstd^2 * mean_c(h * xhat_row) (LayerNorm's backward). Differences from a mean stay
 // explicit, so large offsets do not cancel; the rest is folded to keep the per-element work small.
-template <typename A> struct BwdCoeffs { A mu, p, c0, c1r, k; };
+template <typename A>
+struct BwdCoeffs {
+  A mu, p, c0, c1r, k;
+};
 
 template <typename A>
-SLAB_HD BwdCoeffs<A> bwd_coeffs(A norm_w, A bn_w, A alpha, A bn_mean, A bn_rstd, A sum_dy,
-                                A sum_dy_xhat, A count, A lam, bool training) {
+SLAB_HD BwdCoeffs<A> bwd_coeffs(A norm_w, A bn_w, A alpha, A bn_mean, A bn_rstd, A sum_dy, A sum_dy_xhat, A count,
+                                A lam, bool training) {
   const A one_m = A(1) - lam;
   const A q = training ? one_m * bn_w * bn_rstd / count : A(0);
-  return {bn_mean, one_m * (bn_w * bn_rstd + alpha), q * sum_dy, q * sum_dy_xhat * bn_rstd,
-          lam * norm_w};
+  return {bn_mean, one_m * (bn_w * bn_rstd + alpha), q * sum_dy, q * sum_dy_xhat * bn_rstd, lam * norm_w};
 }
 
-template <typename A> struct BwdRowTerms { A shift, slope; };
+template <typename A>
+struct BwdRowTerms {
+  A shift, slope;
+};
 
 template <typename A>
 SLAB_HD BwdRowTerms<A> bwd_row_terms(A row_rstd, A h_mean, A hx_mean) {
@@ -91,8 +100,7 @@ SLAB_HD BwdRowTerms<A> bwd_row_terms(A row_rstd, A h_mean, A hx_mean) {
 }
 
 template <typename A>
-SLAB_HD A bwd_elem(A dy, A x, A mu, A p, A c0, A c1r, A k, A kept, A row_rstd, A row_mean, A shift,
-                   A slope) {
+SLAB_HD A bwd_elem(A dy, A x, A mu, A p, A c0, A c1r, A k, A kept, A row_rstd, A row_mean, A shift, A slope) {
   return dy * (p + row_rstd * k) - kept * (c0 + c1r * (x - mu)) + (shift + slope * (x - row_mean));
 }
 

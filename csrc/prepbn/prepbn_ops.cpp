@@ -59,8 +59,8 @@ const bool* mask_ptr(const OptTensor& mask) {
 Tensor alpha_scalar(const Tensor& alpha, const Tensor& x) {
   check_same_device(alpha, x, "alpha");
   SLAB_CHECK(alpha.numel() == 1, "alpha must hold one element (shape (1,) or ()), got shape ", alpha.sizes());
-  SLAB_CHECK(is_floating_point(alpha.scalar_type()),
-             "alpha must be a floating-point (real) tensor, got ", alpha.scalar_type());
+  SLAB_CHECK(is_floating_point(alpha.scalar_type()), "alpha must be a floating-point (real) tensor, got ",
+             alpha.scalar_type());
   return contiguous(to_dtype(torch::stable::reshape(alpha, {1}), acc_dtype(x.scalar_type())));
 }
 
@@ -104,9 +104,18 @@ std::tuple<Tensor, Tensor, Tensor> stats_op(const Tensor& x, const OptTensor& ma
   Tensor mean = empty({channels}, acc, x.device()), m2 = empty({channels}, acc, x.device()),
          count = empty({1}, acc, x.device());
   Tensor ws = workspace(x, rows, channels);
-  StatsParams p{kernel_dtype(x, "x"), rows,          channels,         xc.data_ptr(),    mask_ptr(mask),
-                mean.data_ptr(),      m2.data_ptr(), count.data_ptr(), data_or_null(ws), 0.0,
-                nullptr,              nullptr};
+  StatsParams p{kernel_dtype(x, "x"),
+                rows,
+                channels,
+                xc.data_ptr(),
+                mask_ptr(mask),
+                mean.data_ptr(),
+                m2.data_ptr(),
+                count.data_ptr(),
+                data_or_null(ws),
+                0.0,
+                nullptr,
+                nullptr};
   launch(x, p, stats_cpu, SLAB_CUDA_FN(stats_cuda));
   return {mean, m2, count};
 }
@@ -135,10 +144,28 @@ std::tuple<Tensor, Tensor, Tensor> apply_impl(const Tensor& x, const OptTensor& 
   const ScalarType acc = acc_dtype(x.scalar_type());
   const int64_t row_stats = norm == Norm::kNone ? 0 : rows;
   Tensor row_mean = empty({row_stats}, acc, x.device()), row_rstd = empty({row_stats}, acc, x.device());
-  ApplyParams p{kernel_dtype(x, "x"), norm, rows, channels, xc.data_ptr(), y.data_ptr(),
-                data_or_null(nw), data_or_null(nb), bw.data_ptr(), bb.data_ptr(), al.data_ptr(),
-                mean.data_ptr(), rstd.data_ptr(), lam, norm_eps, row_mean.data_ptr(), row_rstd.data_ptr(),
-                nullptr, 0.0, nullptr, nullptr, nullptr};
+  ApplyParams p{kernel_dtype(x, "x"),
+                norm,
+                rows,
+                channels,
+                xc.data_ptr(),
+                y.data_ptr(),
+                data_or_null(nw),
+                data_or_null(nb),
+                bw.data_ptr(),
+                bb.data_ptr(),
+                al.data_ptr(),
+                mean.data_ptr(),
+                rstd.data_ptr(),
+                lam,
+                norm_eps,
+                row_mean.data_ptr(),
+                row_rstd.data_ptr(),
+                nullptr,
+                0.0,
+                nullptr,
+                nullptr,
+                nullptr};
   amend(p);
   launch(x, p, apply_cpu, SLAB_CUDA_FN(apply_cuda));
   return {y, row_mean, row_rstd};
@@ -170,9 +197,26 @@ std::tuple<Tensor, Tensor> bwd_reduce_impl(const Tensor& dy, const Tensor& x, co
   const ScalarType acc = acc_dtype(x.scalar_type());
   Tensor sums = empty({3, channels}, acc, x.device()), count = empty({1}, acc, x.device());
   Tensor ws = workspace(x, rows, channels);
-  BwdReduceParams p{kernel_dtype(x, "x"), norm, rows, channels, dyc.data_ptr(), xc.data_ptr(), mask_ptr(mask),
-                    rm.data_ptr(), rr.data_ptr(), mean.data_ptr(), rstd.data_ptr(), sums.data_ptr(),
-                    count.data_ptr(), data_or_null(ws), 0.0, nullptr, nullptr, nullptr, nullptr, nullptr};
+  BwdReduceParams p{kernel_dtype(x, "x"),
+                    norm,
+                    rows,
+                    channels,
+                    dyc.data_ptr(),
+                    xc.data_ptr(),
+                    mask_ptr(mask),
+                    rm.data_ptr(),
+                    rr.data_ptr(),
+                    mean.data_ptr(),
+                    rstd.data_ptr(),
+                    sums.data_ptr(),
+                    count.data_ptr(),
+                    data_or_null(ws),
+                    0.0,
+                    nullptr,
+                    nullptr,
+                    nullptr,
+                    nullptr,
+                    nullptr};
   amend(p);
   launch(x, p, bwd_reduce_cpu, SLAB_CUDA_FN(bwd_reduce_cuda));
   return {sums, count};
@@ -211,9 +255,25 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
   const auto mask = check_mask(mask_in, x);
   const Tensor xc = contiguous(x), dyc = contiguous(dy);
   Tensor dx = torch::stable::empty_like(xc);
-  BwdApplyParams p{kernel_dtype(x, "x"), norm, training, rows, channels, dyc.data_ptr(), xc.data_ptr(),
-                   mask_ptr(mask), data_or_null(nw), bw.data_ptr(), al.data_ptr(), rm.data_ptr(), rr.data_ptr(),
-                   mean.data_ptr(), rstd.data_ptr(), sc.data_ptr(), cnt.data_ptr(), lam, dx.data_ptr()};
+  BwdApplyParams p{kernel_dtype(x, "x"),
+                   norm,
+                   training,
+                   rows,
+                   channels,
+                   dyc.data_ptr(),
+                   xc.data_ptr(),
+                   mask_ptr(mask),
+                   data_or_null(nw),
+                   bw.data_ptr(),
+                   al.data_ptr(),
+                   rm.data_ptr(),
+                   rr.data_ptr(),
+                   mean.data_ptr(),
+                   rstd.data_ptr(),
+                   sc.data_ptr(),
+                   cnt.data_ptr(),
+                   lam,
+                   dx.data_ptr()};
   launch(x, p, bwd_apply_cpu, SLAB_CUDA_FN(bwd_apply_cuda));
   return dx;
 }
@@ -225,7 +285,7 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
 double host_count(const Tensor& count) {
   const Tensor host = count.is_cpu() ? count : torch::stable::to(count, Device(torch::headeronly::DeviceType::CPU));
   return host.scalar_type() == ScalarType::Double ? *host.const_data_ptr<double>()
-                                                   : static_cast<double>(*host.const_data_ptr<float>());
+                                                  : static_cast<double>(*host.const_data_ptr<float>());
 }
 
 void check_training_rows(const Tensor& x, int64_t rows) {
@@ -248,10 +308,10 @@ using FwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // (a mask is data) cannot raise here without reading the count to the host, which would sync
 // every layer and break CUDA-graph capture: the batch statistics are NaN instead (batch_stats in
 // prepbn_math.h), so y, the gradients and the updated running statistics are NaN. The CPU raises.
-FwdOutputs fwd_cuda(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias,
-                    const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& alpha, const Tensor& rmean,
-                    const Tensor& rvar, double lam, bool training, double eps, double norm_eps,
-                    const std::string& norm, const OptTensor& mask_in, int64_t rows, int64_t channels) {
+FwdOutputs fwd_cuda(const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias, const Tensor& bn_weight,
+                    const Tensor& bn_bias, const Tensor& alpha, const Tensor& rmean, const Tensor& rvar, double lam,
+                    bool training, double eps, double norm_eps, const std::string& norm, const OptTensor& mask_in,
+                    int64_t rows, int64_t channels) {
   const ScalarType acc = acc_dtype(x.scalar_type());
   Tensor bn_mean = empty({channels}, acc, x.device()), bn_rstd = empty({channels}, acc, x.device()),
          bn_var = empty({channels}, acc, x.device());
@@ -261,20 +321,28 @@ FwdOutputs fwd_cuda(const Tensor& x, const OptTensor& norm_weight, const OptTens
     const auto mask = check_mask(mask_in, x);
     Tensor count = empty({1}, acc, x.device());
     Tensor ws = workspace(x, rows, channels);
-    StatsParams p{kernel_dtype(x, "x"), rows,    channels,         xc.data_ptr(),    mask_ptr(mask),
-                  bn_mean.data_ptr(),   nullptr, count.data_ptr(), data_or_null(ws), eps,
-                  bn_rstd.data_ptr(),   bn_var.data_ptr()};
+    StatsParams p{kernel_dtype(x, "x"),
+                  rows,
+                  channels,
+                  xc.data_ptr(),
+                  mask_ptr(mask),
+                  bn_mean.data_ptr(),
+                  nullptr,
+                  count.data_ptr(),
+                  data_or_null(ws),
+                  eps,
+                  bn_rstd.data_ptr(),
+                  bn_var.data_ptr()};
     launch(x, p, stats_cpu, SLAB_CUDA_FN(stats_cuda));
     auto [y, row_mean, row_rstd] = apply_impl(xc, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd,
                                               lam, norm_eps, norm, [](ApplyParams&) {});
     return {y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var};
   }
-  auto [y, row_mean, row_rstd] =
-      apply_impl(xc, norm_weight, norm_bias, bn_weight, bn_bias, alpha, rmean, bn_rstd, lam, norm_eps, norm,
-                 [&](ApplyParams& p) {
-                   p.bn_var = rvar.data_ptr(), p.eps = eps;
-                   p.out_mean = bn_mean.data_ptr(), p.out_rstd = bn_rstd.data_ptr(), p.out_var = bn_var.data_ptr();
-                 });
+  auto [y, row_mean, row_rstd] = apply_impl(
+      xc, norm_weight, norm_bias, bn_weight, bn_bias, alpha, rmean, bn_rstd, lam, norm_eps, norm, [&](ApplyParams& p) {
+        p.bn_var = rvar.data_ptr(), p.eps = eps;
+        p.out_mean = bn_mean.data_ptr(), p.out_rstd = bn_rstd.data_ptr(), p.out_var = bn_var.data_ptr();
+      });
   return {y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var};
 }
 
@@ -297,7 +365,7 @@ FwdOutputs fwd_op(const Tensor& x, const OptTensor& norm_weight, const OptTensor
     auto [mean, m2, count] = stats_op(x, mask);
     check_training_count(x, rows, mask, count);
     bn_mean = mean;
-    bn_rstd = rsqrt(add(div(m2, count), eps_t));      // rsqrt(m2 / count + eps)
+    bn_rstd = rsqrt(add(div(m2, count), eps_t));     // rsqrt(m2 / count + eps)
     bn_var = div(m2, sub(count, scalar(1.0, acc)));  // m2 / (count - 1)
   } else {
     bn_mean = torch::stable::clone(rmean);
@@ -320,20 +388,23 @@ BwdOutputs bwd_cuda(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
   Tensor d_nw = empty({channels}, acc, x.device()), d_nb = empty({channels}, acc, x.device()),
          d_bw = empty({channels}, acc, x.device()), d_bb = empty({channels}, acc, x.device()),
          d_alpha = empty({1}, acc, x.device());
-  auto [sums, count] = bwd_reduce_impl(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask, [&](BwdReduceParams& p) {
-    p.lam = lam;
-    p.d_norm_weight = d_nw.data_ptr(), p.d_norm_bias = d_nb.data_ptr();
-    p.d_bn_weight = d_bw.data_ptr(), p.d_bn_bias = d_bb.data_ptr(), p.d_alpha = d_alpha.data_ptr();
-  });
-  Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count,
-                           lam, training, norm, mask);
+  auto [sums, count] =
+      bwd_reduce_impl(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask, [&](BwdReduceParams& p) {
+        p.lam = lam;
+        p.d_norm_weight = d_nw.data_ptr(), p.d_norm_bias = d_nb.data_ptr();
+        p.d_bn_weight = d_bw.data_ptr(), p.d_bn_bias = d_bb.data_ptr(), p.d_alpha = d_alpha.data_ptr();
+      });
+  Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam,
+                           training, norm, mask);
   return {dx, d_nw, d_nb, d_bw, d_bb, d_alpha};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
-    const Tensor& dy, const Tensor& x, const OptTensor& norm_weight, const Tensor& bn_weight, const Tensor& alpha,
-    const Tensor& row_mean, const Tensor& row_rstd, const Tensor& bn_mean, const Tensor& bn_rstd, double lam,
-    bool training, const std::string& norm, const OptTensor& mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(const Tensor& dy, const Tensor& x,
+                                                                  const OptTensor& norm_weight, const Tensor& bn_weight,
+                                                                  const Tensor& alpha, const Tensor& row_mean,
+                                                                  const Tensor& row_rstd, const Tensor& bn_mean,
+                                                                  const Tensor& bn_rstd, double lam, bool training,
+                                                                  const std::string& norm, const OptTensor& mask) {
   check_finite(lam, "lam", /*non_negative=*/false);
   check_x(x);
   if (!x.is_cpu())
@@ -341,15 +412,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(
                     mask);
   // CPU: the stage kernels and ATen ops for the parameter gradients.
   auto [sums, count] = bwd_reduce_op(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask);
-  Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count,
-                           lam, training, norm, mask);
+  Tensor dx = bwd_apply_op(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam,
+                           training, norm, mask);
   const Tensor s_dy = torch::stable::select(sums, 0, 0), s_bn = torch::stable::select(sums, 0, 1),
                s_norm = torch::stable::select(sums, 0, 2);
   const ScalarType acc = sums.scalar_type();
   const Tensor lam_t = scalar(lam, acc), one_m = scalar(1.0 - lam, acc);
   // d_alpha = ((1 - lam) * (s_bn / bn_rstd + bn_mean * s_dy)).sum()
-  Tensor d_alpha = torch::stable::reshape(
-      torch::stable::sum(mul(one_m, add(div(s_bn, bn_rstd), mul(bn_mean, s_dy)))), {1});
+  Tensor d_alpha =
+      torch::stable::reshape(torch::stable::sum(mul(one_m, add(div(s_bn, bn_rstd), mul(bn_mean, s_dy)))), {1});
   return {dx, mul(lam_t, s_norm), mul(lam_t, s_dy), mul(one_m, s_bn), mul(one_m, s_dy), d_alpha};
 }
 

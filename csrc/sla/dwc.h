@@ -21,23 +21,23 @@ struct CUstream_st;
 namespace slab::sla {
 
 struct DwcGeometry {
-  int64_t batch, heads, channels;   // B, H, C
-  int64_t grid_h, grid_w;           // tokens N = grid_h * grid_w
-  int64_t kernel_h, kernel_w;       // taps = kernel_h * kernel_w
-  int64_t pad_top, pad_left;        // tap (i, j) of output (y, x) reads (y + i - pad_top, x + j - pad_left)
+  int64_t batch, heads, channels;  // B, H, C
+  int64_t grid_h, grid_w;          // tokens N = grid_h * grid_w
+  int64_t kernel_h, kernel_w;      // taps = kernel_h * kernel_w
+  int64_t pad_top, pad_left;       // tap (i, j) of output (y, x) reads (y + i - pad_top, x + j - pad_left)
 };
 
 struct DwcParams {
-  DType dtype;            // of v, residual and out
+  DType dtype;  // of v, residual and out
   DwcGeometry g;
   const void* v;
   RowStrides v_stride;
-  const void* residual;   // nullptr: none
+  const void* residual;  // nullptr: none
   RowStrides residual_stride;
   void* out;
   RowStrides out_stride;
-  const void* weight;     // [taps, C] in the accumulation type, tap = i * kernel_w + j
-  const void* bias;       // [C] in the accumulation type, or nullptr
+  const void* weight;  // [taps, C] in the accumulation type, tap = i * kernel_w + j
+  const void* bias;    // [C] in the accumulation type, or nullptr
 };
 
 // grad_weight[tap, c] = sum_{b, h, n} grad[b, h, n, c] * v[b, h, src(n, tap), c] and
@@ -48,14 +48,14 @@ struct DwcParams {
 struct DwcWeightGradParams {
   DType dtype;
   DwcGeometry g;
-  int64_t token_splits;   // token ranges per slice (grad_token_splits on CUDA, 1 on CPU)
+  int64_t token_splits;  // token ranges per slice (grad_token_splits on CUDA, 1 on CPU)
   const void* grad;
   RowStrides grad_stride;
   const void* v;
   RowStrides v_stride;
   void* partial;
-  void* grad_weight;      // [taps, C]
-  void* grad_bias;        // [C]
+  void* grad_weight;  // [taps, C]
+  void* grad_bias;    // [C]
 };
 
 // One decode token of the causal 1-D branch (kernel k): history = cache (the k - 1 previous
@@ -64,12 +64,12 @@ struct DwcWeightGradParams {
 struct DwcStepParams {
   DType dtype;
   int64_t batch, heads, channels, kernel;
-  const void* v;          // [B, H, C]
-  const void* residual;   // [B, H, C] or nullptr
-  void* cache;            // [B, H, kernel - 1, C], updated in place
-  void* out;              // [B, H, C]
-  const void* weight;     // [kernel, C], accumulation type
-  const void* bias;       // [C] or nullptr
+  const void* v;         // [B, H, C]
+  const void* residual;  // [B, H, C] or nullptr
+  void* cache;           // [B, H, kernel - 1, C], updated in place
+  void* out;             // [B, H, C]
+  const void* weight;    // [kernel, C], accumulation type
+  const void* bias;      // [C] or nullptr
 };
 
 // CUDA item e of the (row, channel pack) pairs of rows of `channels` channels, `width` channels per

@@ -104,8 +104,10 @@ void dwc_weight_grad(const DwcWeightGradParams& p) {
     for (int64_t e = begin; e < end; ++e) {
       A total = 0;
       for (int64_t s = 0; s < slices; ++s) total += partial[s * row_len + e];
-      if (e < taps * C) grad_weight[e] = total;
-      else grad_bias[e - taps * C] = total;
+      if (e < taps * C)
+        grad_weight[e] = total;
+      else
+        grad_bias[e - taps * C] = total;
     }
   });
 }
@@ -142,10 +144,14 @@ void dwc_step(const DwcStepParams& p) {
 
 }  // namespace
 
-void dwc_cpu(const DwcParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dwc_forward<T>(p); }); }
+void dwc_cpu(const DwcParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dwc_forward<T>(p); });
+}
 void dwc_weight_grad_cpu(const DwcWeightGradParams& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dwc_weight_grad<T>(p); });
 }
-void dwc_step_cpu(const DwcStepParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dwc_step<T>(p); }); }
+void dwc_step_cpu(const DwcStepParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { dwc_step<T>(p); });
+}
 
 }  // namespace slab::sla

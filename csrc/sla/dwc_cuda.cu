@@ -18,8 +18,7 @@ constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
 template <typename T>
-__device__ __forceinline__ const T* token_ptr(const void* base, const RowStrides& s, int64_t b, int64_t h,
-                                              int64_t n) {
+__device__ __forceinline__ const T* token_ptr(const void* base, const RowStrides& s, int64_t b, int64_t h, int64_t n) {
   return static_cast<const T*>(base) + b * s.b + h * s.h + n * s.n;
 }
 
@@ -108,8 +107,10 @@ __global__ void __launch_bounds__(kThreads) weight_grad_reduce_kernel(DwcWeightG
   const A* partial = static_cast<const A*>(p.partial);
   A total = 0;
   for (int64_t r = 0; r < rows; ++r) total += partial[r * row_len + e];
-  if (e < taps * C) static_cast<A*>(p.grad_weight)[e] = total;
-  else static_cast<A*>(p.grad_bias)[e - taps * C] = total;
+  if (e < taps * C)
+    static_cast<A*>(p.grad_weight)[e] = total;
+  else
+    static_cast<A*>(p.grad_bias)[e - taps * C] = total;
 }
 
 // One thread per (b, h, channel pack): reads the whole history, then shifts it (each thread
@@ -148,7 +149,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(DwcStepParams p) {
 }
 
 // 16-byte channel packs need every token row of every operand to start aligned.
-template <typename T> bool token_rows_aligned(const void* ptr, const RowStrides& s) {
+template <typename T>
+bool token_rows_aligned(const void* ptr, const RowStrides& s) {
   const int bytes = static_cast<int>(sizeof(T));
   return all_vec_aligned(ptr) && rows_vec_aligned(s.b, bytes) && rows_vec_aligned(s.h, bytes) &&
          rows_vec_aligned(s.n, bytes);
@@ -182,8 +184,9 @@ void dwc_step_cuda(const DwcStepParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
     constexpr int kW = kPackWidth<T>;
     // All operands are contiguous (B, H, ., C): aligned bases and C in whole packs suffice.
-    const bool packed = p.channels % kW == 0 && all_vec_aligned(static_cast<const T*>(p.v), static_cast<const T*>(p.cache),
-                                                                static_cast<const T*>(p.out), static_cast<const T*>(p.residual));
+    const bool packed =
+        p.channels % kW == 0 && all_vec_aligned(static_cast<const T*>(p.v), static_cast<const T*>(p.cache),
+                                                static_cast<const T*>(p.out), static_cast<const T*>(p.residual));
     const int64_t items = p.batch * p.heads * (packed ? p.channels / kW : p.channels);
     const auto blocks = static_cast<unsigned>(ceil_div(items, kThreads));
     SLAB_BOOL_SWITCH(packed, kPacked, [&] { step_kernel<T, kPacked ? kW : 1><<<blocks, kThreads, 0, stream>>>(p); });

@@ -28,8 +28,8 @@ Kernel check_weight(const Tensor& weight, const Tensor& v) {
   check_same_device(weight, v, "weight", "v");
   const int64_t C = v.size(3);
   SLAB_CHECK((weight.dim() == 4 || weight.dim() == 3) && weight.size(0) == C && weight.size(1) == 1,
-             "weight must be a depthwise convolution weight of shape (", C, ", 1, kh, kw) or (", C,
-             ", 1, k) for the ", C, " channels of v, got ", weight.sizes());
+             "weight must be a depthwise convolution weight of shape (", C, ", 1, kh, kw) or (", C, ", 1, k) for the ",
+             C, " channels of v, got ", weight.sizes());
   SLAB_CHECK(is_floating_point(weight.scalar_type()), "weight must be floating point, got ", weight.scalar_type());
   const Kernel k{weight.size(2), weight.dim() == 4 ? weight.size(3) : 1};
   SLAB_CHECK(k.h >= 1 && k.w >= 1, "weight must have a non-empty kernel, got ", weight.sizes());
@@ -61,9 +61,11 @@ Tensor run_dwc(const Tensor& v, const Tensor& taps, const OptTensor& bias, const
                const DwcGeometry& g) {
   Tensor out = heads_interleaved_like(v);
   if (out.numel() == 0) return out;
-  DwcParams p{kernel_dtype(v, "v"), g, v.data_ptr(), token_strides(v), data_or_null(residual),
-              residual ? token_strides(*residual) : RowStrides{0, 0, 0}, out.data_ptr(), token_strides(out),
-              taps.data_ptr(), data_or_null(bias)};
+  DwcParams p{kernel_dtype(v, "v"),   g,
+              v.data_ptr(),           token_strides(v),
+              data_or_null(residual), residual ? token_strides(*residual) : RowStrides{0, 0, 0},
+              out.data_ptr(),         token_strides(out),
+              taps.data_ptr(),        data_or_null(bias)};
   launch(v, p, dwc_cpu, SLAB_CUDA_FN(dwc_cuda));
   return out;
 }
@@ -105,8 +107,7 @@ Tensor dwc_op(const Tensor& v, const Tensor& weight, const OptTensor& bias, cons
 // Gradients of sla_dwc: grad_v is the same convolution of grad with the taps flipped and the
 // padding mirrored; grad_weight (weight's shape) and grad_bias ((C,)) come back in weight's dtype.
 std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Tensor& v, const Tensor& weight,
-                                                   int64_t grid_h, int64_t grid_w, int64_t pad_top,
-                                                   int64_t pad_left) {
+                                                   int64_t grid_h, int64_t grid_w, int64_t pad_top, int64_t pad_left) {
   const DType dtype = kernel_dtype(v, "v");
   SLAB_CHECK(v.dim() == 4, "v must have shape (batch, heads, tokens, channels), got ", v.sizes());
   check_same_device(grad, v, "grad", "v");
@@ -114,8 +115,8 @@ std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Ten
              v.sizes(), " and dtype ", v.scalar_type(), " of v, got ", grad.sizes(), " ", grad.scalar_type());
   const Kernel k = check_weight(weight, v);
   const DwcGeometry g = geometry(v, k, grid_h, grid_w, pad_top, pad_left);
-  const DwcGeometry mirrored{g.batch, g.heads, g.channels, g.grid_h, g.grid_w, g.kernel_h, g.kernel_w,
-                             k.h - 1 - pad_top, k.w - 1 - pad_left};
+  const DwcGeometry mirrored{g.batch,    g.heads,    g.channels,        g.grid_h,          g.grid_w,
+                             g.kernel_h, g.kernel_w, k.h - 1 - pad_top, k.w - 1 - pad_left};
   const ScalarType acc = acc_dtype(v.scalar_type());
   const Tensor gc = channels_contiguous(grad), vc = channels_contiguous(v);
   Tensor grad_v = run_dwc(gc, tap_major(weight, acc, true), std::nullopt, std::nullopt, mirrored);
@@ -129,10 +130,19 @@ std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Ten
 #else
     const int64_t splits = 1;
 #endif
-    Tensor partial = empty({checked_mul(g.batch * g.heads, splits, "batch * heads * token ranges"), taps + 1, g.channels},
-                           acc, v.device());
-    DwcWeightGradParams p{dtype, g, splits, gc.data_ptr(), token_strides(gc), vc.data_ptr(), token_strides(vc),
-                          partial.data_ptr(), grad_taps.data_ptr(), grad_bias.data_ptr()};
+    Tensor partial =
+        empty({checked_mul(g.batch * g.heads, splits, "batch * heads * token ranges"), taps + 1, g.channels}, acc,
+              v.device());
+    DwcWeightGradParams p{dtype,
+                          g,
+                          splits,
+                          gc.data_ptr(),
+                          token_strides(gc),
+                          vc.data_ptr(),
+                          token_strides(vc),
+                          partial.data_ptr(),
+                          grad_taps.data_ptr(),
+                          grad_bias.data_ptr()};
     launch(v, p, dwc_weight_grad_cpu, SLAB_CUDA_FN(dwc_weight_grad_cuda));
   }
   Tensor grad_weight = torch::stable::view(
@@ -150,14 +160,19 @@ Tensor dwc_step_op(const Tensor& v, const Tensor& cache, const Tensor& weight, c
   SLAB_CHECK(weight.dim() == 3, "weight must be a Conv1d weight (C, 1, k) for the causal 1-D branch, got ",
              weight.sizes());
   check_same_device(cache, v, "cache", "v");
-  SLAB_CHECK(cache.dim() == 4 && cache.size(0) == v.size(0) && cache.size(1) == v.size(1) &&
-                 cache.size(2) == k.h - 1 && cache.size(3) == v.size(2),
+  SLAB_CHECK(cache.dim() == 4 && cache.size(0) == v.size(0) && cache.size(1) == v.size(1) && cache.size(2) == k.h - 1 &&
+                 cache.size(3) == v.size(2),
              "cache must have shape (", v.size(0), ", ", v.size(1), ", ", k.h - 1, ", ", v.size(2),
              ") = (batch, heads, kernel - 1, channels), got ", cache.sizes());
   SLAB_CHECK(cache.scalar_type() == v.scalar_type() && cache.is_contiguous(), "cache must be a contiguous ",
              v.scalar_type(), " tensor (it is updated in place), got ", cache.scalar_type(),
              cache.is_contiguous() ? "" : " (non-contiguous)");
-  AliasCheck().written(cache, "cache").read(v, "v").read(weight, "weight").read(bias, "bias").read(residual, "residual")
+  AliasCheck()
+      .written(cache, "cache")
+      .read(v, "v")
+      .read(weight, "weight")
+      .read(bias, "bias")
+      .read(residual, "residual")
       .check();
   const OptTensor res = checked_residual(residual, v, fully_contiguous);
   const ScalarType acc = acc_dtype(v.scalar_type());
@@ -165,8 +180,9 @@ Tensor dwc_step_op(const Tensor& v, const Tensor& cache, const Tensor& weight, c
   const OptTensor b = checked_bias(bias, v4);
   Tensor out = torch::stable::empty_like(vc);
   if (out.numel() == 0) return out;
-  DwcStepParams p{dtype, v.size(0), v.size(1), v.size(2), k.h, vc.data_ptr(), data_or_null(res), cache.data_ptr(),
-                  out.data_ptr(), taps.data_ptr(), data_or_null(b)};
+  DwcStepParams p{dtype,          v.size(0),         v.size(1),        v.size(2),      k.h,
+                  vc.data_ptr(),  data_or_null(res), cache.data_ptr(), out.data_ptr(), taps.data_ptr(),
+                  data_or_null(b)};
   launch(v, p, dwc_step_cpu, SLAB_CUDA_FN(dwc_step_cuda));
   return out;
 }
@@ -176,10 +192,12 @@ Tensor dwc_step_op(const Tensor& v, const Tensor& cache, const Tensor& weight, c
 
 #ifndef SLAB_WITH_CUDA
 STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
-  m.def("sla_dwc(Tensor v, Tensor weight, Tensor? bias, Tensor? residual, int grid_h, int grid_w, int pad_top, "
-        "int pad_left) -> Tensor");
-  m.def("sla_dwc_backward(Tensor grad, Tensor v, Tensor weight, int grid_h, int grid_w, int pad_top, "
-        "int pad_left) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sla_dwc(Tensor v, Tensor weight, Tensor? bias, Tensor? residual, int grid_h, int grid_w, int pad_top, "
+      "int pad_left) -> Tensor");
+  m.def(
+      "sla_dwc_backward(Tensor grad, Tensor v, Tensor weight, int grid_h, int grid_w, int pad_top, "
+      "int pad_left) -> (Tensor, Tensor, Tensor)");
   m.def("sla_dwc_step(Tensor v, Tensor(a!) cache, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
 }
 #endif

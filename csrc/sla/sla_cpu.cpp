@@ -32,8 +32,8 @@ enum class Tri { kNone, kLowerA, kUpperA, kLowerC };
 // c[R x 2W] (+)= a[R x k0..k1] b[k0..k1 x 2W]; element (r, k) of a at a[r * sar + k * sak] (A is
 // only ever broadcast one element at a time, so a transposed A costs nothing), b and c row-major.
 template <int R, typename A>
-inline void micro_kernel(int64_t k0, int64_t k1, const A* a, int64_t sar, int64_t sak, const A* b, int64_t ldb,
-                         A* c, int64_t ldc, bool accumulate) {
+inline void micro_kernel(int64_t k0, int64_t k1, const A* a, int64_t sar, int64_t sak, const A* b, int64_t ldb, A* c,
+                         int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   V acc0[R], acc1[R];
@@ -72,12 +72,24 @@ void gemm_op(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, bool a_tr
     A* ci = c + i0 * ldc;
     for (int64_t j0 = 0; j0 < n1; j0 += nb) {
       switch (rows) {
-        case 6: micro_kernel<6>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
-        case 5: micro_kernel<5>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
-        case 4: micro_kernel<4>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
-        case 3: micro_kernel<3>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
-        case 2: micro_kernel<2>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
-        default: micro_kernel<1>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate); break;
+        case 6:
+          micro_kernel<6>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
+        case 5:
+          micro_kernel<5>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
+        case 4:
+          micro_kernel<4>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
+        case 3:
+          micro_kernel<3>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
+        case 2:
+          micro_kernel<2>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
+        default:
+          micro_kernel<1>(k0, k1, ai, sar, sak, b + j0, ldb, ci + j0, ldc, accumulate);
+          break;
       }
     }
   }
@@ -116,8 +128,8 @@ enum class Feature { kRaw, kPhi };
 // the accumulation type; phi applied for kPhi; a row whose keep flag is false becomes zero (a
 // masked-out key). Rows past `rows` and columns past `cols` are zeroed.
 template <typename T>
-void load_rows(const T* src, int64_t stride, int64_t rows, int64_t cols, acc_t<T>* dst, int64_t ld,
-               int64_t rows_pad, Feature f, const bool* keep = nullptr) {
+void load_rows(const T* src, int64_t stride, int64_t rows, int64_t cols, acc_t<T>* dst, int64_t ld, int64_t rows_pad,
+               Feature f, const bool* keep = nullptr) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   constexpr int64_t W = kVecWidth<T>;
@@ -151,8 +163,10 @@ void store_rows(const acc_t<T>* src, int64_t ld, int64_t rows, int64_t cols, T* 
     for (int64_t c = 0; c < cols; c += W) {
       V x = V::loadu(src + r * ld + c) * s;
       if (gate != nullptr) x = x * V::blendv(zero, one, V::loadu(gate + r * ld + c) > zero);
-      if (c + W <= cols) store_vec(dst + r * dst_ld + c, x);
-      else store_vec_n(dst + r * dst_ld + c, cols - c, x);
+      if (c + W <= cols)
+        store_vec(dst + r * dst_ld + c, x);
+      else
+        store_vec_n(dst + r * dst_ld + c, cols - c, x);
     }
   }
 }
@@ -199,8 +213,8 @@ struct Scratch {
   A *S, *St, *z, *dS, *dSt, *dz;
 
   Scratch(int64_t chunk, int64_t dim, int64_t vdim) : cp(padded(chunk)), dp(padded(dim)), vp(padded(vdim)) {
-    const int64_t sizes[] = {cp * dp, cp * dp, dp * cp, cp * vp, vp * cp, cp * vp, cp, cp, cp * cp, cp * cp,
-                             cp * dp, cp * vp, dp * vp, vp * dp, dp, dp * vp, vp * dp, dp};
+    const int64_t sizes[] = {cp * dp, cp * dp, dp * cp, cp * vp, vp * cp, cp * vp, cp,      cp,      cp * cp,
+                             cp * cp, cp * dp, cp * vp, dp * vp, vp * dp, dp,      dp * vp, vp * dp, dp};
     A** ptrs[] = {&q, &k, &kt, &v, &vt, &g, &gden, &den, &p, &dp_, &out_d, &out_v, &S, &St, &z, &dS, &dSt, &dz};
     int64_t total = 0;
     for (int64_t s : sizes) total += s;
@@ -274,7 +288,7 @@ void fwd_chunked(const SlaFwdParams& p, int64_t b, int64_t h, int64_t chunk, Scr
     if (kCausal) zero_upper(w.p, cp, L, cp);
     const bool first = n0 == 0;
     if (!first) gemm(L, vp, D, w.q, dp, w.S, vp, w.out_v, vp, false);  // earlier chunks: phi(Q) S
-    gemm(L, vp, L, w.p, cp, w.v, vp, w.out_v, vp, !first, lower_a);  // this chunk: P V
+    gemm(L, vp, L, w.p, cp, w.v, vp, w.out_v, vp, !first, lower_a);    // this chunk: P V
     for (int64_t i = 0; i < L; ++i) {
       const A d = denominator(sum(w.p + i * cp, cp) + dot(w.q + i * dp, w.z, dp), eps);
       den_out[n0 + i] = d;
@@ -481,9 +495,12 @@ void fwd(const SlaFwdParams& p) {
     Scratch<acc_t<T>> w(pl.chunk, p.s.dim, p.s.vdim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.s.heads, h = bh % p.s.heads;
-      if (p.causal) fwd_chunked<T, true>(p, b, h, pl.chunk, w);
-      else if (pl.quadratic) fwd_chunked<T, false>(p, b, h, pl.chunk, w);
-      else fwd_linear<T>(p, b, h, pl.chunk, w);
+      if (p.causal)
+        fwd_chunked<T, true>(p, b, h, pl.chunk, w);
+      else if (pl.quadratic)
+        fwd_chunked<T, false>(p, b, h, pl.chunk, w);
+      else
+        fwd_linear<T>(p, b, h, pl.chunk, w);
     }
   });
 }
@@ -582,8 +599,14 @@ void step(const SlaStepParams& p) {
 
 }  // namespace
 
-void sla_forward_cpu(const SlaFwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fwd<T>(p); }); }
-void sla_backward_cpu(const SlaBwdParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { bwd<T>(p); }); }
-void sla_step_cpu(const SlaStepParams& p) { SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { step<T>(p); }); }
+void sla_forward_cpu(const SlaFwdParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { fwd<T>(p); });
+}
+void sla_backward_cpu(const SlaBwdParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { bwd<T>(p); });
+}
+void sla_step_cpu(const SlaStepParams& p) {
+  SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { step<T>(p); });
+}
 
 }  // namespace slab::sla

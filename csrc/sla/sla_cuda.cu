@@ -24,17 +24,25 @@
 namespace slab::sla {
 namespace {
 
-constexpr int kTile = kCudaColumnTile;      // state columns per block (threadIdx.x)
-constexpr int kGroups = 8;                  // threadIdx.y: the held dimension is split over them
+constexpr int kTile = kCudaColumnTile;  // state columns per block (threadIdx.x)
+constexpr int kGroups = 8;              // threadIdx.y: the held dimension is split over them
 constexpr int kThreads = kTile * kGroups;
 
-template <typename A> struct TokensPerStage { static constexpr int value = 8; };
-template <> struct TokensPerStage<double> { static constexpr int value = 4; };  // same shared bytes
+template <typename A>
+struct TokensPerStage {
+  static constexpr int value = 8;
+};
+template <>
+struct TokensPerStage<double> {
+  static constexpr int value = 4;
+};  // same shared bytes
 
 // Held values per thread: up to 256 held dims in fp32, 128 in fp64 (255 registers hold 32 floats
 // of state but not 32 doubles without spilling).
-template <typename A> constexpr int kPerOf = kMaxHeadDimCuda / kGroups;
-template <> constexpr int kPerOf<double> = kMaxHeadDimCudaFp64 / kGroups;
+template <typename A>
+constexpr int kPerOf = kMaxHeadDimCuda / kGroups;
+template <>
+constexpr int kPerOf<double> = kMaxHeadDimCudaFp64 / kGroups;
 
 enum class Mode { kFwd, kDq, kDk, kDv };
 
@@ -47,12 +55,12 @@ struct RecArgs {
   SlaShape s;
   double eps;
   Operand q, k, v, o, go;
-  const void* den;    // [B, H, N] accumulation type (backward input)
-  void* gden;         // [B, H, N] accumulation type (backward workspace)
-  const bool* mask;   // [B, N] or null
-  void* out;          // [B, H, N, cols] contiguous
-  int64_t cols, held; // the tiled and the held dimension
-  void* den_out;      // forward only
+  const void* den;     // [B, H, N] accumulation type (backward input)
+  void* gden;          // [B, H, N] accumulation type (backward workspace)
+  const bool* mask;    // [B, N] or null
+  void* out;           // [B, H, N, cols] contiguous
+  int64_t cols, held;  // the tiled and the held dimension
+  void* den_out;       // forward only
   void* state;
   void* z;
 };
@@ -279,7 +287,8 @@ __global__ void __launch_bounds__(256) gden_kernel(RecArgs p) {
 
 // Every row of the operand starts 16-byte aligned: aligned base, and row strides and the row length
 // whole packs.
-template <typename T> bool rows_aligned(const Operand& x, int64_t row_len) {
+template <typename T>
+bool rows_aligned(const Operand& x, int64_t row_len) {
   const int bytes = static_cast<int>(sizeof(T));
   return all_vec_aligned(x.ptr) && rows_vec_aligned(x.s.b, bytes) && rows_vec_aligned(x.s.h, bytes) &&
          rows_vec_aligned(x.s.n, bytes) && row_len % kPackWidth<T> == 0;
@@ -323,7 +332,8 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(SlaStepParams p, Ste
     if (group == 0 && c < Dv) {
 #pragma unroll
       for (int i = 0; i < W; ++i)
-        static_cast<T*>(p.o)[bh * Dv + c + i] = from_acc<T>(step_column_sum<W>(part, lay.tile, lay.groups, j, i) * inv_den);
+        static_cast<T*>(p.o)[bh * Dv + c + i] =
+            from_acc<T>(step_column_sum<W>(part, lay.tile, lay.groups, j, i) * inv_den);
     }
     __syncthreads();
   }
@@ -343,22 +353,48 @@ void run(const RecArgs& a, bool causal, CUstream_st* stream) {
 
 void sla_forward_cuda(const SlaFwdParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    RecArgs a{p.s, p.eps, operand(p.q, p.q_stride), operand(p.k, p.k_stride), operand(p.v, p.v_stride), {}, {},
-              nullptr, nullptr, p.mask, p.o, p.s.vdim, p.s.dim, p.den, p.state, p.z};
+    RecArgs a{p.s,
+              p.eps,
+              operand(p.q, p.q_stride),
+              operand(p.k, p.k_stride),
+              operand(p.v, p.v_stride),
+              {},
+              {},
+              nullptr,
+              nullptr,
+              p.mask,
+              p.o,
+              p.s.vdim,
+              p.s.dim,
+              p.den,
+              p.state,
+              p.z};
     run<T, Mode::kFwd>(a, p.causal, stream);
   });
 }
 
 void sla_backward_cuda(const SlaBwdParams& p, CUstream_st* stream) {
   SLAB_DTYPE_SWITCH(p.dtype, CudaScalar, T, [&] {
-    RecArgs a{p.s, 0.0, operand(p.q, p.q_stride), operand(p.k, p.k_stride), operand(p.v, p.v_stride),
-              operand(p.o, p.o_stride), operand(p.grad_o, p.grad_o_stride), p.den, p.workspace, p.mask,
-              nullptr, 0, 0, nullptr, nullptr, nullptr};
+    RecArgs a{p.s,
+              0.0,
+              operand(p.q, p.q_stride),
+              operand(p.k, p.k_stride),
+              operand(p.v, p.v_stride),
+              operand(p.o, p.o_stride),
+              operand(p.grad_o, p.grad_o_stride),
+              p.den,
+              p.workspace,
+              p.mask,
+              nullptr,
+              0,
+              0,
+              nullptr,
+              nullptr,
+              nullptr};
     const int64_t rows = p.s.batch * p.s.heads * p.s.len;
     const auto gden_blocks = static_cast<unsigned>(ceil_div(rows, 8));
-    SLAB_BOOL_SWITCH(rows_aligned<T>(a.go, p.s.vdim) && rows_aligned<T>(a.o, p.s.vdim), kPacked, [&] {
-      gden_kernel<T, kPacked ? kPackWidth<T> : 1><<<gden_blocks, 256, 0, stream>>>(a);
-    });
+    SLAB_BOOL_SWITCH(rows_aligned<T>(a.go, p.s.vdim) && rows_aligned<T>(a.o, p.s.vdim), kPacked,
+                     [&] { gden_kernel<T, kPacked ? kPackWidth<T> : 1><<<gden_blocks, 256, 0, stream>>>(a); });
     a.out = p.dq, a.cols = p.s.dim, a.held = p.s.vdim;
     run<T, Mode::kDq>(a, p.causal, stream);
     a.out = p.dk;
@@ -373,9 +409,8 @@ void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream) {
     using A = acc_t<T>;
     const auto blocks = static_cast<unsigned>(p.batch * p.heads);
     const StepLayout lay = step_layout(p.vdim, kPackWidth<A>, all_vec_aligned(static_cast<const A*>(p.state)));
-    SLAB_BOOL_SWITCH(lay.width == kPackWidth<A>, kPacked, [&] {
-      step_kernel<T, kPacked ? kPackWidth<A> : 1><<<blocks, kStepThreads, 0, stream>>>(p, lay);
-    });
+    SLAB_BOOL_SWITCH(lay.width == kPackWidth<A>, kPacked,
+                     [&] { step_kernel<T, kPacked ? kPackWidth<A> : 1><<<blocks, kStepThreads, 0, stream>>>(p, lay); });
   });
 }
 

@@ -42,8 +42,6 @@ SLAB_HD A grad_den(A grad_o_dot_o, A inv_den) {
 
 // SLAB's rule for the non-causal order: (phi(Q) phi(K)^T) V costs N^2 (D + Dv) multiply-adds,
 // phi(Q) (phi(K)^T V) about 2 N D Dv; the quadratic order is taken when it is not more.
-SLAB_HD bool use_quadratic(int64_t len, int64_t dim, int64_t vdim) {
-  return len * (dim + vdim) <= 2 * dim * vdim;
-}
+SLAB_HD bool use_quadratic(int64_t len, int64_t dim, int64_t vdim) { return len * (dim + vdim) <= 2 * dim * vdim; }
 
 }  // namespace slab::sla

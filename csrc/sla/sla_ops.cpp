@@ -43,8 +43,7 @@ SlaShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_same_device(v, q, "v", "q");
   check_dtype(k, q, "k");
   check_dtype(v, q, "v");
-  SLAB_CHECK(k.sizes().equals(q.sizes()), "k must have the shape of q (B, H, N, D) = ", q.sizes(), ", got ",
-             k.sizes());
+  SLAB_CHECK(k.sizes().equals(q.sizes()), "k must have the shape of q (B, H, N, D) = ", q.sizes(), ", got ", k.sizes());
   SLAB_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
              "v must have shape (B, H, N, Dv) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
              ", Dv) to match q, got ", v.sizes());
@@ -73,7 +72,7 @@ const bool* mask_ptr(const OptTensor& m) { return m.has_value() ? m->const_data_
 bool is_empty(const SlaShape& s) { return s.batch == 0 || s.heads == 0 || s.len == 0 || s.dim == 0 || s.vdim == 0; }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> sla_forward_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                                      bool causal, double eps, const OptTensor& mask_in) {
+                                                          bool causal, double eps, const OptTensor& mask_in) {
   const SlaShape s = check_qkv(q_in, k_in, v_in);
   check_finite(eps, "eps");
   const OptTensor mask = check_mask(mask_in, q_in);
@@ -88,16 +87,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sla_forward_op(const Tensor& q_in, co
     return {o, den, state, z};
   }
   const Tensor q = rows_view(q_in), k = rows_view(k_in), v = rows_view(v_in);
-  SlaFwdParams p{kernel_dtype(q, "q"), s, causal, eps, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k),
-                 v.data_ptr(), strides_of(v), mask_ptr(mask), o.data_ptr(), den.data_ptr(), state.data_ptr(),
+  SlaFwdParams p{kernel_dtype(q, "q"),
+                 s,
+                 causal,
+                 eps,
+                 q.data_ptr(),
+                 strides_of(q),
+                 k.data_ptr(),
+                 strides_of(k),
+                 v.data_ptr(),
+                 strides_of(v),
+                 mask_ptr(mask),
+                 o.data_ptr(),
+                 den.data_ptr(),
+                 state.data_ptr(),
                  z.data_ptr()};
   launch(q, p, sla_forward_cpu, SLAB_CUDA_FN(sla_forward_cuda));
   return {o, den, state, z};
 }
 
 std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, const Tensor& q_in, const Tensor& k_in,
-                                              const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
-                                              bool causal, const OptTensor& mask_in) {
+                                                   const Tensor& v_in, const Tensor& o_in, const Tensor& den_in,
+                                                   bool causal, const OptTensor& mask_in) {
   const SlaShape s = check_qkv(q_in, k_in, v_in);
   for (const auto& [t, name] : {std::pair{&grad_o_in, "grad_o"}, std::pair{&o_in, "o"}}) {
     check_same_device(*t, q_in, name, "q");
@@ -108,8 +119,8 @@ std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, cons
   check_same_device(den_in, q_in, "den", "q");
   SLAB_CHECK(den_in.scalar_type() == acc_dtype(q_in.scalar_type()) && den_in.dim() == 3 &&
                  den_in.sizes().equals(q_in.sizes().slice(0, 3)),
-             "den must be a ", acc_dtype(q_in.scalar_type()), " tensor of shape (B, H, N) = ",
-             q_in.sizes().slice(0, 3), ", got ", den_in.scalar_type(), " ", den_in.sizes());
+             "den must be a ", acc_dtype(q_in.scalar_type()), " tensor of shape (B, H, N) = ", q_in.sizes().slice(0, 3),
+             ", got ", den_in.scalar_type(), " ", den_in.sizes());
   const OptTensor mask = check_mask(mask_in, q_in);
   const ScalarType dt = q_in.scalar_type();
   const Device dev = q_in.device();
@@ -125,9 +136,25 @@ std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, cons
 #ifdef SLAB_WITH_CUDA
   ws = empty({s.batch, s.heads, s.len}, den.scalar_type(), den.device());
 #endif
-  SlaBwdParams p{kernel_dtype(q, "q"), s, causal, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k),
-                 v.data_ptr(), strides_of(v), o.data_ptr(), strides_of(o), go.data_ptr(), strides_of(go),
-                 den.data_ptr(), mask_ptr(mask), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), data_or_null(ws)};
+  SlaBwdParams p{kernel_dtype(q, "q"),
+                 s,
+                 causal,
+                 q.data_ptr(),
+                 strides_of(q),
+                 k.data_ptr(),
+                 strides_of(k),
+                 v.data_ptr(),
+                 strides_of(v),
+                 o.data_ptr(),
+                 strides_of(o),
+                 go.data_ptr(),
+                 strides_of(go),
+                 den.data_ptr(),
+                 mask_ptr(mask),
+                 dq.data_ptr(),
+                 dk.data_ptr(),
+                 dv.data_ptr(),
+                 data_or_null(ws)};
   launch(q, p, sla_backward_cpu, SLAB_CUDA_FN(sla_backward_cuda));
   return {dq, dk, dv};
 }
@@ -151,8 +178,7 @@ void check_state(const Tensor& t, const Tensor& q, const std::vector<int64_t>& s
   SLAB_CHECK(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
 }
 
-Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, Tensor state, Tensor z,
-                   double eps) {
+Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, Tensor state, Tensor z, double eps) {
   const DType dtype = kernel_dtype(q_in, "q");
   check_same_device(k_in, q_in, "k", "q");
   check_same_device(v_in, q_in, "v", "q");
@@ -177,9 +203,21 @@ Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, T
   const ScalarType acc = acc_dtype(q_in.scalar_type());
   // A float32 state of float64 q is updated through a float64 working copy, copied back after.
   const Tensor st = to_dtype(state, acc), zt = to_dtype(z, acc);
-  SlaStepParams p{dtype, B, H, D, Dv, eps, q.data_ptr(), {q.stride(0), q.stride(1), 0}, k.data_ptr(),
-                  {k.stride(0), k.stride(1), 0}, v.data_ptr(), {v.stride(0), v.stride(1), 0}, st.data_ptr(),
-                  zt.data_ptr(), o.data_ptr()};
+  SlaStepParams p{dtype,
+                  B,
+                  H,
+                  D,
+                  Dv,
+                  eps,
+                  q.data_ptr(),
+                  {q.stride(0), q.stride(1), 0},
+                  k.data_ptr(),
+                  {k.stride(0), k.stride(1), 0},
+                  v.data_ptr(),
+                  {v.stride(0), v.stride(1), 0},
+                  st.data_ptr(),
+                  zt.data_ptr(),
+                  o.data_ptr()};
   launch(q_in, p, sla_step_cpu, SLAB_CUDA_FN(sla_step_cuda));
   if (state.scalar_type() != acc) torch::stable::copy_(state, st);
   if (z.scalar_type() != acc) torch::stable::copy_(z, zt);
@@ -191,10 +229,12 @@ Tensor sla_step_op(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, T
 
 #ifndef SLAB_WITH_CUDA
 STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
-  m.def("sla_forward(Tensor q, Tensor k, Tensor v, bool causal, float eps, Tensor? mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("sla_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, bool causal, Tensor? mask) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sla_forward(Tensor q, Tensor k, Tensor v, bool causal, float eps, Tensor? mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sla_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, bool causal, Tensor? mask) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("sla_step(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor(b!) z, float eps) -> Tensor");
 }
 #endif

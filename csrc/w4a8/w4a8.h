@@ -36,15 +36,15 @@ struct QuantFp8Params {
   DType dtype;
   int64_t rows, cols;  // x contiguous (rows, cols)
   const void* x;
-  uint8_t* q;       // (rows, q_stride) float8_e4m3fn bits; columns past cols are not written
+  uint8_t* q;  // (rows, q_stride) float8_e4m3fn bits; columns past cols are not written
   int64_t q_stride;
-  float* scale;     // (rows)
+  float* scale;  // (rows)
 };
 
 struct GemmParams {
-  int64_t m, n, k;    // x (m, k), w (n, k), y (m, n)
-  int64_t group;      // columns per weight scale (k for one scale per row)
-  int layout;         // Layout
+  int64_t m, n, k;  // x (m, k), w (n, k), y (m, n)
+  int64_t group;    // columns per weight scale (k for one scale per row)
+  int layout;       // Layout
   // Activations: either x_fp8 + x_scale (w4a8_gemm) or x (w4a8_linear, quantized in the prologue).
   const uint8_t* x_fp8;  // (m, x_stride) e4m3 bits
   int64_t x_stride;      // bytes between rows of x_fp8

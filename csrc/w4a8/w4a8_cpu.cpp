@@ -2,13 +2,13 @@
 //   quantize_fp8: per row, the absmax, then the e4m3 encoder of w4a8_math.h; x is read from memory
 //     once (the second pass over a row hits L1).
 //   gemm, few rows (m <= 8): streams the packed weights from memory once, row after row (parallel
-//     over rows; rows of x in groups of up to 4, a second group re-reading the row from L1): 16 bytes = 32 int4 values are widened to fp32 in four AVX2 vectors (shift-based
-//     sign extension of the nibbles) and multiplied with the activations, which the prologue
-//     decoded once through a 256-entry e4m3 -> fp32 table into a per-32-block (even, odd) column
-//     order matching the nibble order; per-group fp32 sums are scaled by the group scale.
+//     over rows; rows of x in groups of up to 4, a second group re-reading the row from L1): 16 bytes = 32 int4 values
+//     are widened to fp32 in four AVX2 vectors (shift-based sign extension of the nibbles) and multiplied with the
+//     activations, which the prologue decoded once through a 256-entry e4m3 -> fp32 table into a per-32-block (even,
+//     odd) column order matching the nibble order; per-group fp32 sums are scaled by the group scale.
 //   gemm, more rows: per block of 16 weight rows, the int4 values are decoded once into an fp32
-//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 4 x 16 broadcast-FMA micro-kernel), again
-//     with one fp32 sum per group scaled by the group scale.
+//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 4 x 16
+//     broadcast-FMA micro-kernel), again with one fp32 sum per group scaled by the group scale.
 // Both compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
 // (+ bias[n]) with fp32 accumulation; they differ only in the fp32 summation order.
 
@@ -34,9 +34,9 @@ namespace {
 // x rows up to which the streaming GEMV path is used: it re-decodes the weights once per 4 rows
 // of x, the blocked path decodes them once into a panel (a fixed cost worth ~8 GEMV rows here).
 constexpr int64_t kGemvMaxRows = 8;
-constexpr int64_t kBlockRows = 16;   // weight rows per panel of the blocked path
-constexpr int64_t kTokenBlock = 4;   // x rows per micro-kernel call of the blocked path
-constexpr int64_t kVecCols = 32;     // columns per step of the GEMV path (16 packed bytes)
+constexpr int64_t kBlockRows = 16;  // weight rows per panel of the blocked path
+constexpr int64_t kTokenBlock = 4;  // x rows per micro-kernel call of the blocked path
+constexpr int64_t kVecCols = 32;    // columns per step of the GEMV path (16 packed bytes)
 
 // e4m3 -> fp32 for all 256 codes (NaN codes decode to NaN).
 const std::array<float, 256>& e4m3_table() {
@@ -90,11 +90,9 @@ float quantize_row(const T* x, int64_t cols, uint8_t* q) {
 template <typename T>
 void quantize_fp8_impl(const QuantFp8Params& p) {
   const T* x = static_cast<const T*>(p.x);
-  parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r)
-                       p.scale[r] = quantize_row(x + r * p.cols, p.cols, p.q + r * p.q_stride);
-                   });
+  parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) p.scale[r] = quantize_row(x + r * p.cols, p.cols, p.q + r * p.q_stride);
+  });
 }
 
 // ---- activation prologue -----------------------------------------------------------------------
@@ -103,10 +101,10 @@ void quantize_fp8_impl(const QuantFp8Params& p) {
 // the rows quantized here with the same functions as quantize_fp8 (so linear == quantize_fp8 +
 // gemm bit for bit).
 struct Fp8Rows {
-  std::vector<uint8_t> own;   // (m, k) when quantized here
-  const uint8_t* codes;       // row r at codes + r * stride
+  std::vector<uint8_t> own;  // (m, k) when quantized here
+  const uint8_t* codes;      // row r at codes + r * stride
   int64_t stride;
-  std::vector<float> scale;   // (m)
+  std::vector<float> scale;  // (m)
 };
 
 template <typename T>
@@ -156,10 +154,18 @@ void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, cons
 
 void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
   switch (p.out_dtype) {
-    case DType::kFloat32: store_output<float>(p, row, col, acc, x_scale); break;
-    case DType::kBFloat16: store_output<c10::BFloat16>(p, row, col, acc, x_scale); break;
-    case DType::kFloat16: store_output<c10::Half>(p, row, col, acc, x_scale); break;
-    case DType::kFloat64: store_output<double>(p, row, col, acc, x_scale); break;
+    case DType::kFloat32:
+      store_output<float>(p, row, col, acc, x_scale);
+      break;
+    case DType::kBFloat16:
+      store_output<c10::BFloat16>(p, row, col, acc, x_scale);
+      break;
+    case DType::kFloat16:
+      store_output<c10::Half>(p, row, col, acc, x_scale);
+      break;
+    case DType::kFloat64:
+      store_output<double>(p, row, col, acc, x_scale);
+      break;
   }
 }
 
@@ -191,11 +197,10 @@ void row_dot(const uint8_t* w, const float* ws, const float* x, int64_t k, int64
       // arithmetic shift away; the low one is shifted to the top and back.
       const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kk / 2)));
       const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kk / 2 + 8)));
-      const __m256 v[4] = {
-          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 28), 28)),
-          _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 4)),
-          _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 28), 28)),
-          _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 4))};
+      const __m256 v[4] = {_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 28), 28)),
+                           _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 4)),
+                           _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 28), 28)),
+                           _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 4))};
       for (int t = 0; t < MT; ++t) {
         const float* xt = x + t * k + kk;
         for (int j = 0; j < 4; ++j) acc[t][j % C] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xt + 8 * j), acc[t][j % C]);
@@ -277,8 +282,8 @@ std::optional<IntActivations> int_activations(const GemmParams& p, const Fp8Rows
 float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, int64_t k, int64_t group) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   // Nibble -> its two's-complement int4 value as a byte (vpshufb looks up each 128-bit half).
-  const __m256i sign_extend = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
-                                               0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m256i sign_extend = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5,
+                                               6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
   const auto load = [](const void* ptr) { return _mm256_loadu_si256(static_cast<const __m256i*>(ptr)); };
   __m256 tot = _mm256_setzero_ps();
   for (int64_t g = 0; g < k / group; ++g) {
@@ -292,8 +297,8 @@ float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, in
       for (int i = 0; i < kPlanes; ++i) {
         const uint8_t* plane = a.planes.data() + i * k + kk;
         // Pair sums are at most 2 * 63 * 8: no int16 saturation.
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(load(plane), w_lo),
-                                               _mm256_maddubs_epi16(load(plane + 32), w_hi));
+        const __m256i pairs =
+            _mm256_add_epi16(_mm256_maddubs_epi16(load(plane), w_lo), _mm256_maddubs_epi16(load(plane + 32), w_hi));
         acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
       }
     }
@@ -335,9 +340,9 @@ void gemv(const GemmParams& p) {
 #endif
   const std::vector<float> x = decode_activations(p, rows, /*gemv_order=*/
 #ifdef SLAB_W4A8_AVX2
-                                           true
+                                                  true
 #else
-                                           false
+                                                  false
 #endif
   );
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
@@ -351,9 +356,15 @@ void gemv(const GemmParams& p) {
         const int64_t left = p.m - m0;
         const int mt = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
         switch (mt) {
-          case 4: row_dot<4>(w, ws, xr, p.k, p.group, out); break;
-          case 2: row_dot<2>(w, ws, xr, p.k, p.group, out); break;
-          default: row_dot<1>(w, ws, xr, p.k, p.group, out); break;
+          case 4:
+            row_dot<4>(w, ws, xr, p.k, p.group, out);
+            break;
+          case 2:
+            row_dot<2>(w, ws, xr, p.k, p.group, out);
+            break;
+          default:
+            row_dot<1>(w, ws, xr, p.k, p.group, out);
+            break;
         }
         for (int t = 0; t < mt; ++t) store(p, m0 + t, n, out[t], rows.scale);
         m0 += mt;
@@ -425,13 +436,13 @@ void decode_panel(const GemmParams& p, int64_t n0, float* panel, float* scales) 
     }
   }
   for (int64_t r = 0; r < kBlockRows; ++r)
-    for (int64_t g = 0; g < groups; ++g) scales[g * kBlockRows + r] = r < rows ? p.w_scales[(n0 + r) * groups + g] : 0.0f;
+    for (int64_t g = 0; g < groups; ++g)
+      scales[g * kBlockRows + r] = r < rows ? p.w_scales[(n0 + r) * groups + g] : 0.0f;
 }
 
 // tot[t][16] += sum_g scales[g] * sum_{k in g} x[t][k] panel[k] for MB rows of x.
 template <int MB>
-void panel_micro(const float* panel, const float* scales, const float* x, int64_t k, int64_t group,
-                 float* tot) {
+void panel_micro(const float* panel, const float* scales, const float* x, int64_t k, int64_t group, float* tot) {
   const int64_t groups = k / group;
 #ifdef SLAB_W4A8_AVX2
   for (int64_t g = 0; g < groups; ++g) {
@@ -484,10 +495,18 @@ void blocked(const GemmParams& p) {
         std::fill(tot, tot + kTokenBlock * kBlockRows, 0.0f);
         const float* xr = x.data() + m0 * p.k;
         switch (mb) {
-          case 4: panel_micro<4>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
-          case 3: panel_micro<3>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
-          case 2: panel_micro<2>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
-          default: panel_micro<1>(panel.data(), scales.data(), xr, p.k, p.group, tot); break;
+          case 4:
+            panel_micro<4>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
+          case 3:
+            panel_micro<3>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
+          case 2:
+            panel_micro<2>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
+          default:
+            panel_micro<1>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
         }
         for (int64_t t = 0; t < mb; ++t)
           for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], x_rows.scale);
@@ -503,8 +522,10 @@ void quantize_fp8_cpu(const QuantFp8Params& p) {
 }
 
 void gemm_cpu(const GemmParams& p) {
-  if (p.m <= kGemvMaxRows) gemv(p);
-  else blocked(p);
+  if (p.m <= kGemvMaxRows)
+    gemv(p);
+  else
+    blocked(p);
 }
 
 void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {

@@ -38,7 +38,7 @@ namespace {
 
 constexpr int kQuantThreads = 256;
 constexpr int kQuantPerThread = 8;
-constexpr int kWarps = 4;                   // weight row tiles (16 rows each) per block
+constexpr int kWarps = 4;  // weight row tiles (16 rows each) per block
 constexpr int kThreads = 32 * kWarps;
 constexpr int kXRowBytes = kTileCols + 16;  // staged activation row: 64 bytes + 16 of padding
                                             // (conflict-free fragment reads, 16-byte aligned)
@@ -123,7 +123,8 @@ __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* d
 // ---- mma ----------------------------------------------------------------------------------------
 
 // One k32 step of one 16 x 8 output tile: d += A (4 e4m3x4 registers) * B (2 e4m3x4 registers).
-[[maybe_unused]] __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+[[maybe_unused]] __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -135,8 +136,8 @@ __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* d
 #endif
 }
 
-[[maybe_unused]] __device__ __forceinline__ void mma_f16_k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                            uint32_t b0, uint32_t b1) {
+[[maybe_unused]] __device__ __forceinline__ void mma_f16_k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                             uint32_t a3, uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -165,7 +166,8 @@ __global__ void tile_kernel(const uint8_t* src, int64_t n, int64_t k, uint8_t* d
 // One k32 step on sm_80: the fp8 fragments of mma_k32, as two f16 m16n8k16 mmas. Register
 // pairs: (cols 4t, 4t+1) and (cols 4t+2, 4t+3) of the lane's A rows g / g + 8 and of its B column,
 // for the first (words w_lo = rows g / g+8 at cols 4t..) and second half (cols + 16).
-[[maybe_unused]] __device__ __forceinline__ void mma_k32_f16(float (&d)[4], uint32_t w_lo, uint32_t w_hi, uint32_t b0, uint32_t b1) {
+[[maybe_unused]] __device__ __forceinline__ void mma_k32_f16(float (&d)[4], uint32_t w_lo, uint32_t w_hi, uint32_t b0,
+                                                             uint32_t b1) {
   // w_lo: nibbles 0-3 = row g, cols 4t..4t+3; nibbles 4-7 = row g + 8. w_hi: the same at cols + 16.
   mma_f16_k16(d, int4x2_to_f16x2(w_lo), int4x2_to_f16x2(w_lo >> 16), int4x2_to_f16x2(w_lo >> 8),
               int4x2_to_f16x2(w_lo >> 24), e4m3x2_to_f16x2(b0), e4m3x2_to_f16x2(b0 >> 16));
@@ -210,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t k_tiles = ceil_div(p.k, kTileCols);
   const int64_t row_tiles = ceil_div(p.n, kTileRows);
-  const int64_t groups = p.k / p.group;  // scales per weight row
+  const int64_t groups = p.k / p.group;                                 // scales per weight row
   const int64_t rt = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // this warp's row tile
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTokens;
   const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * p.tiles_per_split;
@@ -326,9 +328,15 @@ template <int MT>
 void launch_gemm(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(round_up(p.n, kTileRows), kTileRows * kWarps), ceil_div(p.m, 8 * MT), p.splits);
   switch (p.out_dtype) {  // float32 / bfloat16 / float16 (the binding allows no other)
-    case DType::kBFloat16: gemm_kernel<MT, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kFloat16: gemm_kernel<MT, __half><<<grid, kThreads, 0, stream>>>(p); break;
-    default: gemm_kernel<MT, float><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kBFloat16:
+      gemm_kernel<MT, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case DType::kFloat16:
+      gemm_kernel<MT, __half><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      gemm_kernel<MT, float><<<grid, kThreads, 0, stream>>>(p);
+      break;
   }
 }
 
@@ -336,10 +344,14 @@ void launch_gemm(const GemmParams& p, cudaStream_t stream) {
 
 GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k) {
   switch (tokens_per_block(m)) {
-    case 8: return plan_for<1>(m, n, k);
-    case 16: return plan_for<2>(m, n, k);
-    case 32: return plan_for<4>(m, n, k);
-    default: return plan_for<8>(m, n, k);
+    case 8:
+      return plan_for<1>(m, n, k);
+    case 16:
+      return plan_for<2>(m, n, k);
+    case 32:
+      return plan_for<4>(m, n, k);
+    default:
+      return plan_for<8>(m, n, k);
   }
 }
 
@@ -350,9 +362,8 @@ void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
     // 16-byte loads of every x row and kW-byte stores of every code row must start aligned.
     const bool packed = all_vec_aligned(static_cast<const T*>(p.x)) && p.cols % kW == 0 &&
                         reinterpret_cast<uintptr_t>(p.q) % kW == 0 && p.q_stride % kW == 0;
-    SLAB_BOOL_SWITCH(packed, kPacked, [&] {
-      quantize_fp8_kernel<T, kPacked ? kW : 1><<<blocks, kQuantThreads, 0, stream>>>(p);
-    });
+    SLAB_BOOL_SWITCH(packed, kPacked,
+                     [&] { quantize_fp8_kernel<T, kPacked ? kW : 1><<<blocks, kQuantThreads, 0, stream>>>(p); });
   });
 }
 
@@ -369,10 +380,18 @@ void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, C
 
 void gemm_cuda(const GemmParams& p, CUstream_st* stream) {
   switch (tokens_per_block(p.m)) {  // the same buckets as plan_gemm_cuda
-    case 8: launch_gemm<1>(p, stream); break;
-    case 16: launch_gemm<2>(p, stream); break;
-    case 32: launch_gemm<4>(p, stream); break;
-    default: launch_gemm<8>(p, stream); break;
+    case 8:
+      launch_gemm<1>(p, stream);
+      break;
+    case 16:
+      launch_gemm<2>(p, stream);
+      break;
+    case 32:
+      launch_gemm<4>(p, stream);
+      break;
+    default:
+      launch_gemm<8>(p, stream);
+      break;
   }
   if (p.splits == 1) return;  // the GEMM wrote y itself
   const int blocks = grid_stride_blocks(p.m * p.n, 256);

@@ -82,7 +82,7 @@ SLAB_HD float e4m3_to_float(uint8_t b) {
   const uint32_t sign = static_cast<uint32_t>(b & 0x80) << 24;
   const uint32_t mag = b & 0x7F;
   if (mag == 0x7F) return bits_float(sign | 0x7FC00000u);  // NaN
-  if (mag < 8) {  // subnormal (or zero): m * 2^-9, exact in float
+  if (mag < 8) {                                           // subnormal (or zero): m * 2^-9, exact in float
     return bits_float(sign | float_bits(static_cast<float>(mag) * 0.001953125f));
   }
   // normal: exponent e4 - 7 + 127 = e4 + 120, mantissa bits shifted to the top of the fp32 field

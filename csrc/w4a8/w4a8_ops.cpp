@@ -18,8 +18,10 @@ namespace {
 int64_t group_columns(int64_t group_size, int64_t k) {
   SLAB_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == -1,
              "group_size must be 32, 64, 128 or -1 (one scale per row), got ", group_size);
-  SLAB_CHECK(k > 0 && k % 2 == 0, "K = ", k, " (the last dimension of x) must be even and > 0 (two int4 "
-             "values per byte) for any group_size (got group_size ", group_size, ")");
+  SLAB_CHECK(k > 0 && k % 2 == 0, "K = ", k,
+             " (the last dimension of x) must be even and > 0 (two int4 "
+             "values per byte) for any group_size (got group_size ",
+             group_size, ")");
   const int64_t g = group_size == -1 ? k : group_size;
   SLAB_CHECK(k % g == 0, "group_size ", group_size, " must divide K = ", k, " (the last dimension of x)");
   return g;
@@ -73,7 +75,12 @@ std::tuple<Tensor, Tensor> quantize_fp8_op(const Tensor& x) {
     torch::stable::fill_(scale, 1.0);
     return {q, scale};
   }
-  QuantFp8Params p{dtype, rows, cols, xc.data_ptr(), static_cast<uint8_t*>(q.mutable_data_ptr()), cols,
+  QuantFp8Params p{dtype,
+                   rows,
+                   cols,
+                   xc.data_ptr(),
+                   static_cast<uint8_t*>(q.mutable_data_ptr()),
+                   cols,
                    scale.mutable_data_ptr<float>()};
   launch(x, p, quantize_fp8_cpu, SLAB_CUDA_FN(quantize_fp8_cuda));
   return {q, scale};
@@ -124,7 +131,8 @@ Tensor int4_to_e4m3_op(const Tensor& packed) {
 // CUDA kernels read tiles (row-major weights are tiled here, on every call: prepack once instead).
 Tensor kernel_weights(const Tensor& w, int64_t layout) {
 #ifndef SLAB_WITH_CUDA
-  SLAB_CHECK(layout == kRowMajor, "w_packed is in the CUDA tile layout (layout=1); the CPU kernels read the "
+  SLAB_CHECK(layout == kRowMajor,
+             "w_packed is in the CUDA tile layout (layout=1); the CPU kernels read the "
              "row-major layout: prepack the weights for the CPU (slab.quant.prepack_w4(..., device='cpu'))");
   return contiguous(w);
 #else
@@ -241,7 +249,7 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
   // padded to whole 64-column tiles, then the GEMM.
   q = zeros({m, round_up(k, kTileCols)}, ScalarType::Byte, x.device());
   qs = empty({m}, ScalarType::Float, x.device());
-  QuantFp8Params qp{kernel_dtype(x, "x"), m, k, xc.data_ptr(), q.mutable_data_ptr<uint8_t>(), q.size(1),
+  QuantFp8Params qp{kernel_dtype(x, "x"),        m, k, xc.data_ptr(), q.mutable_data_ptr<uint8_t>(), q.size(1),
                     qs.mutable_data_ptr<float>()};
   launch(x, qp, quantize_fp8_cpu, SLAB_CUDA_FN(quantize_fp8_cuda));
   p.x_fp8 = q.const_data_ptr<uint8_t>(), p.x_stride = q.size(1), p.x_scale = qs.const_data_ptr<float>();
@@ -257,8 +265,9 @@ STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
   m.def("quantize_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("w4a8_tile_weights(Tensor packed) -> Tensor");
   m.def("w4a8_int4_to_e4m3(Tensor packed) -> Tensor");
-  m.def("w4a8_gemm(Tensor x_fp8, Tensor x_scale, Tensor w_packed, Tensor w_scales, int group_size, int layout, "
-        "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "w4a8_gemm(Tensor x_fp8, Tensor x_scale, Tensor w_packed, Tensor w_scales, int group_size, int layout, "
+      "ScalarType out_dtype) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor w_packed, Tensor w_scales, int group_size, int layout, Tensor? bias) -> Tensor");
 }
 #endif

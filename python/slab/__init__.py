@@ -33,5 +33,18 @@ from . import quant  # noqa: E402
 from .deploy import deploy, register_bn_act, register_conv_bn_block  # noqa: E402
 from .tune import tune, tuned, untune  # noqa: E402
 
-__all__ = ["__version__", "cuda_available", "ops", "nn", "optim", "sparse", "quant", "deploy", "tune", "untune",
-           "tuned", "register_conv_bn_block", "register_bn_act"]
+__all__ = [
+    "__version__",
+    "cuda_available",
+    "ops",
+    "nn",
+    "optim",
+    "sparse",
+    "quant",
+    "deploy",
+    "tune",
+    "untune",
+    "tuned",
+    "register_conv_bn_block",
+    "register_bn_act",
+]

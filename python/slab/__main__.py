@@ -1,9 +1,9 @@
 """The ``slab`` command (also ``python -m slab``).
 
-    slab info [--json]   build and runtime facts for a bug report (slab.info)
-    slab bench [...]     check and time every op; the same as ``slab-bench`` (slab.bench)
-    slab demo [...]      train, deploy, quantize, sparsify and time a small SLAB model (slab.demo);
-                         ``torchrun --nproc-per-node 2 -m slab demo`` trains it data-parallel
+slab info [--json]   build and runtime facts for a bug report (slab.info)
+slab bench [...]     check and time every op; the same as ``slab-bench`` (slab.bench)
+slab demo [...]      train, deploy, quantize, sparsify and time a small SLAB model (slab.demo);
+                     ``torchrun --nproc-per-node 2 -m slab demo`` trains it data-parallel
 """
 
 from __future__ import annotations
@@ -20,16 +20,25 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="slab", description="slab: C++/CUDA kernels for efficient transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p_info = sub.add_parser("info", help="print the build and runtime facts a bug report needs",
-                            description="Print the build and runtime facts a bug report needs.")
+    p_info = sub.add_parser(
+        "info",
+        help="print the build and runtime facts a bug report needs",
+        description="Print the build and runtime facts a bug report needs.",
+    )
     info.add_arguments(p_info)
-    sub.add_parser("bench", add_help=False,
-                   help="check every op against its reference, then time it (same as slab-bench; "
-                        "`slab bench --help` lists its options)")
-    p_demo = sub.add_parser("demo", help="train, deploy, quantize, sparsify and time a small SLAB model",
-                            description="Train a small SLAB model (vision, or --lm), fold its norms, quantize "
-                                        "it to W4A8, sparsify its MLPs with CATS and time every variant "
-                                        "against a plain-PyTorch twin.")
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="check every op against its reference, then time it (same as slab-bench; "
+        "`slab bench --help` lists its options)",
+    )
+    p_demo = sub.add_parser(
+        "demo",
+        help="train, deploy, quantize, sparsify and time a small SLAB model",
+        description="Train a small SLAB model (vision, or --lm), fold its norms, quantize "
+        "it to W4A8, sparsify its MLPs with CATS and time every variant "
+        "against a plain-PyTorch twin.",
+    )
     _add_demo_arguments(p_demo)
     p_demo.set_defaults(demo_parser=p_demo)  # its errors print "slab demo: error: ..." (exit 2)
     return parser

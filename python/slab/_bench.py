@@ -60,10 +60,20 @@ __all__ = [
 # Devices and dtypes
 # ----------------------------------------------------------------------------------------------
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "f64": torch.float64,
+    "double": torch.float64,
 }
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -136,10 +146,11 @@ def busy_warning(device: torch.device | str = "cpu") -> Optional[str]:
     cores = os.cpu_count() or 1
     if load > cores + 0.5:
         where = "CPU timings" if torch.device(device).type == "cpu" else "host-side overheads"
-        return (f"warning: load average {load:.1f} on {cores} cores -- other processes are running; "
-                f"{where} will be unreliable (torch.set_num_threads(1) / --threads 1 suffers less)")
+        return (
+            f"warning: load average {load:.1f} on {cores} cores -- other processes are running; "
+            f"{where} will be unreliable (torch.set_num_threads(1) / --threads 1 suffers less)"
+        )
     return None
-
 
 
 def start(threads: Optional[int], requested_device: Optional[str]) -> torch.device:
@@ -152,6 +163,7 @@ def start(threads: Optional[int], requested_device: Optional[str]) -> torch.devi
     if warn:
         print(warn, file=sys.stderr)
     return device
+
 
 def synchronize(device: torch.device) -> None:
     device = torch.device(device)
@@ -187,12 +199,21 @@ class Timing:
 
     def as_dict(self) -> dict:
         """min / p25 / median / p75 / max (ms), n and the relative IQR: what the JSON files hold."""
-        return {"min_ms": self.min_ms, "p25_ms": self.p25_ms, "median_ms": self.median_ms, "p75_ms": self.p75_ms,
-                "max_ms": self.max_ms, "n": self.n, "iqr_rel": self.iqr}
+        return {
+            "min_ms": self.min_ms,
+            "p25_ms": self.p25_ms,
+            "median_ms": self.median_ms,
+            "p75_ms": self.p75_ms,
+            "max_ms": self.max_ms,
+            "n": self.n,
+            "iqr_rel": self.iqr,
+        }
 
     def __str__(self) -> str:
-        return (f"{self.median_ms:.4g} ms (min {self.min_ms:.4g}, max {self.max_ms:.4g}, n={self.n}, "
-                f"IQR {100 * self.iqr:.0f}%)")
+        return (
+            f"{self.median_ms:.4g} ms (min {self.min_ms:.4g}, max {self.max_ms:.4g}, n={self.n}, "
+            f"IQR {100 * self.iqr:.0f}%)"
+        )
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
@@ -206,8 +227,16 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
 
 def _summarize(samples_ms: list[float]) -> Timing:
     s = sorted(samples_ms)
-    return Timing(statistics.median(s), s[0], _quantile(s, 0.2), _quantile(s, 0.8), len(s),
-                  s[-1], _quantile(s, 0.25), _quantile(s, 0.75))
+    return Timing(
+        statistics.median(s),
+        s[0],
+        _quantile(s, 0.2),
+        _quantile(s, 0.8),
+        len(s),
+        s[-1],
+        _quantile(s, 0.25),
+        _quantile(s, 0.75),
+    )
 
 
 _L2_FLUSH: dict[Any, torch.Tensor] = {}
@@ -242,8 +271,9 @@ def time_fn(
     (device time, no host overhead between calls) and, unless ``flush_l2=False``, a 256 MB buffer
     zeroed before each call so the inputs are not served from L2.
     """
-    return time_fns({"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
-                    budget_s=budget_s, flush_l2=flush_l2)["fn"]
+    return time_fns(
+        {"fn": fn}, device, warmup=warmup, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s, flush_l2=flush_l2
+    )["fn"]
 
 
 def time_fns(
@@ -327,8 +357,7 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = N
     n = nbytes // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0,
-                flush_l2=False)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)  # noqa: F821 (del below)
     bw = 2 * n * 4 / (t.min_ms * 1e-3)  # the best run: the limit, least disturbed by other processes
     del src, dst
     _BW_CACHE[key] = bw
@@ -442,8 +471,9 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def write_results(path: str, rows: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]] = None,
-                  fmt: Optional[str] = None) -> None:
+def write_results(
+    path: str, rows: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]] = None, fmt: Optional[str] = None
+) -> None:
     """Writes ``rows`` (dicts) to ``path`` as ``fmt`` (``"csv"`` or ``"json"``; default: CSV when
     the path ends with ``.csv``, JSON otherwise: ``{"meta": {...}, "rows": [...]}``). A script's
     ``--csv PATH`` passes ``fmt="csv"`` so any file name gets CSV. Parent folders are created."""
@@ -494,8 +524,9 @@ def grid(cls: type, **axes: Iterable[Any]) -> list[Any]:
 # ----------------------------------------------------------------------------------------------
 # Profiling
 # ----------------------------------------------------------------------------------------------
-def profile_table(fn: Callable[[], Any], device: torch.device | str = "cpu", *, steps: int = 5,
-                  row_limit: int = 20) -> str:
+def profile_table(
+    fn: Callable[[], Any], device: torch.device | str = "cpu", *, steps: int = 5, row_limit: int = 20
+) -> str:
     """Runs ``fn`` ``steps`` times (after one warm-up) under ``torch.profiler`` and returns the
     operator table sorted by self time on the device."""
     from torch.profiler import ProfilerActivity, profile

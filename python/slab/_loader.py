@@ -23,9 +23,19 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["TORCH_MIN", "STATE", "LoadState", "parse_torch_version", "check_torch_version",
-           "read_build_info", "load_ops_library", "load_cuda_library", "register_cuda_fallbacks",
-           "cuda_unavailable_message", "load"]
+__all__ = [
+    "TORCH_MIN",
+    "STATE",
+    "LoadState",
+    "parse_torch_version",
+    "check_torch_version",
+    "read_build_info",
+    "load_ops_library",
+    "load_cuda_library",
+    "register_cuda_fallbacks",
+    "cuda_unavailable_message",
+    "load",
+]
 
 TORCH_MIN = (2, 11)  # the stable-ABI target: the oldest torch the op library loads under
 TORCH_MIN_STR = ".".join(map(str, TORCH_MIN))
@@ -38,10 +48,12 @@ REASON_CPU_TORCH = "torch is a CPU-only build"
 REASON_NO_CUDA_LIBRARY = f"this slab build has no CUDA kernels ({CUDA_LIBRARY} not found)"
 
 _HINT_CPU_TORCH = "Install a CUDA build of torch (and of slab), or move the tensors to the CPU."
-_HINT_NO_CUDA_LIBRARY = ("Rebuild slab with a CUDA build of torch and nvcc present (SLAB_CUDA=1), "
-                         "or move the tensors to the CPU.")
-_HINT_LOAD_FAILED = ("Reinstall slab against the running torch and CUDA (`slab info` shows both), "
-                     "or move the tensors to the CPU.")
+_HINT_NO_CUDA_LIBRARY = (
+    "Rebuild slab with a CUDA build of torch and nvcc present (SLAB_CUDA=1), or move the tensors to the CPU."
+)
+_HINT_LOAD_FAILED = (
+    "Reinstall slab against the running torch and CUDA (`slab info` shows both), or move the tensors to the CPU."
+)
 
 
 @dataclasses.dataclass
@@ -82,8 +94,9 @@ def check_torch_version(version: object, slab_version: str = "") -> None:
     parsed = parse_torch_version(version)
     if parsed is not None and parsed[:2] < TORCH_MIN:
         name = f"slab {slab_version}" if slab_version else "slab"
-        raise ImportError(f"{name} needs torch >= {TORCH_MIN_STR} (found torch {version}); "
-                          f"pip install 'torch>={TORCH_MIN_STR}'")
+        raise ImportError(
+            f"{name} needs torch >= {TORCH_MIN_STR} (found torch {version}); pip install 'torch>={TORCH_MIN_STR}'"
+        )
 
 
 def ops_library_path() -> str:
@@ -123,14 +136,20 @@ def load_ops_library(path: str, slab_version: str = "") -> None:
         built = STATE.build_info.get("torch_version") or "unknown"
         reinstall = f"pip install --force-reinstall --no-deps --no-build-isolation {PIP_NAME}"
         if built == "unknown":
-            built_desc = (f"it was built against an unknown torch (no readable {BUILD_INFO}) and torch {running} "
-                          f"is running: reinstalling slab against the running torch fixes it ({reinstall})")
+            built_desc = (
+                f"it was built against an unknown torch (no readable {BUILD_INFO}) and torch {running} "
+                f"is running: reinstalling slab against the running torch fixes it ({reinstall})"
+            )
         elif built != running:
-            built_desc = (f"it was built against torch {built} and torch {running} is running: reinstalling slab "
-                          f"against the running torch fixes it ({reinstall})")
+            built_desc = (
+                f"it was built against torch {built} and torch {running} is running: reinstalling slab "
+                f"against the running torch fixes it ({reinstall})"
+            )
         else:
-            built_desc = (f"it was built against torch {built}, the running one: check that what it links to is "
-                          f"installed, or reinstall slab ({reinstall})")
+            built_desc = (
+                f"it was built against torch {built}, the running one: check that what it links to is "
+                f"installed, or reinstall slab ({reinstall})"
+            )
         raise ImportError(f"{name}: cannot load {path} ({load_error_text(exc, path)}); {built_desc}") from exc
 
 
@@ -142,7 +161,7 @@ def load_error_text(exc: BaseException, path: str) -> str:
     text = _one_line(inner)
     for prefix in (f"{path}: ", f"{os.path.abspath(path)}: "):
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     return text
 
 
@@ -195,7 +214,7 @@ def namespace_overloads(namespace: str = "slab") -> Iterator[tuple[str, "torch._
     for name in sorted(torch._C._dispatch_get_all_op_names()):
         if not name.startswith(prefix):
             continue
-        op = name[len(prefix):]
+        op = name[len(prefix) :]
         try:
             packet = getattr(getattr(torch.ops, namespace), op)
         except Exception:  # noqa: BLE001 - not reachable through torch.ops: leave it alone
@@ -231,6 +250,7 @@ def load(slab_version: str) -> LoadState:
     load_ops_library(path, slab_version)
     load_cuda_library(path)
     if not STATE.cuda_loaded:
-        STATE.cuda_fallback_ops = register_cuda_fallbacks(STATE.cuda_reason or "the CUDA kernels are not loaded",
-                                                          STATE.cuda_hint or _HINT_NO_CUDA_LIBRARY)
+        STATE.cuda_fallback_ops = register_cuda_fallbacks(
+            STATE.cuda_reason or "the CUDA kernels are not loaded", STATE.cuda_hint or _HINT_NO_CUDA_LIBRARY
+        )
     return STATE

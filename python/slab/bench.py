@@ -33,8 +33,18 @@ import torch
 
 from slab import _bench
 
-__all__ = ["CheckResult", "BenchContext", "Entry", "register", "REGISTRY", "check_tensors", "speed_row", "main",
-           "NOISY_IQR", "SCHEMA"]
+__all__ = [
+    "CheckResult",
+    "BenchContext",
+    "Entry",
+    "register",
+    "REGISTRY",
+    "check_tensors",
+    "speed_row",
+    "main",
+    "NOISY_IQR",
+    "SCHEMA",
+]
 
 SCHEMA = "slab-bench/2"
 NOISY_IQR = 0.25  # a row is "noisy" when a provider's (p75 - p25) / median exceeds this
@@ -68,8 +78,14 @@ class BenchContext:
     def time_many(self, fns: dict[str, Callable[[], Any]]) -> dict[str, _bench.Timing]:
         """Timings of several providers, measured interleaved (:func:`slab._bench.time_fns`), so a
         busy moment of a shared machine does not land on one provider only."""
-        return _bench.time_fns(fns, self.device, warmup=3, min_reps=7 if self.quick else 15,
-                               max_reps=100 if self.quick else 300, budget_s=self.budget_s)
+        return _bench.time_fns(
+            fns,
+            self.device,
+            warmup=3,
+            min_reps=7 if self.quick else 15,
+            max_reps=100 if self.quick else 300,
+            budget_s=self.budget_s,
+        )
 
 
 @dataclasses.dataclass
@@ -128,8 +144,9 @@ def check_tensors(op: str, case: str, dtype: torch.dtype, pairs: Sequence[tuple]
     return CheckResult(op, case, _bench.dtype_name(dtype), True, f"{len(pairs)} tensors, worst {worst}")
 
 
-def run_cases(op: str, cases: Sequence[tuple[str, Callable]], dtypes: Sequence[torch.dtype],
-              device: torch.device) -> list[CheckResult]:
+def run_cases(
+    op: str, cases: Sequence[tuple[str, Callable]], dtypes: Sequence[torch.dtype], device: torch.device
+) -> list[CheckResult]:
     """``case_fn(device, dtype) -> list of (name, got, expected[, tol_dtype])`` for every case and
     dtype; an exception is a failed check (reported with its type and message)."""
     out = []
@@ -138,8 +155,9 @@ def run_cases(op: str, cases: Sequence[tuple[str, Callable]], dtypes: Sequence[t
             try:
                 out.append(check_tensors(op, case, dtype, fn(device, dtype)))
             except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported
-                out.append(CheckResult(op, case, _bench.dtype_name(dtype), False,
-                                       f"raised {type(exc).__name__}: {exc}"))
+                out.append(
+                    CheckResult(op, case, _bench.dtype_name(dtype), False, f"raised {type(exc).__name__}: {exc}")
+                )
     return out
 
 
@@ -169,9 +187,18 @@ SPEED_COLUMNS = [
 ]
 
 
-def speed_row(ctx: BenchContext, *, op: str, case: str, shape: Sequence[int], dtype: torch.dtype,
-              timings: dict[str, _bench.Timing], bytes_floor: Optional[float] = None,
-              bytes_moved: Optional[float] = None, size: Optional[float] = None) -> dict:
+def speed_row(
+    ctx: BenchContext,
+    *,
+    op: str,
+    case: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    timings: dict[str, _bench.Timing],
+    bytes_floor: Optional[float] = None,
+    bytes_moved: Optional[float] = None,
+    size: Optional[float] = None,
+) -> dict:
     """A row of :data:`SPEED_COLUMNS` from provider timings (keys of :data:`PROVIDERS`).
 
     ``bytes_floor``: every input read once and every output written once (the absolute floor);
@@ -184,8 +211,12 @@ def speed_row(ctx: BenchContext, *, op: str, case: str, shape: Sequence[int], dt
     for s in shape:
         numel *= int(s)
     row: dict[str, Any] = {
-        "op": op, "case": case, "shape": "x".join(map(str, shape)), "dtype": _bench.dtype_name(dtype),
-        "size": float(size if size is not None else numel), "device": str(ctx.device),
+        "op": op,
+        "case": case,
+        "shape": "x".join(map(str, shape)),
+        "dtype": _bench.dtype_name(dtype),
+        "size": float(size if size is not None else numel),
+        "device": str(ctx.device),
         "timings": {k: v.as_dict() for k, v in timings.items()},
     }
     for k in PROVIDERS:
@@ -253,9 +284,16 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
             gpu = _bench.device_description(torch.device("cuda"))
         except Exception:  # noqa: BLE001
             gpu = "unknown"
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "device": str(device), "hardware": _bench.device_description(device), "platform": platform.platform(),
-            "load": _bench.machine_load()}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "device": str(device),
+        "hardware": _bench.device_description(device),
+        "platform": platform.platform(),
+        "load": _bench.machine_load(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,8 +313,14 @@ def _device_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"invalid device {text!r}: expected cpu, cuda or cuda:N")
 
 
-_DTYPE_CHOICES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPE_CHOICES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _dtypes_arg(text: str) -> list[torch.dtype]:
@@ -288,8 +332,10 @@ def _dtypes_arg(text: str) -> list[torch.dtype]:
         elif p in _DTYPE_CHOICES:
             out.append(_DTYPE_CHOICES[p])
         else:
-            raise argparse.ArgumentTypeError(f"invalid dtype {part!r}: expected float32, bfloat16, float16 "
-                                             f"(or fp32, bf16, fp16), comma-separated, or all")
+            raise argparse.ArgumentTypeError(
+                f"invalid dtype {part!r}: expected float32, bfloat16, float16 "
+                f"(or fp32, bf16, fp16), comma-separated, or all"
+            )
     return list(dict.fromkeys(out))
 
 
@@ -317,26 +363,43 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="slab-bench",
         description="Check every slab op against its float64 reference on this device, then time it. "
-                    "Always writes a JSON file with the checks, the speed rows and their spread.",
+        "Always writes a JSON file with the checks, the speed rows and their spread.",
     )
-    p.add_argument("--device", type=_device_arg, help="cpu, cuda or cuda:N (default: cuda if slab's CUDA "
-                                                      "kernels and a GPU are available, else cpu)")
+    p.add_argument(
+        "--device",
+        type=_device_arg,
+        help="cpu, cuda or cuda:N (default: cuda if slab's CUDA kernels and a GPU are available, else cpu)",
+    )
     p.add_argument("--only", nargs="+", metavar="OP", help="run only these ops or families (see --list)")
     p.add_argument("--list", action="store_true", help="list the ops and exit")
     p.add_argument("--check-only", action="store_true", help="correctness checks only, no timing")
-    p.add_argument("--dtype", type=_dtypes_arg, default=None, metavar="DTYPES",
-                   help="dtypes of the speed table: float32, bfloat16, float16, comma-separated, or all "
-                        "(default float32). The checks always cover all three.")
-    p.add_argument("--quick", action="store_true", help="one small shape per op, short budget, no torch.compile "
-                                                        "(unless --compile)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="time torch.compile of the reference (default: on, off with --quick)")
+    p.add_argument(
+        "--dtype",
+        type=_dtypes_arg,
+        default=None,
+        metavar="DTYPES",
+        help="dtypes of the speed table: float32, bfloat16, float16, comma-separated, or all "
+        "(default float32). The checks always cover all three.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="one small shape per op, short budget, no torch.compile (unless --compile)"
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="time torch.compile of the reference (default: on, off with --quick)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile column")
-    p.add_argument("--budget", type=_positive_float, default=None,
-                   help="seconds of timed calls per provider and row (default 0.4, --quick 0.08)")
+    p.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=None,
+        help="seconds of timed calls per provider and row (default 0.4, --quick 0.08)",
+    )
     p.add_argument("--json", metavar="PATH", help="where the JSON goes (default slab-bench-<timestamp>.json here)")
-    p.add_argument("--csv", metavar="PATH", help="also write the speed rows (with --check-only: the check rows) "
-                                                 "as CSV")
+    p.add_argument("--csv", metavar="PATH", help="also write the speed rows (with --check-only: the check rows) as CSV")
     p.add_argument("--plot", metavar="PATH", help="draw speedup against size per op into a PNG (needs matplotlib)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     return p
@@ -357,8 +420,10 @@ def _select(names: Optional[Sequence[str]], parser: argparse.ArgumentParser) -> 
         elif n in families:
             hit = [e for e in REGISTRY.values() if e.family == n]
         else:
-            parser.error(f"argument --only: unknown op {n!r}; known ops: {', '.join(REGISTRY)}; "
-                         f"families: {', '.join(sorted(families))}")
+            parser.error(
+                f"argument --only: unknown op {n!r}; known ops: {', '.join(REGISTRY)}; "
+                f"families: {', '.join(sorted(families))}"
+            )
         chosen.extend(e for e in hit if e not in chosen)
     return chosen
 
@@ -387,14 +452,14 @@ def _plot(path: str, rows: Sequence[dict]) -> Optional[str]:
             if key.split(" ")[0] != op:
                 continue
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key[len(op):].strip() or op)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key[len(op) :].strip() or op)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_title(op, fontsize=9)
         ax.set_xlabel("size (elements)", fontsize=8)
         ax.set_ylabel("speedup vs eager (higher is better)", fontsize=7)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(ops):]:
+    for ax in list(axes.flat)[len(ops) :]:
         ax.axis("off")
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
@@ -410,8 +475,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _load_registry()
     except (ImportError, OSError) as exc:  # the op library did not load: slab's own one-line message
-        print(f"slab-bench: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-              file=sys.stderr)
+        print(
+            f"slab-bench: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+            file=sys.stderr,
+        )
         return 2
     entries = _select(args.only, parser)
     if args.plot:
@@ -431,9 +498,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = torch.device(args.device) if args.device else _bench.pick_device(None)
     if device.type == "cuda" and not (torch.cuda.is_available() and slab.cuda_available()):
-        print("slab-bench: --device cuda, but " + ("torch sees no CUDA device" if not torch.cuda.is_available()
-              else "this slab build has no CUDA kernels (rebuild with SLAB_CUDA=1 on a machine with nvcc)"),
-              file=sys.stderr)
+        print(
+            "slab-bench: --device cuda, but "
+            + (
+                "torch sees no CUDA device"
+                if not torch.cuda.is_available()
+                else "this slab build has no CUDA kernels (rebuild with SLAB_CUDA=1 on a machine with nvcc)"
+            ),
+            file=sys.stderr,
+        )
         return 2
     dtypes = args.dtype or [torch.float32]
     quick = args.quick
@@ -443,12 +516,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path = args.json or f"slab-bench-{started.strftime('%Y%m%d-%H%M%S')}.json"
     machine = machine_facts(device)
     load = machine["load"]
-    load_text = (f"load {load['load1']:.1f} on {load['cores']} cores" if load["load1"] is not None
-                 else "load unknown")
+    load_text = f"load {load['load1']:.1f} on {load['cores']} cores" if load["load1"] is not None else "load unknown"
     if load["busy"]:
         load_text += " -- BUSY: other processes compete, timings unreliable (try --threads 1 or a quieter machine)"
-    print(f"slab {slab.__version__} (commit {_commit() or 'unknown'}), torch {torch.__version__}, device {device}: "
-          f"{machine['hardware']}; {load_text}", flush=True)
+    print(
+        f"slab {slab.__version__} (commit {_commit() or 'unknown'}), torch {torch.__version__}, device {device}: "
+        f"{machine['hardware']}; {load_text}",
+        flush=True,
+    )
 
     # ---- correctness
     t0 = time.perf_counter()
@@ -460,9 +535,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
             checks.append(CheckResult(e.name, "(check)", "-", False, f"raised {type(exc).__name__}: {exc}"))
     check_s = time.perf_counter() - t0
-    table = _bench.Table(["op", "case", "dtype", "result", "detail"],
-                         title=f"\nCorrectness against slab.reference in float64, tolerances of "
-                               f"slab.reference.compare ({check_s:.1f} s)")
+    table = _bench.Table(
+        ["op", "case", "dtype", "result", "detail"],
+        title=f"\nCorrectness against slab.reference in float64, tolerances of "
+        f"slab.reference.compare ({check_s:.1f} s)",
+    )
     for r in checks:
         table.add(op=r.op, case=r.case, dtype=r.dtype, result="PASS" if r.ok else "FAIL", detail=r.detail)
     table.print()
@@ -489,10 +566,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         speed = _bench.Table(
             SPEED_COLUMNS,
             title=f"\nSpeed on {device} ({load_text}; measured copy bandwidth {bw / 1e9:.1f} GB/s). "
-                  f"ms: median of the timed calls, lower is better; every other number: higher is better",
+            f"ms: median of the timed calls, lower is better; every other number: higher is better",
             notes=[
                 "Providers, timed interleaved call by call: slab; eager = the plain-PyTorch reference "
-                "(slab.reference); compile = torch.compile of it" + ("" if use_compile else " (off: --compile)")
+                "(slab.reference); compile = torch.compile of it"
+                + ("" if use_compile else " (off: --compile)")
                 + "; library = the best known torch op (per op, see --list).",
                 "±IQR: (p75 - p25) / median of the timed calls; min..max: fastest and slowest slab call. "
                 "x eager / x compile / x library: their median / slab's (> 1: slab is faster).",
@@ -552,8 +630,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 written.append(f"plot: {args.plot}")
         else:
             print("slab-bench: --plot: no speed rows (--check-only)", file=sys.stderr)
-    print("\nslab-bench: wrote " + ", ".join(written) + ("" if args.csv else " (--csv PATH for CSV, --plot PATH "
-                                                                             "for a speedup plot)"))
+    print(
+        "\nslab-bench: wrote "
+        + ", ".join(written)
+        + ("" if args.csv else " (--csv PATH for CSV, --plot PATH for a speedup plot)")
+    )
     if failed_ops:
         print(f"slab-bench: FAILED: {', '.join(failed_ops)}", file=sys.stderr)
         return 1

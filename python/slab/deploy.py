@@ -232,8 +232,10 @@ def _pair_problem(name: str, layer: nn.Module, bn: nn.Module, rank: Optional[int
     if bn.num_features != channels:
         return f"{what}: num_features {bn.num_features} != the layer's {channels} output channels"
     if rank is None and not isinstance(bn, _RANK_CHECKING_BN):
-        return (f"{what}: the layer output's rank is unknown, and only a {batched}-D output has its "
-                f"channels in dim 1; {_NEED_SHAPES}")
+        return (
+            f"{what}: the layer output's rank is unknown, and only a {batched}-D output has its "
+            f"channels in dim 1; {_NEED_SHAPES}"
+        )
     if rank is not None and rank != batched:
         return f"{what}: the layer output is {rank}-D, so the BN normalises its dim 1, not the {channels} channels"
     return None
@@ -371,7 +373,6 @@ def _to_affine(norm: nn.Module) -> nn.Module:
     return norm if isinstance(norm, ChannelAffine) else ChannelAffine.from_norm(norm)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # torch.fx path
 # ----------------------------------------------------------------------------------------------
@@ -451,8 +452,9 @@ class _GraphFolder:
         self.modules[target] = new
         self.replaced[target] = new
 
-    def fold_into(self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node,
-                  tail: Optional[nn.Module] = None) -> None:
+    def fold_into(
+        self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node, tail: Optional[nn.Module] = None
+    ) -> None:
         """Replaces the module of ``into`` by ``new`` and drops the norm call ``node`` (its uses
         read ``keep`` instead), or, for a BN with an activation tail, makes ``node`` call the tail."""
         self.replace(into.target, new)
@@ -654,7 +656,7 @@ def conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[Left]]:
             kids = list(module.named_children())
             for i, ((a, layer), (b, bn)) in enumerate(zip(kids, kids[1:])):
                 if _is_eval_bn(bn) and _output_layout(layer) is not None and prefix + b not in claimed:
-                    rank = _prefix_rank([m for _, m in kids[:i + 1]])
+                    rank = _prefix_rank([m for _, m in kids[: i + 1]])
                     why = _held_pair_problem(prefix + a, layer, bn, rank, uses)
                     if why is None:
                         pairs.append((prefix + a, prefix + b))
@@ -712,14 +714,15 @@ class _SequentialFolder:
         self.model, self.report = model, report
         self.names = {id(m): name for name, m in model.named_modules()}
         self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        self.seqs = [m for m in model.modules()
-                     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
+        self.seqs = [
+            m for m in model.modules() if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+        ]
         self.why_not = why_not  # id(BN) -> why it did not fold (here or in an earlier pass)
 
     def pairs(self, seq: nn.Sequential) -> list[tuple[str, str, list[nn.Module]]]:
         """``(name, next name, the children up to name)`` for each adjacent pair of children."""
         keys, mods = list(seq._modules), list(seq._modules.values())
-        return [(keys[i], keys[i + 1], mods[:i + 1]) for i in range(len(keys) - 1)]
+        return [(keys[i], keys[i + 1], mods[: i + 1]) for i in range(len(keys) - 1)]
 
     def folded(self, norm: nn.Module, layer: nn.Module, new: nn.Module) -> nn.Module:
         self.names[id(new)] = self.names[id(layer)]
@@ -815,8 +818,12 @@ def _warn_if_shapes_missing(report: DeployReport) -> None:
         )
 
 
-def deploy(model: nn.Module, inplace: bool = False, example_inputs: Union[Tensor, tuple, list, None] = None,
-           return_report: bool = False) -> Union[nn.Module, tuple[nn.Module, DeployReport]]:
+def deploy(
+    model: nn.Module,
+    inplace: bool = False,
+    example_inputs: Union[Tensor, tuple, list, None] = None,
+    return_report: bool = False,
+) -> Union[nn.Module, tuple[nn.Module, DeployReport]]:
     """Returns ``model`` with its eval-mode norms folded away, for inference.
 
     * Eval-mode ``slab.nn.RepBN``/``PRepBN`` whose output feeds only a ``nn.Linear`` are folded into

@@ -106,8 +106,14 @@ def _cuda_devices() -> list[dict[str, Any]]:
     devices = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        devices.append({"index": i, "name": p.name, "capability": f"sm_{p.major}{p.minor}",
-                        "memory_gib": round(p.total_memory / 2**30, 1)})
+        devices.append(
+            {
+                "index": i,
+                "name": p.name,
+                "capability": f"sm_{p.major}{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+            }
+        )
     return devices
 
 
@@ -165,8 +171,9 @@ def _cuda_facts() -> dict[str, Any]:
             facts["device_count"] = 0
             facts["devices"] = []
     else:  # a CPU-only torch: no CUDA probe at all
-        facts.update(torch_cuda_available=False, available=False, driver=None, driver_cuda=None,
-                     device_count=0, devices=[])
+        facts.update(
+            torch_cuda_available=False, available=False, driver=None, driver_cuda=None, device_count=0, devices=[]
+        )
     return facts
 
 
@@ -210,8 +217,13 @@ def _python_facts() -> dict[str, Any]:
 def collect() -> dict[str, Any]:
     """All facts, as a JSON-serialisable dict of sections: slab, torch, cuda, cpu, python."""
     out: dict[str, Any] = {}
-    for section, fn in (("slab", _slab_facts), ("torch", _torch_facts), ("cuda", _cuda_facts),
-                        ("cpu", _cpu_facts), ("python", _python_facts)):
+    for section, fn in (
+        ("slab", _slab_facts),
+        ("torch", _torch_facts),
+        ("cuda", _cuda_facts),
+        ("cpu", _cpu_facts),
+        ("python", _python_facts),
+    ):
         out[section] = _try(fn)
     return out
 
@@ -246,9 +258,12 @@ def _cuda_lines(facts: dict) -> list[tuple[str, str]]:
         driver_text = "none found"
     else:
         driver_text = f"{driver or 'unknown'} (supports CUDA {driver_cuda or 'unknown'})"
-    lines = [("CUDA kernels", kernels), ("CUDA library", lib),
-             ("CUDA available", f"{g('available')} (torch.cuda.is_available(): {g('torch_cuda_available')})"),
-             ("CUDA driver", driver_text)]
+    lines = [
+        ("CUDA kernels", kernels),
+        ("CUDA library", lib),
+        ("CUDA available", f"{g('available')} (torch.cuda.is_available(): {g('torch_cuda_available')})"),
+        ("CUDA driver", driver_text),
+    ]
     devices = g("devices")
     if isinstance(devices, list):
         lines.append(("CUDA devices", str(len(devices))))

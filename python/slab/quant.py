@@ -36,7 +36,16 @@ from torch import Tensor, nn
 from .nn._args import check_choice
 from .ops.w4a8 import GROUP_SIZES, PackedW4, group_columns
 
-__all__ = ["quantize_w4", "dequantize_w4", "unpack_int4", "prepack_w4", "quantize_fp8", "convert", "PackedW4", "GROUP_SIZES"]
+__all__ = [
+    "quantize_w4",
+    "dequantize_w4",
+    "unpack_int4",
+    "prepack_w4",
+    "quantize_fp8",
+    "convert",
+    "PackedW4",
+    "GROUP_SIZES",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,8 +107,13 @@ def dequantize_w4(packed: Tensor, scales: Tensor, group_size: int) -> Tensor:
     return (q.float().reshape(n, k // g, g) * scales.unsqueeze(-1)).reshape(n, k)
 
 
-def prepack_w4(packed: Tensor, scales: Tensor, group_size: int, device: Union[str, torch.device, None] = None,
-               layout: Optional[str] = None) -> PackedW4:
+def prepack_w4(
+    packed: Tensor,
+    scales: Tensor,
+    group_size: int,
+    device: Union[str, torch.device, None] = None,
+    layout: Optional[str] = None,
+) -> PackedW4:
     """The weights in the layout the kernels of ``device`` read (default: ``packed``'s device).
 
     ``layout`` defaults to the device's: ``"rowmajor"`` on the CPU (the ``quantize_w4`` codes as
@@ -145,8 +159,9 @@ def _skip_fn(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
         return skip
     names = list(skip) if isinstance(skip, Iterable) and not isinstance(skip, str) else [skip]
     if not all(isinstance(s, str) for s in names):
-        raise ValueError("skip must be None, a module name, an iterable of names or a callable(name, module) -> "
-                         f"bool, got {skip!r}")
+        raise ValueError(
+            f"skip must be None, a module name, an iterable of names or a callable(name, module) -> bool, got {skip!r}"
+        )
     return lambda name, mod: any(name == s or name.startswith(s + ".") for s in names)
 
 

@@ -108,7 +108,8 @@ def find_mlps(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(mod, CATSMLP) or any(name.startswith(p + ".") for p in found):
             continue
         if all(hasattr(mod, n) for n in ("gate_proj", "up_proj", "down_proj")) or (
-                hasattr(mod, "fc1") and hasattr(mod, "fc2")):
+            hasattr(mod, "fc1") and hasattr(mod, "fc2")
+        ):
             found[name] = mod
     return found
 
@@ -182,8 +183,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], sparsity: float = 0.5, b
     return cal.thresholds()
 
 
-def convert(model: nn.Module, thresholds: Union[Mapping[str, float], float],
-            decode_tokens: int = 16) -> nn.Module:
+def convert(model: nn.Module, thresholds: Union[Mapping[str, float], float], decode_tokens: int = 16) -> nn.Module:
     """Replaces every supported MLP of ``model`` by a :class:`slab.nn.CATSMLP` (in place; returns
     ``model``). ``thresholds`` maps MLP names (as :func:`calibrate` returns them) to thresholds,
     or is one float for all. The replaced MLP's down projection weight is transposed into the new

@@ -43,8 +43,7 @@ class _TunedConv:
         bn = self._slab_tune_bn
         if bn.training:
             return self._slab_tune_base.forward(self, x)
-        weight, bias = fold_conv_bn(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                    bn.eps)
+        weight, bias = fold_conv_bn(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
         return self._conv_forward(x, weight, bias)
 
 

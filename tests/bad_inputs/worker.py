@@ -43,7 +43,7 @@ def _limit_memory() -> None:
 
         with open("/proc/self/statm") as f:
             vsize = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        limit = vsize + 8 * 2 ** 30
+        limit = vsize + 8 * 2**30
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     except (ImportError, OSError, ValueError):
         pass
@@ -71,8 +71,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _layout(t: torch.Tensor):
-    return (tuple(t.shape), t.stride() if t.layout == torch.strided else None,
-            t.storage_offset() if t.layout == torch.strided else None, t.dtype, str(t.device))
+    return (
+        tuple(t.shape),
+        t.stride() if t.layout == torch.strided else None,
+        t.storage_offset() if t.layout == torch.strided else None,
+        t.dtype,
+        str(t.device),
+    )
 
 
 def snapshot(args: dict) -> list:
@@ -136,8 +141,11 @@ def run(case: cases.Case) -> dict:
     # A valid call may write only the values of what the schema marks (never resize or restride
     # it); a failed call may write nothing.
     failed = out["raised"] is not None
-    out["changed"] = [label if what == "values" else f"{label} (layout)" for name, label, what in changed(snap)
-                      if failed or name not in written or what == "layout"]
+    out["changed"] = [
+        label if what == "values" else f"{label} (layout)"
+        for name, label, what in changed(snap)
+        if failed or name not in written or what == "layout"
+    ]
     return out
 
 

@@ -16,9 +16,9 @@ namespace {
 
 struct Case {
   int64_t M, D, F;
-  int elem_bytes;  // the dtype the layout is planned for (2, 4 or 8): pack width 16 / elem_bytes
-  int64_t offset;  // elements from a 16-byte boundary at which every base starts
-  double sparsity; // 0: threshold -1 (keeps everything), 1: nothing kept, else a quantile of |silu|
+  int elem_bytes;   // the dtype the layout is planned for (2, 4 or 8): pack width 16 / elem_bytes
+  int64_t offset;   // elements from a 16-byte boundary at which every base starts
+  double sparsity;  // 0: threshold -1 (keeps everything), 1: nothing kept, else a quantile of |silu|
   uint32_t seed;
 };
 
@@ -194,7 +194,8 @@ void down(const Case& c, const Data& d, int W, const std::vector<double>& act, c
                   const int64_t e = rows[j] * c.D + col + i;
                   ++down_reads[static_cast<size_t>(e)];
                   for (int m = 0; m < MB; ++m)
-                    sum[static_cast<size_t>((warp * MB + m) * 32 * W + lane * W + i)] += a[j][m] * d.wd[static_cast<size_t>(e)];
+                    sum[static_cast<size_t>((warp * MB + m) * 32 * W + lane * W + i)] +=
+                        a[j][m] * d.wd[static_cast<size_t>(e)];
                 }
               }
           }
@@ -204,15 +205,19 @@ void down(const Case& c, const Data& d, int W, const std::vector<double>& act, c
         for (int64_t cc = 0; cc < 32 * W; ++cc) {
           if (tile0 + cc >= c.D) continue;
           double total = 0;
-          for (int warp = 0; warp < cats::kDownWarps; ++warp) total += sum[static_cast<size_t>((warp * MB + m) * 32 * W + cc)];
+          for (int warp = 0; warp < cats::kDownWarps; ++warp)
+            total += sum[static_cast<size_t>((warp * MB + m) * 32 * W + cc)];
           const size_t at = static_cast<size_t>((s * c.M + m) * c.D + tile0 + cc);
           partial[at] = total;
           ++written[at];
         }
     }
   }
-  for (int64_t k = 0; k < count; ++k) HOST_CHECK(covered[static_cast<size_t>(k)] == 1, "kept position %lld in %d splits", (long long)k, covered[static_cast<size_t>(k)]);
-  for (size_t i = 0; i < written.size(); ++i) HOST_CHECK(written[i] == 1, "partial %zu written %d times", i, written[i]);
+  for (int64_t k = 0; k < count; ++k)
+    HOST_CHECK(covered[static_cast<size_t>(k)] == 1, "kept position %lld in %d splits", (long long)k,
+               covered[static_cast<size_t>(k)]);
+  for (size_t i = 0; i < written.size(); ++i)
+    HOST_CHECK(written[i] == 1, "partial %zu written %d times", i, written[i]);
   y.assign(static_cast<size_t>(c.M * c.D), 0.0);
   for (int64_t i = 0; i < c.M * c.D; ++i)
     for (int s = 0; s < splits; ++s) y[static_cast<size_t>(i)] += partial[static_cast<size_t>(s * c.M * c.D + i)];
@@ -244,11 +249,21 @@ void check_case(const Case& c) {
   Run got;
   std::vector<int> gate_reads(static_cast<size_t>(c.F * c.D), 0), up_reads = gate_reads, down_reads = gate_reads;
   switch (cats::token_bucket(c.M)) {
-    case 1: run_bucket<1>(c, d, W, got, gate_reads, up_reads, down_reads); break;
-    case 2: run_bucket<2>(c, d, W, got, gate_reads, up_reads, down_reads); break;
-    case 4: run_bucket<4>(c, d, W, got, gate_reads, up_reads, down_reads); break;
-    case 8: run_bucket<8>(c, d, W, got, gate_reads, up_reads, down_reads); break;
-    default: run_bucket<16>(c, d, W, got, gate_reads, up_reads, down_reads); break;
+    case 1:
+      run_bucket<1>(c, d, W, got, gate_reads, up_reads, down_reads);
+      break;
+    case 2:
+      run_bucket<2>(c, d, W, got, gate_reads, up_reads, down_reads);
+      break;
+    case 4:
+      run_bucket<4>(c, d, W, got, gate_reads, up_reads, down_reads);
+      break;
+    case 8:
+      run_bucket<8>(c, d, W, got, gate_reads, up_reads, down_reads);
+      break;
+    default:
+      run_bucket<16>(c, d, W, got, gate_reads, up_reads, down_reads);
+      break;
   }
   std::vector<double> want;
   std::vector<uint8_t> keep;
@@ -262,23 +277,27 @@ void check_case(const Case& c) {
   int64_t count = 0;
   for (int64_t f = 0; f < c.F; ++f) {
     HOST_CHECK(got.keep[static_cast<size_t>(f)] == keep[static_cast<size_t>(f)], "%s: keep[%lld]", tag(), (long long)f);
-    if (keep[static_cast<size_t>(f)]) HOST_CHECK(got.kept[static_cast<size_t>(count++)] == f, "%s: kept[] order", tag());
+    if (keep[static_cast<size_t>(f)])
+      HOST_CHECK(got.kept[static_cast<size_t>(count++)] == f, "%s: kept[] order", tag());
     for (int64_t e = 0; e < c.D; ++e) {
       const size_t i = static_cast<size_t>(f * c.D + e);
-      HOST_CHECK(gate_reads[i] == 1, "%s: gate element (%lld, %lld) read %d times", tag(), (long long)f, (long long)e, gate_reads[i]);
+      HOST_CHECK(gate_reads[i] == 1, "%s: gate element (%lld, %lld) read %d times", tag(), (long long)f, (long long)e,
+                 gate_reads[i]);
       const int want_reads = keep[static_cast<size_t>(f)];
-      HOST_CHECK(up_reads[i] == want_reads && down_reads[i] == want_reads, "%s: row %lld read up %d / down %d times, want %d",
-                 tag(), (long long)f, up_reads[i], down_reads[i], want_reads);
+      HOST_CHECK(up_reads[i] == want_reads && down_reads[i] == want_reads,
+                 "%s: row %lld read up %d / down %d times, want %d", tag(), (long long)f, up_reads[i], down_reads[i],
+                 want_reads);
     }
   }
-  HOST_CHECK(got.kept[static_cast<size_t>(c.F)] == count, "%s: count %d, want %lld", tag(), got.kept[static_cast<size_t>(c.F)], (long long)count);
+  HOST_CHECK(got.kept[static_cast<size_t>(c.F)] == count, "%s: count %d, want %lld", tag(),
+             got.kept[static_cast<size_t>(c.F)], (long long)count);
   if (c.sparsity >= 1) HOST_CHECK(count == 0, "%s: everything dropped", tag());
   if (c.sparsity <= 0) HOST_CHECK(count == c.F, "%s: everything kept", tag());
   double scale = 0;
   for (double v : want) scale = std::max(scale, std::abs(v));
   for (size_t i = 0; i < want.size(); ++i)
-    HOST_CHECK(host_test::close(got.y[i], want[i], 1e-12 * (1 + scale), 1e-12), "%s: y[%zu] = %.17g, want %.17g", tag(), i,
-               got.y[i], want[i]);
+    HOST_CHECK(host_test::close(got.y[i], want[i], 1e-12 * (1 + scale), 1e-12), "%s: y[%zu] = %.17g, want %.17g", tag(),
+               i, got.y[i], want[i]);
 }
 
 }  // namespace

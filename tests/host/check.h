@@ -14,15 +14,15 @@ inline int64_t& checks() {
   return n;
 }
 
-#define HOST_CHECK(cond, ...)                                              \
-  do {                                                                     \
-    ++::host_test::checks();                                               \
-    if (!(cond)) {                                                         \
-      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond);        \
-      std::printf(__VA_ARGS__);                                            \
-      std::printf("\n");                                                   \
-      std::exit(1);                                                        \
-    }                                                                      \
+#define HOST_CHECK(cond, ...)                                       \
+  do {                                                              \
+    ++::host_test::checks();                                        \
+    if (!(cond)) {                                                  \
+      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                     \
+      std::printf("\n");                                            \
+      std::exit(1);                                                 \
+    }                                                               \
   } while (0)
 
 // |got - want| <= atol + rtol |want|, and NaN never passes.

@@ -21,7 +21,8 @@ struct Case {
 };
 
 // Per-channel vectors in the accumulation type and float64 copies for the reference.
-template <typename A> struct Vectors {
+template <typename A>
+struct Vectors {
   std::vector<A> bias, gamma, beta, mean, var, grad_bias;
   Vectors(int64_t c, uint32_t seed) {
     const auto take = [&](uint32_t s, double shift, double scale) {
@@ -36,7 +37,8 @@ template <typename A> struct Vectors {
 };
 
 // block_sum of kBwdThreads per-thread values: each warp's xor butterfly, then the warps in order.
-template <typename A> A block_sum(std::vector<A> v) {
+template <typename A>
+A block_sum(std::vector<A> v) {
   A total = A(0);
   for (int w = 0; w < kBwdThreads / 32; ++w) {
     A* lane = v.data() + w * 32;
@@ -120,19 +122,19 @@ void run(const Case& cs, uint32_t seed) {
   for (int s = 0; s < splits; ++s) {
     for (int64_t bx = 0; bx < grid; ++bx) {
       for (int64_t o = bx; o < C; o += grid) {
-      const Range r = bwd_range(items, per, s);
-      HOST_CHECK(r.begin <= r.end && r.end <= items, "range");
-      const A g = channel(v.bias.data(), v.gamma.data(), v.mean.data(), v.var.data(), eps, o).g;
-      std::vector<A> acc(kBwdThreads, A(0));
-      for (int t = 0; t < kBwdThreads; ++t)
-        for (int64_t q = r.begin + t; q < r.end; q += kBwdThreads)
-          for (int i = 0; i < width; ++i) {
-            const int64_t e = o * K + q * width + i;
-            acc[t] = dot_step(acc[t], static_cast<A>(gw[e]), static_cast<A>(w[e]));
-            dw[e] = static_cast<T>(scale_elem(static_cast<A>(gw[e]), g));
-            ++seen[static_cast<size_t>(e)];
-          }
-      partial[static_cast<size_t>(o * splits + s)] = block_sum(acc);
+        const Range r = bwd_range(items, per, s);
+        HOST_CHECK(r.begin <= r.end && r.end <= items, "range");
+        const A g = channel(v.bias.data(), v.gamma.data(), v.mean.data(), v.var.data(), eps, o).g;
+        std::vector<A> acc(kBwdThreads, A(0));
+        for (int t = 0; t < kBwdThreads; ++t)
+          for (int64_t q = r.begin + t; q < r.end; q += kBwdThreads)
+            for (int i = 0; i < width; ++i) {
+              const int64_t e = o * K + q * width + i;
+              acc[t] = dot_step(acc[t], static_cast<A>(gw[e]), static_cast<A>(w[e]));
+              dw[e] = static_cast<T>(scale_elem(static_cast<A>(gw[e]), g));
+              ++seen[static_cast<size_t>(e)];
+            }
+        partial[static_cast<size_t>(o * splits + s)] = block_sum(acc);
       }
     }
   }

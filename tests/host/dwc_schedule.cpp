@@ -21,7 +21,8 @@ static void check_row_pack() {
                        (long long)e);
             for (int w = 0; w < width; ++w) ++seen[size_t(it.row * channels + it.channel + w)];
           }
-          for (int v : seen) HOST_CHECK(v == 1, "C=%lld width=%d: a channel seen %d times", (long long)channels, width, v);
+          for (int v : seen)
+            HOST_CHECK(v == 1, "C=%lld width=%d: a channel seen %d times", (long long)channels, width, v);
         }
 }
 
@@ -30,7 +31,9 @@ static void check_weight_grad(int64_t B, int64_t H, int64_t C, int64_t gh, int64
   const DwcGeometry g{B, H, C, gh, gw, kh, kw, kh / 2, kw / 2};
   const int64_t N = gh * gw, taps = kh * kw, slices = B * H, row_len = (taps + 1) * C;
   const auto grad = host_test::randn(slices * N * C, seed), v = host_test::randn(slices * N * C, seed + 1);
-  auto at = [&](const std::vector<double>& t, int64_t s, int64_t n, int64_t c) { return t[size_t((s * N + n) * C + c)]; };
+  auto at = [&](const std::vector<double>& t, int64_t s, int64_t n, int64_t c) {
+    return t[size_t((s * N + n) * C + c)];
+  };
   // Reference: direct sums over every output token and in-grid tap.
   std::vector<double> ref(size_t(row_len), 0.0);
   for (int64_t s = 0; s < slices; ++s)
@@ -42,7 +45,8 @@ static void check_weight_grad(int64_t B, int64_t H, int64_t C, int64_t gh, int64
           for (int64_t i = 0; i < kh; ++i)
             for (int64_t j = 0; j < kw; ++j) {
               const int64_t yy = y + i - g.pad_top, xx = x + j - g.pad_left;
-              if (yy >= 0 && yy < gh && xx >= 0 && xx < gw) ref[size_t((i * kw + j) * C + c)] += gr * at(v, s, yy * gw + xx, c);
+              if (yy >= 0 && yy < gh && xx >= 0 && xx < gw)
+                ref[size_t((i * kw + j) * C + c)] += gr * at(v, s, yy * gw + xx, c);
             }
         }
   // The kernels' schedule: blocks over (slice, token range), then the ordered reduction.
@@ -69,7 +73,8 @@ static void check_weight_grad(int64_t B, int64_t H, int64_t C, int64_t gh, int64
         int64_t ilo, ihi, jlo, jhi;
         tap_range(y, g.pad_top, gh, kh, ilo, ihi);
         tap_range(x, g.pad_left, gw, kw, jlo, jhi);
-        if (i >= ilo && i < ihi && j >= jlo && j < jhi) total = tap_fma(total, gr, at(v, s, tap_source(g, y, x, i, j), c));
+        if (i >= ilo && i < ihi && j >= jlo && j < jhi)
+          total = tap_fma(total, gr, at(v, s, tap_source(g, y, x, i, j), c));
       }
       partial[size_t(block * row_len + e)] = total;
     }
@@ -78,8 +83,9 @@ static void check_weight_grad(int64_t B, int64_t H, int64_t C, int64_t gh, int64
   for (int64_t e = 0; e < row_len; ++e) {
     double total = 0;
     for (int64_t r = 0; r < slices * splits; ++r) total += partial[size_t(r * row_len + e)];
-    HOST_CHECK(host_test::close(total, ref[size_t(e)], 1e-9, 1e-9), "geometry %lldx%lld k %lldx%lld: entry %lld %g vs %g",
-               (long long)gh, (long long)gw, (long long)kh, (long long)kw, (long long)e, total, ref[size_t(e)]);
+    HOST_CHECK(host_test::close(total, ref[size_t(e)], 1e-9, 1e-9),
+               "geometry %lldx%lld k %lldx%lld: entry %lld %g vs %g", (long long)gh, (long long)gw, (long long)kh,
+               (long long)kw, (long long)e, total, ref[size_t(e)]);
   }
 }
 
@@ -99,9 +105,9 @@ int main() {
       HOST_CHECK(prev_end == tokens, "ranges cover the tokens");
     }
   uint32_t seed = 11;
-  check_weight_grad(1, 1, 3, 14, 14, 5, 5, seed++);   // vision grid, one slice: many ranges
-  check_weight_grad(2, 3, 5, 7, 9, 3, 3, seed++);     // odd grid, few tokens: one range
-  check_weight_grad(1, 2, 4, 1, 700, 1, 4, seed++);   // causal-style 1-D row (grid_w = N)
-  check_weight_grad(1, 1, 2, 300, 1, 4, 1, seed++);   // 1-D column
+  check_weight_grad(1, 1, 3, 14, 14, 5, 5, seed++);  // vision grid, one slice: many ranges
+  check_weight_grad(2, 3, 5, 7, 9, 3, 3, seed++);    // odd grid, few tokens: one range
+  check_weight_grad(1, 2, 4, 1, 700, 1, 4, seed++);  // causal-style 1-D row (grid_w = N)
+  check_weight_grad(1, 1, 2, 300, 1, 4, 1, seed++);  // 1-D column
   return host_test::finish();
 }

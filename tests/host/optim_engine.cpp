@@ -127,7 +127,9 @@ void check_seen_once(const std::vector<std::vector<int>>& seen, const char* what
 }
 
 template <typename T>
-double tol() { return sizeof(T) == 4 ? 2e-5 : 1e-12; }
+double tol() {
+  return sizeof(T) == 4 ? 2e-5 : 1e-12;
+}
 
 // DoG: x <- x - eta (g s + wd x), dist2 = ||x_new - x0||^2 (x0 misaligned when off0 != 0).
 template <typename T>

@@ -52,7 +52,8 @@ void check_row_cover(int64_t channels, int width) {
       for (int t = 0; t < rs.threads(); ++t) {
         const int64_t e = rs.element(g, s, t);
         if (e < 0) continue;
-        HOST_CHECK(e % width == 0 && e + width <= channels, "pack at %lld of C=%lld", (long long)e, (long long)channels);
+        HOST_CHECK(e % width == 0 && e + width <= channels, "pack at %lld of C=%lld", (long long)e,
+                   (long long)channels);
         for (int i = 0; i < width; ++i) ++seen[static_cast<size_t>(e + i)];
       }
   for (int64_t c = 0; c < channels; ++c)
@@ -87,8 +88,16 @@ struct Layer {
 Layer make_layer(int64_t c, Norm norm, uint32_t seed) {
   auto pos = host_test::randn(c, seed + 5, 0.3);
   for (auto& v : pos) v = 1.0 / (0.7 + std::abs(v));
-  return {norm, host_test::randn(c, seed, 0.5), host_test::randn(c, seed + 1, 0.5), host_test::randn(c, seed + 2, 0.5),
-          host_test::randn(c, seed + 3, 0.5), host_test::randn(c, seed + 4), pos, 0.3, 0.4, 1e-6};
+  return {norm,
+          host_test::randn(c, seed, 0.5),
+          host_test::randn(c, seed + 1, 0.5),
+          host_test::randn(c, seed + 2, 0.5),
+          host_test::randn(c, seed + 3, 0.5),
+          host_test::randn(c, seed + 4),
+          pos,
+          0.3,
+          0.4,
+          1e-6};
 }
 
 // Row mean and rstd of the norm in double.
@@ -159,7 +168,8 @@ void check_bwd_apply(int64_t c, Norm norm, int offset, uint32_t seed) {
   const Layer L = make_layer(c, norm, seed);
   Buffer xb(c, offset), gb(c, offset);
   const auto xs = host_test::randn(c, seed + 11, 1.5), gs = host_test::randn(c, seed + 12);
-  for (int64_t i = 0; i < c; ++i) xb.data[i] = static_cast<float>(xs[size_t(i)]), gb.data[i] = static_cast<float>(gs[size_t(i)]);
+  for (int64_t i = 0; i < c; ++i)
+    xb.data[i] = static_cast<float>(xs[size_t(i)]), gb.data[i] = static_cast<float>(gs[size_t(i)]);
   const int width = access_width(kPack, c, 4, xb.data, gb.data);
   const RowSchedule rs = row_schedule(c, width);
   const float* x = xb.data;
@@ -169,9 +179,12 @@ void check_bwd_apply(int64_t c, Norm norm, int offset, uint32_t seed) {
   const float rm = static_cast<float>(mean_d), rr = static_cast<float>(rstd_d), lam = static_cast<float>(L.lam);
   const float inv_c = 1.0f / static_cast<float>(c);
   const auto nw = to_float(L.nw);
-  const float h_mean = norm == Norm::kLayer ? group_sum(rs, [&](int64_t e) { return lam * nw[size_t(e)] * dy[e]; }) * inv_c : 0.f;
-  const float hx_mean = norm == Norm::kNone ? 0.f : group_sum(rs, [&](int64_t e) {
-    return lam * nw[size_t(e)] * dy[e] * row_xhat<float>(x[e], rm, rr); }) * inv_c;
+  const float h_mean =
+      norm == Norm::kLayer ? group_sum(rs, [&](int64_t e) { return lam * nw[size_t(e)] * dy[e]; }) * inv_c : 0.f;
+  const float hx_mean =
+      norm == Norm::kNone ? 0.f : group_sum(rs, [&](int64_t e) {
+                                    return lam * nw[size_t(e)] * dy[e] * row_xhat<float>(x[e], rm, rr);
+                                  }) * inv_c;
   double h_d = 0, hx_d = 0;
   for (int64_t k = 0; k < c; ++k) {
     const double h = L.lam * L.nw[size_t(k)] * dy[k];
@@ -191,8 +204,9 @@ void check_bwd_apply(int64_t c, Norm norm, int offset, uint32_t seed) {
     const auto row = bwd_row_terms<float>(rr, h_mean, hx_mean);
     const float got = bwd_elem<float>(dy[k], x[k], f.mu, f.p, f.c0, f.c1r, f.k, 1.f, rr, rm, row.shift, row.slope);
     const double q = (1 - L.lam) * L.bw[j] * L.br[j] / count, xbn = (x[k] - L.bm[j]) * L.br[j];
-    const double want = (1 - L.lam) * (L.bw[j] * L.br[j] + L.alpha) * dy[k] - (q * s_dy + xbn * q * s_bn) +
-                        (norm == Norm::kNone ? 0.0 : rstd_d * (L.lam * nwk * dy[k] - h_d / c - (x[k] - mean_d) * rstd_d * hx_d / c));
+    const double want =
+        (1 - L.lam) * (L.bw[j] * L.br[j] + L.alpha) * dy[k] - (q * s_dy + xbn * q * s_bn) +
+        (norm == Norm::kNone ? 0.0 : rstd_d * (L.lam * nwk * dy[k] - h_d / c - (x[k] - mean_d) * rstd_d * hx_d / c));
     HOST_CHECK(close(got, want, 1e-5, 1e-4), "dx C=%lld norm=%d [%lld] %g vs %g", (long long)c, (int)norm, (long long)k,
                got, want);
   }
@@ -236,7 +250,8 @@ struct StatsOut {
 
 // stats_kernel's schedule: Welford per (lane, row lane), row lanes merged in order, partials
 // merged by the tile's last block in the fixed order, batch_stats at the end.
-StatsOut emulate_stats(const float* x, const std::vector<bool>& mask, int64_t rows, int64_t c, int width, bool reverse) {
+StatsOut emulate_stats(const float* x, const std::vector<bool>& mask, int64_t rows, int64_t c, int width,
+                       bool reverse) {
   const ColSchedule cs = col_schedule(rows, c, width);
   std::vector<float> ws(static_cast<size_t>(cs.acc_elems()), -1e30f);  // garbage before use
   StatsOut out{std::vector<float>(size_t(c)), std::vector<float>(size_t(c)), std::vector<float>(size_t(c)),
@@ -261,8 +276,8 @@ StatsOut emulate_stats(const float* x, const std::vector<bool>& mask, int64_t ro
         for (int lane = 0; lane < 32; ++lane) {
           const int64_t c0 = cs.channel(tile, lane);
           for (int i = 0; c0 < c && i < width; ++i)
-            welford_push(mean[size_t(ry * lane_elems + lane * width + i)], m2[size_t(ry * lane_elems + lane * width + i)],
-                         inv_n, x[r * c + c0 + i]);
+            welford_push(mean[size_t(ry * lane_elems + lane * width + i)],
+                         m2[size_t(ry * lane_elems + lane * width + i)], inv_n, x[r * c + c0 + i]);
         }
       }
     for (int lane = 0; lane < 32; ++lane) {
@@ -334,8 +349,9 @@ void check_stats(int64_t rows, int64_t c, MaskKind kind, int offset, uint32_t se
     if (kept < 2) {
       HOST_CHECK(std::isnan(a.rstd[j]) && std::isnan(a.var[j]), "fewer than 2 kept rows give NaN statistics");
     } else {
-      HOST_CHECK(close(a.rstd[j], 1.0 / std::sqrt(q / kept + 1e-5), 0, 1e-4) && close(a.var[j], q / (kept - 1), 0, 1e-4),
-                 "rstd/var [%lld]", (long long)k);
+      HOST_CHECK(
+          close(a.rstd[j], 1.0 / std::sqrt(q / kept + 1e-5), 0, 1e-4) && close(a.var[j], q / (kept - 1), 0, 1e-4),
+          "rstd/var [%lld]", (long long)k);
     }
   }
 }
@@ -349,7 +365,8 @@ void check_bwd_reduce(int64_t rows, int64_t c, MaskKind kind, int offset, uint32
   const auto mask = make_mask(rows, kind, seed + 2);
   const Layer L = make_layer(c, Norm::kLayer, seed + 3);
   std::vector<double> rmean(static_cast<size_t>(rows)), rrstd(static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) ref_row_stats(xb.data + r * c, c, Norm::kLayer, 1e-6, rmean[size_t(r)], rrstd[size_t(r)]);
+  for (int64_t r = 0; r < rows; ++r)
+    ref_row_stats(xb.data + r * c, c, Norm::kLayer, 1e-6, rmean[size_t(r)], rrstd[size_t(r)]);
   const int width = access_width(kPack, c, 4, xb.data, gb.data);
   const ColSchedule cs = col_schedule(rows, c, width);
   for (bool reverse : {false, true}) {

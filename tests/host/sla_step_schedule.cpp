@@ -37,7 +37,8 @@ static void run_case(int D, int Dv, bool misalign, uint32_t seed) {
   // The kernel's schedule.
   constexpr int kW = slab::kPackWidth<A>;
   const StepLayout lay = step_layout(Dv, kW, slab::all_vec_aligned(state));
-  HOST_CHECK(lay.width == ((!misalign && Dv % kW == 0) ? kW : 1), "width %d for Dv=%d misalign=%d", lay.width, Dv, misalign);
+  HOST_CHECK(lay.width == ((!misalign && Dv % kW == 0) ? kW : 1), "width %d for Dv=%d misalign=%d", lay.width, Dv,
+             misalign);
   HOST_CHECK(lay.tile * lay.groups == kStepThreads && (lay.tile & (lay.tile - 1)) == 0, "tile %d", lay.tile);
   std::vector<A> fq(static_cast<size_t>(D)), fk(static_cast<size_t>(D)), o(static_cast<size_t>(Dv), A(-1));
   A qz_k = 0;

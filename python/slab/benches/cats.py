@@ -105,15 +105,20 @@ def _cats_bench(ctx: BenchContext) -> list[dict]:
     for dtype in ctx.dtypes:
         x = torch.randn(shape, device=ctx.device, dtype=dtype).requires_grad_()
         dy = torch.randn(shape, device=ctx.device, dtype=dtype)
-        fns = {"slab": lambda: torch.autograd.grad(slab.ops.cats(x, 0.2), x, dy),
-               "eager": lambda: torch.autograd.grad(R.cats(x, 0.2), x, dy),
-               "library": lambda: torch.autograd.grad(F.silu(x), x, dy)}
+        fns = {
+            "slab": lambda: torch.autograd.grad(slab.ops.cats(x, 0.2), x, dy),
+            "eager": lambda: torch.autograd.grad(R.cats(x, 0.2), x, dy),
+            "library": lambda: torch.autograd.grad(F.silu(x), x, dy),
+        }
         if ctx.compile:
             comp = torch.compile(R.cats)
             fns["compile"] = lambda: torch.autograd.grad(comp(x, 0.2), x, dy)
         floor = 5.0 * x.numel() * elem_size(dtype)  # fwd: x -> y; bwd: x, dy -> dx
-        rows.append(speed_row(ctx, op="cats", case="fwd+bwd", shape=shape, dtype=dtype,
-                              timings=ctx.time_many(fns), bytes_floor=floor))
+        rows.append(
+            speed_row(
+                ctx, op="cats", case="fwd+bwd", shape=shape, dtype=dtype, timings=ctx.time_many(fns), bytes_floor=floor
+            )
+        )
     return rows
 
 
@@ -124,19 +129,31 @@ def _mlp_bench(ctx: BenchContext) -> list[dict]:
     rows = []
     d, f = (1024, 2816) if ctx.quick else (4096, 11008)
     for dtype in ctx.dtypes:
-        for sparsity in ((0.5,) if ctx.quick else (0.5, 0.9)):
+        for sparsity in (0.5,) if ctx.quick else (0.5, 0.9):
             (x, wg, wu, wd_t), t = mlp_inputs(ctx.device, dtype, 1, d, f, sparsity)
             wd = wd_t.T.contiguous()
             with torch.no_grad():
-                timings = ctx.time_many({
-                    "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t),
-                    "eager": lambda: R.cats_mlp(x, wg, wu, wd_t, t),
-                    "library": lambda: R.dense_mlp(x, wg, wu, wd),  # the dense MLP
-                })
+                timings = ctx.time_many(
+                    {
+                        "slab": lambda: slab.ops.cats_mlp(x, wg, wu, wd_t, t),
+                        "eager": lambda: R.cats_mlp(x, wg, wu, wd_t, t),
+                        "library": lambda: R.dense_mlp(x, wg, wu, wd),  # the dense MLP
+                    }
+                )
             weight_bytes = 3 * f * d * elem_size(dtype)
             kept = weight_bytes * (1 + 2 * (1 - sparsity)) / 3  # gate dense, up/down kept rows only
-            rows.append(speed_row(ctx, op="cats_mlp", case=f"decode M=1 sparsity {sparsity}", shape=(1, d, f),
-                                  dtype=dtype, timings=timings, bytes_floor=kept, size=f * d))
+            rows.append(
+                speed_row(
+                    ctx,
+                    op="cats_mlp",
+                    case=f"decode M=1 sparsity {sparsity}",
+                    shape=(1, d, f),
+                    dtype=dtype,
+                    timings=timings,
+                    bytes_floor=kept,
+                    size=f * d,
+                )
+            )
     return rows
 
 
@@ -163,28 +180,54 @@ def _token_bench(kind: str):
                     fns = {"slab": lambda: slab.ops.token_select(x, scores, k), "eager": eager_select}
                     floor = (b * k * c * 2) * elem_size(dtype) + b * n * 4
                 else:
-                    fns = {"slab": lambda: slab.ops.token_scatter(x, y, index),
-                           "eager": lambda: x.scatter(1, idx3, y)}
+                    fns = {"slab": lambda: slab.ops.token_scatter(x, y, index), "eager": lambda: x.scatter(1, idx3, y)}
                     floor = (2 * x.numel() + y.numel()) * elem_size(dtype)
                 timings = ctx.time_many(fns)
-            rows.append(speed_row(ctx, op=kind, case=f"keep {k}/{n}", shape=(b, n, c), dtype=dtype,
-                                  timings=timings, bytes_floor=floor))
+            rows.append(
+                speed_row(
+                    ctx, op=kind, case=f"keep {k}/{n}", shape=(b, n, c), dtype=dtype, timings=timings, bytes_floor=floor
+                )
+            )
         return rows
 
     return bench
 
 
-register(Entry("cats", "cats", "CATS thresholded SiLU, fwd+bwd (library: plain SiLU)",
-               lambda device: run_cases("cats", [("7x131, t=0.3", _cats_case)], CHECK_DTYPES, device),
-               _cats_bench))
-register(Entry("cats_mlp", "cats", "CATS sparse gated MLP for decoding (library: the dense MLP)",
-               lambda device: run_cases("cats_mlp", [(f"{m} tokens, 96x257, 50% sparse", _mlp_case(m))
-                                                     for m in (1, 4, 16)], CHECK_DTYPES, device),
-               _mlp_bench))
-register(Entry("token_select", "cats", "LeMo token select: top-k tokens per sequence in order, fwd+bwd checked "
-                                       "(eager: topk + sort + gather)",
-               lambda device: run_cases("token_select", [("3x41x9 keep 17", _token_case)], CHECK_DTYPES, device),
-               _token_bench("token_select")))
-register(Entry("token_scatter", "cats", "LeMo token scatter back into the residual stream, fwd+bwd checked",
-               lambda device: run_cases("token_scatter", [("3x41x9, 17 rows", _scatter_case)], CHECK_DTYPES, device),
-               _token_bench("token_scatter")))
+register(
+    Entry(
+        "cats",
+        "cats",
+        "CATS thresholded SiLU, fwd+bwd (library: plain SiLU)",
+        lambda device: run_cases("cats", [("7x131, t=0.3", _cats_case)], CHECK_DTYPES, device),
+        _cats_bench,
+    )
+)
+register(
+    Entry(
+        "cats_mlp",
+        "cats",
+        "CATS sparse gated MLP for decoding (library: the dense MLP)",
+        lambda device: run_cases(
+            "cats_mlp", [(f"{m} tokens, 96x257, 50% sparse", _mlp_case(m)) for m in (1, 4, 16)], CHECK_DTYPES, device
+        ),
+        _mlp_bench,
+    )
+)
+register(
+    Entry(
+        "token_select",
+        "cats",
+        "LeMo token select: top-k tokens per sequence in order, fwd+bwd checked (eager: topk + sort + gather)",
+        lambda device: run_cases("token_select", [("3x41x9 keep 17", _token_case)], CHECK_DTYPES, device),
+        _token_bench("token_select"),
+    )
+)
+register(
+    Entry(
+        "token_scatter",
+        "cats",
+        "LeMo token scatter back into the residual stream, fwd+bwd checked",
+        lambda device: run_cases("token_scatter", [("3x41x9, 17 rows", _scatter_case)], CHECK_DTYPES, device),
+        _token_bench("token_scatter"),
+    )
+)

@@ -33,8 +33,9 @@ def _case(device, dtype):
     gw, gb = torch.randn(w.shape, generator=g).to(device, dtype), torch.randn(b.shape, generator=g).to(device, dtype)
     got = torch.autograd.grad((w, b), leaves[:4], (gw, gb))
     exp = torch.autograd.grad((wr, br), refs[:4], (gw.double(), gb.double()))
-    return [("w'", w, wr), ("b'", b, br)] + [(f"d{n}", a, e) for n, a, e in zip(("weight", "bias", "bn_weight",
-                                                                                "bn_bias"), got, exp)]
+    return [("w'", w, wr), ("b'", b, br)] + [
+        (f"d{n}", a, e) for n, a, e in zip(("weight", "bias", "bn_weight", "bn_bias"), got, exp)
+    ]
 
 
 def _bench(ctx: BenchContext) -> list[dict]:
@@ -46,12 +47,30 @@ def _bench(ctx: BenchContext) -> list[dict]:
     for dtype in ctx.dtypes:
         args = _inputs(ctx.device, dtype, o, i, k)
         with torch.no_grad():
-            timings = ctx.time_many({"slab": lambda: slab.ops.fold_conv_bn(*args), "eager": lambda: R.fold_conv_bn(*args)})
+            timings = ctx.time_many(
+                {"slab": lambda: slab.ops.fold_conv_bn(*args), "eager": lambda: R.fold_conv_bn(*args)}
+            )
         floor = 2.0 * args[0].numel() * elem_size(dtype)
-        rows.append(speed_row(ctx, op="fold_conv_bn", case="fold", shape=tuple(args[0].shape), dtype=dtype,
-                              timings=timings, bytes_floor=floor))
+        rows.append(
+            speed_row(
+                ctx,
+                op="fold_conv_bn",
+                case="fold",
+                shape=tuple(args[0].shape),
+                dtype=dtype,
+                timings=timings,
+                bytes_floor=floor,
+            )
+        )
     return rows
 
 
-register(Entry("fold_conv_bn", "convbn", "Conv + eval-BN weight fold (Tune mode / deploy), fwd+bwd checked",
-               lambda device: run_cases("fold_conv_bn", [("19x6x3x3", _case)], CHECK_DTYPES, device), _bench))
+register(
+    Entry(
+        "fold_conv_bn",
+        "convbn",
+        "Conv + eval-BN weight fold (Tune mode / deploy), fwd+bwd checked",
+        lambda device: run_cases("fold_conv_bn", [("19x6x3x3", _case)], CHECK_DTYPES, device),
+        _bench,
+    )
+)

@@ -99,8 +99,17 @@ def _rule_bench(name):
             e = elem_size(dtype)
             states = {"dog": 1, "ldog": 1, "lion": 1, "lamb": 2, "lars": 1, "adamp": 2}[name]
             floor = numel * (3 * e + 2 * 4 * states)  # x read + written, g read, float32 states read + written
-            rows.append(speed_row(ctx, op=name, case="step, 100 tensors", shape=(numel,), dtype=dtype,
-                                  timings=timings, bytes_floor=floor))
+            rows.append(
+                speed_row(
+                    ctx,
+                    op=name,
+                    case="step, 100 tensors",
+                    shape=(numel,),
+                    dtype=dtype,
+                    timings=timings,
+                    bytes_floor=floor,
+                )
+            )
         return rows
 
     return bench
@@ -119,23 +128,50 @@ def _averager_bench(ctx: BenchContext) -> list[dict]:
         ps = list(model.parameters())
         copies = [p.detach().clone() for p in ps]
         with torch.no_grad():
-            timings = ctx.time_many({"slab": avg.step,
-                                     "library": lambda: torch._foreach_lerp_(copies, ps, 0.1)})
+            timings = ctx.time_many({"slab": avg.step, "library": lambda: torch._foreach_lerp_(copies, ps, 0.1)})
         numel = sum(p.numel() for p in ps)
-        rows.append(speed_row(ctx, op="averager", case="step", shape=(numel,), dtype=dtype, timings=timings,
-                              bytes_floor=3.0 * numel * elem_size(dtype)))
+        rows.append(
+            speed_row(
+                ctx,
+                op="averager",
+                case="step",
+                shape=(numel,),
+                dtype=dtype,
+                timings=timings,
+                bytes_floor=3.0 * numel * elem_size(dtype),
+            )
+        )
     return rows
 
 
-_NAMES = {"dog": "DoG", "ldog": "LDoG (per-tensor norms)", "lion": "Lion", "lamb": "LAMB", "lars": "LARS",
-          "adamp": "AdamP"}
+_NAMES = {
+    "dog": "DoG",
+    "ldog": "LDoG (per-tensor norms)",
+    "lion": "Lion",
+    "lamb": "LAMB",
+    "lars": "LARS",
+    "adamp": "AdamP",
+}
 for _name in RULES:
-    register(Entry(_name, "optim", f"{_NAMES[_name]} optimizer step, {STEPS} steps vs the float64 rule "
-                                   f"(library: AdamW fused/foreach)",
-                   (lambda device, n=_name: run_cases(n, [(f"{STEPS} steps, {len(SHAPES)} tensors", _rule_case(n))],
-                                                      OPTIM_DTYPES, device)),
-                   _rule_bench(_name)))
-register(Entry("averager", "optim", "PolynomialDecayAverager step (library: torch._foreach_lerp_)",
-               lambda device: run_cases("averager", [(f"{STEPS} steps, Linear(7, 5)", _averager_case)],
-                                        OPTIM_DTYPES, device),
-               _averager_bench))
+    register(
+        Entry(
+            _name,
+            "optim",
+            f"{_NAMES[_name]} optimizer step, {STEPS} steps vs the float64 rule (library: AdamW fused/foreach)",
+            (
+                lambda device, n=_name: run_cases(
+                    n, [(f"{STEPS} steps, {len(SHAPES)} tensors", _rule_case(n))], OPTIM_DTYPES, device
+                )
+            ),
+            _rule_bench(_name),
+        )
+    )
+register(
+    Entry(
+        "averager",
+        "optim",
+        "PolynomialDecayAverager step (library: torch._foreach_lerp_)",
+        lambda device: run_cases("averager", [(f"{STEPS} steps, Linear(7, 5)", _averager_case)], OPTIM_DTYPES, device),
+        _averager_bench,
+    )
+)

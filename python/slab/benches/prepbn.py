@@ -25,9 +25,13 @@ def check_case(device, dtype, *, norm: str, training: bool, masked: bool, lam: f
 
     x = rnd(*CHECK_SHAPE, scale=2.0, shift=0.5).to(dtype).to(device)
     dy = rnd(*CHECK_SHAPE).to(dtype).to(device)
-    p64 = {"norm_weight": rnd(c, scale=0.2, shift=1.0), "norm_bias": rnd(c, scale=0.2),
-           "bn_weight": rnd(c, scale=0.2, shift=1.0), "bn_bias": rnd(c, scale=0.2),
-           "alpha": torch.tensor([0.7], dtype=torch.float64)}
+    p64 = {
+        "norm_weight": rnd(c, scale=0.2, shift=1.0),
+        "norm_bias": rnd(c, scale=0.2),
+        "bn_weight": rnd(c, scale=0.2, shift=1.0),
+        "bn_bias": rnd(c, scale=0.2),
+        "alpha": torch.tensor([0.7], dtype=torch.float64),
+    }
     if norm == "rms":
         p64["norm_bias"] = None
     if norm == "none":
@@ -43,19 +47,53 @@ def check_case(device, dtype, *, norm: str, training: bool, masked: bool, lam: f
         leaves = {k: v.clone().requires_grad_() for k, v in params.items() if v is not None}
         xl = xx.detach().clone().requires_grad_()
         if norm == "none":
-            y = impl.rep_bn(xl, leaves["bn_weight"], leaves["bn_bias"], leaves["alpha"],
-                            stats["running_mean"], stats["running_var"], training, 0.1, 1e-5, mask)
+            y = impl.rep_bn(
+                xl,
+                leaves["bn_weight"],
+                leaves["bn_bias"],
+                leaves["alpha"],
+                stats["running_mean"],
+                stats["running_var"],
+                training,
+                0.1,
+                1e-5,
+                mask,
+            )
         else:
-            y = impl.prep_bn(xl, leaves["norm_weight"], leaves.get("norm_bias"), leaves["bn_weight"],
-                             leaves["bn_bias"], leaves["alpha"], stats["running_mean"], stats["running_var"],
-                             lam, training, 0.1, 1e-5, 1e-6, norm, mask)
+            y = impl.prep_bn(
+                xl,
+                leaves["norm_weight"],
+                leaves.get("norm_bias"),
+                leaves["bn_weight"],
+                leaves["bn_bias"],
+                leaves["alpha"],
+                stats["running_mean"],
+                stats["running_var"],
+                lam,
+                training,
+                0.1,
+                1e-5,
+                1e-6,
+                norm,
+                mask,
+            )
         grads = torch.autograd.grad(y, [xl] + list(leaves.values()), dyy)
         return y, dict(zip(["x"] + list(leaves), grads)), stats
 
-    ours = run(x, dy, {k: (v.to(device, torch.float32) if v is not None else None) for k, v in p64.items()},
-               {k: v.to(device, torch.float32) for k, v in running.items()}, slab.ops)
-    theirs = run(x.double(), dy.double(), {k: (v.to(device) if v is not None else None) for k, v in p64.items()},
-                 {k: v.to(device) for k, v in running.items()}, ref)
+    ours = run(
+        x,
+        dy,
+        {k: (v.to(device, torch.float32) if v is not None else None) for k, v in p64.items()},
+        {k: v.to(device, torch.float32) for k, v in running.items()},
+        slab.ops,
+    )
+    theirs = run(
+        x.double(),
+        dy.double(),
+        {k: (v.to(device) if v is not None else None) for k, v in p64.items()},
+        {k: v.to(device) for k, v in running.items()},
+        ref,
+    )
     pairs: list[tuple] = [("y", ours[0], theirs[0])]
     if ours[0].dtype != dtype:
         raise AssertionError(f"output dtype {ours[0].dtype}, expected {dtype}")
@@ -98,7 +136,7 @@ def bench_train(kind: str):
         import slab.reference as ref
 
         rows = []
-        for shape in (QUICK_SHAPES if ctx.quick else BENCH_SHAPES):
+        for shape in QUICK_SHAPES if ctx.quick else BENCH_SHAPES:
             for dtype in ctx.dtypes:
                 c = shape[-1]
                 torch.manual_seed(0)
@@ -134,8 +172,18 @@ def bench_train(kind: str):
                 ln = torch.nn.LayerNorm(c, eps=1e-6).to(ctx.device)
                 fns["library"] = train_step(ln, x, list(ln.parameters()), dy)
                 moved, floor = bytes_train(shape, dtype)
-                rows.append(speed_row(ctx, op=kind, case="train fwd+bwd", shape=shape, dtype=dtype,
-                                      timings=ctx.time_many(fns), bytes_moved=moved, bytes_floor=floor))
+                rows.append(
+                    speed_row(
+                        ctx,
+                        op=kind,
+                        case="train fwd+bwd",
+                        shape=shape,
+                        dtype=dtype,
+                        timings=ctx.time_many(fns),
+                        bytes_moved=moved,
+                        bytes_floor=floor,
+                    )
+                )
         return rows
 
     return bench
@@ -147,7 +195,7 @@ def bench_eval(ctx: BenchContext) -> list[dict]:
     import slab.reference as ref
 
     rows = []
-    for shape in (QUICK_SHAPES if ctx.quick else BENCH_SHAPES):
+    for shape in QUICK_SHAPES if ctx.quick else BENCH_SHAPES:
         for dtype in ctx.dtypes:
             c = shape[-1]
             x = torch.randn(shape, device=ctx.device).to(dtype)
@@ -163,8 +211,11 @@ def bench_eval(ctx: BenchContext) -> list[dict]:
                     fns["compile"] = lambda: comp(x)
                 timings = ctx.time_many(fns)
             floor = 2.0 * x.numel() * elem_size(dtype)
-            rows.append(speed_row(ctx, op="rep_bn", case="eval fwd", shape=shape, dtype=dtype,
-                                  timings=timings, bytes_floor=floor))
+            rows.append(
+                speed_row(
+                    ctx, op="rep_bn", case="eval fwd", shape=shape, dtype=dtype, timings=timings, bytes_floor=floor
+                )
+            )
     return rows
 
 
@@ -172,24 +223,44 @@ def _bench_rep_bn(ctx):
     return bench_train("rep_bn")(ctx) + bench_eval(ctx)
 
 
-register(Entry(
-    "rep_bn", "prepbn", "RepBN: BatchNorm over the last dim + alpha * x, train (+mask) and eval "
-                        "(library: nn.LayerNorm fwd+bwd)",
-    lambda device: run_cases("rep_bn", _cases([
-        ("train", dict(norm="none", training=True, masked=False)),
-        ("train+mask", dict(norm="none", training=True, masked=True)),
-        ("eval", dict(norm="none", training=False, masked=False)),
-    ]), CHECK_DTYPES, device),
-    _bench_rep_bn,
-))
-register(Entry(
-    "prep_bn", "prepbn", "PRepBN: lam * LayerNorm/RMSNorm + (1 - lam) * RepBN, train and eval "
-                         "(library: nn.LayerNorm fwd+bwd)",
-    lambda device: run_cases("prep_bn", _cases([
-        ("layer train", dict(norm="layer", training=True, masked=False)),
-        ("layer train+mask", dict(norm="layer", training=True, masked=True)),
-        ("layer eval", dict(norm="layer", training=False, masked=False)),
-        ("rms train+mask", dict(norm="rms", training=True, masked=True)),
-    ]), CHECK_DTYPES, device),
-    bench_train("prep_bn"),
-))
+register(
+    Entry(
+        "rep_bn",
+        "prepbn",
+        "RepBN: BatchNorm over the last dim + alpha * x, train (+mask) and eval (library: nn.LayerNorm fwd+bwd)",
+        lambda device: run_cases(
+            "rep_bn",
+            _cases(
+                [
+                    ("train", dict(norm="none", training=True, masked=False)),
+                    ("train+mask", dict(norm="none", training=True, masked=True)),
+                    ("eval", dict(norm="none", training=False, masked=False)),
+                ]
+            ),
+            CHECK_DTYPES,
+            device,
+        ),
+        _bench_rep_bn,
+    )
+)
+register(
+    Entry(
+        "prep_bn",
+        "prepbn",
+        "PRepBN: lam * LayerNorm/RMSNorm + (1 - lam) * RepBN, train and eval (library: nn.LayerNorm fwd+bwd)",
+        lambda device: run_cases(
+            "prep_bn",
+            _cases(
+                [
+                    ("layer train", dict(norm="layer", training=True, masked=False)),
+                    ("layer train+mask", dict(norm="layer", training=True, masked=True)),
+                    ("layer eval", dict(norm="layer", training=False, masked=False)),
+                    ("rms train+mask", dict(norm="rms", training=True, masked=True)),
+                ]
+            ),
+            CHECK_DTYPES,
+            device,
+        ),
+        bench_train("prep_bn"),
+    )
+)

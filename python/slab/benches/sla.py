@@ -59,14 +59,35 @@ def _sla_bench(ctx: BenchContext) -> list[dict]:
             if compiled is not None:
                 providers["compile"] = train(lambda: compiled(q, k, v, True))
             floor = elem_size(dtype) * b * h * n * d * 8  # read q, k, v, do; write o, dq, dk, dv
-            rows.append(speed_row(ctx, op="sla", case="causal fwd+bwd", shape=(b, h, n, d), dtype=dtype,
-                                  timings=ctx.time_many(providers), bytes_floor=floor))
+            rows.append(
+                speed_row(
+                    ctx,
+                    op="sla",
+                    case="causal fwd+bwd",
+                    shape=(b, h, n, d),
+                    dtype=dtype,
+                    timings=ctx.time_many(providers),
+                    bytes_floor=floor,
+                )
+            )
             with torch.no_grad():
-                providers = {"slab": lambda: slab.ops.sla(q, k, v, causal=False),
-                             "eager": lambda: R.sla(q, k, v, False), "library": lambda: sdpa(q, k, v)}
+                providers = {
+                    "slab": lambda: slab.ops.sla(q, k, v, causal=False),
+                    "eager": lambda: R.sla(q, k, v, False),
+                    "library": lambda: sdpa(q, k, v),
+                }
                 floor = elem_size(dtype) * b * h * n * d * 4
-                rows.append(speed_row(ctx, op="sla", case="non-causal fwd", shape=(b, h, n, d), dtype=dtype,
-                                      timings=ctx.time_many(providers), bytes_floor=floor))
+                rows.append(
+                    speed_row(
+                        ctx,
+                        op="sla",
+                        case="non-causal fwd",
+                        shape=(b, h, n, d),
+                        dtype=dtype,
+                        timings=ctx.time_many(providers),
+                        bytes_floor=floor,
+                    )
+                )
     return rows
 
 
@@ -103,11 +124,24 @@ def _step_bench(ctx: BenchContext) -> list[dict]:
         z = torch.zeros(b, h, d, device=ctx.device)
         s2, z2 = state.clone(), z.clone()
         with torch.no_grad():
-            timings = ctx.time_many({"slab": lambda: slab.ops.sla_step(q, k, v, state, z),
-                                     "eager": lambda: R.sla_step(q.float(), k.float(), v.float(), s2, z2)})
+            timings = ctx.time_many(
+                {
+                    "slab": lambda: slab.ops.sla_step(q, k, v, state, z),
+                    "eager": lambda: R.sla_step(q.float(), k.float(), v.float(), s2, z2),
+                }
+            )
         floor = 3 * b * h * d * elem_size(dtype) + 2 * (b * h * d * d + b * h * d) * 4 + b * h * d * elem_size(dtype)
-        rows.append(speed_row(ctx, op="sla_step", case="decode 1 token", shape=(b, h, d, d), dtype=dtype,
-                              timings=timings, bytes_floor=floor))
+        rows.append(
+            speed_row(
+                ctx,
+                op="sla_step",
+                case="decode 1 token",
+                shape=(b, h, d, d),
+                dtype=dtype,
+                timings=timings,
+                bytes_floor=floor,
+            )
+        )
     return rows
 
 
@@ -122,8 +156,9 @@ def _dwc_case(kind: str):
         n = 35 if kind == "dwc2d" else 29
         v = torch.randn(b, h, n, c, generator=g).to(device, dtype)
         res = torch.randn(b, h, n, c, generator=g).to(device, dtype)
-        w = (torch.randn(c, 1, 3, 5, generator=g) * 0.3 if kind == "dwc2d" else
-             torch.randn(c, 1, 4, generator=g) * 0.3).to(device, dtype)
+        w = (
+            torch.randn(c, 1, 3, 5, generator=g) * 0.3 if kind == "dwc2d" else torch.randn(c, 1, 4, generator=g) * 0.3
+        ).to(device, dtype)
         bias = torch.randn(c, generator=g).to(device, dtype)
         go = torch.randn(b, h, n, c, generator=g).to(device, dtype)
         leaves = [t.clone().requires_grad_() for t in (v, w, bias, res)]
@@ -138,8 +173,9 @@ def _dwc_case(kind: str):
             raise AssertionError(f"output dtype {out.dtype}, expected {dtype}")
         got_g = torch.autograd.grad(out, leaves, go)
         ref_g = torch.autograd.grad(exp, refs, go.double())
-        return [("y", out, exp)] + [(f"d{nm}", a, e) for nm, a, e in zip(("v", "weight", "bias", "residual"),
-                                                                          got_g, ref_g)]
+        return [("y", out, exp)] + [
+            (f"d{nm}", a, e) for nm, a, e in zip(("v", "weight", "bias", "residual"), got_g, ref_g)
+        ]
 
     return case
 
@@ -187,15 +223,20 @@ def _dwc_bench(kind: str):
             bias = torch.randn(c, device=ctx.device, dtype=dtype)
             with torch.no_grad():
                 if kind == "dwc2d":
-                    fns = {"slab": lambda: slab.ops.dwc2d(v, w, bias, None, res),
-                           "eager": lambda: R.dwc2d(v, w, bias, None, res)}
+                    fns = {
+                        "slab": lambda: slab.ops.dwc2d(v, w, bias, None, res),
+                        "eager": lambda: R.dwc2d(v, w, bias, None, res),
+                    }
                 else:
-                    fns = {"slab": lambda: slab.ops.causal_dwc1d(v, w, bias, res),
-                           "eager": lambda: R.causal_dwc1d(v, w, bias, res)}
+                    fns = {
+                        "slab": lambda: slab.ops.causal_dwc1d(v, w, bias, res),
+                        "eager": lambda: R.causal_dwc1d(v, w, bias, res),
+                    }
                 timings = ctx.time_many(fns)
             floor = 3.0 * v.numel() * elem_size(dtype)  # read v, residual; write y
-            rows.append(speed_row(ctx, op=kind, case="fwd", shape=(b, h, n, c), dtype=dtype, timings=timings,
-                                  bytes_floor=floor))
+            rows.append(
+                speed_row(ctx, op=kind, case="fwd", shape=(b, h, n, c), dtype=dtype, timings=timings, bytes_floor=floor)
+            )
         return rows
 
     return bench
@@ -213,33 +254,78 @@ def _dwc_step_bench(ctx: BenchContext) -> list[dict]:
         cache2 = cache.clone()
         w = torch.randn(c, 1, kk, device=ctx.device, dtype=dtype)
         with torch.no_grad():
-            timings = ctx.time_many({"slab": lambda: slab.ops.causal_dwc1d_step(v, cache, w),
-                                     "eager": lambda: R.causal_dwc1d_step(v, cache2, w)})
+            timings = ctx.time_many(
+                {
+                    "slab": lambda: slab.ops.causal_dwc1d_step(v, cache, w),
+                    "eager": lambda: R.causal_dwc1d_step(v, cache2, w),
+                }
+            )
         floor = (2 * v.numel() + 2 * cache.numel()) * elem_size(dtype)
-        rows.append(speed_row(ctx, op="causal_dwc1d_step", case="decode 1 token", shape=(b, h, kk, c), dtype=dtype,
-                              timings=timings, bytes_floor=floor))
+        rows.append(
+            speed_row(
+                ctx,
+                op="causal_dwc1d_step",
+                case="decode 1 token",
+                shape=(b, h, kk, c),
+                dtype=dtype,
+                timings=timings,
+                bytes_floor=floor,
+            )
+        )
     return rows
 
 
-register(Entry("sla", "sla", "simplified linear attention, causal fwd+bwd and non-causal fwd "
-                             "(library: SDPA softmax attention)",
-               lambda device: run_cases("sla", [("causal 2x3x131 D=32 Dv=48", _sla_case(True)),
-                                                ("non-causal 2x3x131 D=32 Dv=48", _sla_case(False))],
-                                        CHECK_DTYPES, device),
-               _sla_bench))
-register(Entry("sla_step", "sla", "SLA decode step (state, z updated in place) after a prefill",
-               lambda device: run_cases("sla_step", [("3 tokens after 17, D=24 Dv=40", _step_case)],
-                                        CHECK_DTYPES, device),
-               _step_bench))
-register(Entry("dwc2d", "sla", "depthwise conv2d of V over the token grid + residual, fwd+bwd checked",
-               lambda device: run_cases("dwc2d", [("5x7 grid, 3x5 kernel", _dwc_case("dwc2d"))], CHECK_DTYPES,
-                                        device),
-               _dwc_bench("dwc2d")))
-register(Entry("causal_dwc1d", "sla", "causal depthwise conv1d of V + residual, fwd+bwd checked",
-               lambda device: run_cases("causal_dwc1d", [("29 tokens, kernel 4", _dwc_case("causal_dwc1d"))],
-                                        CHECK_DTYPES, device),
-               _dwc_bench("causal_dwc1d")))
-register(Entry("causal_dwc1d_step", "sla", "causal depthwise conv1d decode step (cache updated in place)",
-               lambda device: run_cases("causal_dwc1d_step", [("3 tokens after 6, kernel 4", _dwc_step_case)],
-                                        CHECK_DTYPES, device),
-               _dwc_step_bench))
+register(
+    Entry(
+        "sla",
+        "sla",
+        "simplified linear attention, causal fwd+bwd and non-causal fwd (library: SDPA softmax attention)",
+        lambda device: run_cases(
+            "sla",
+            [("causal 2x3x131 D=32 Dv=48", _sla_case(True)), ("non-causal 2x3x131 D=32 Dv=48", _sla_case(False))],
+            CHECK_DTYPES,
+            device,
+        ),
+        _sla_bench,
+    )
+)
+register(
+    Entry(
+        "sla_step",
+        "sla",
+        "SLA decode step (state, z updated in place) after a prefill",
+        lambda device: run_cases("sla_step", [("3 tokens after 17, D=24 Dv=40", _step_case)], CHECK_DTYPES, device),
+        _step_bench,
+    )
+)
+register(
+    Entry(
+        "dwc2d",
+        "sla",
+        "depthwise conv2d of V over the token grid + residual, fwd+bwd checked",
+        lambda device: run_cases("dwc2d", [("5x7 grid, 3x5 kernel", _dwc_case("dwc2d"))], CHECK_DTYPES, device),
+        _dwc_bench("dwc2d"),
+    )
+)
+register(
+    Entry(
+        "causal_dwc1d",
+        "sla",
+        "causal depthwise conv1d of V + residual, fwd+bwd checked",
+        lambda device: run_cases(
+            "causal_dwc1d", [("29 tokens, kernel 4", _dwc_case("causal_dwc1d"))], CHECK_DTYPES, device
+        ),
+        _dwc_bench("causal_dwc1d"),
+    )
+)
+register(
+    Entry(
+        "causal_dwc1d_step",
+        "sla",
+        "causal depthwise conv1d decode step (cache updated in place)",
+        lambda device: run_cases(
+            "causal_dwc1d_step", [("3 tokens after 6, kernel 4", _dwc_step_case)], CHECK_DTYPES, device
+        ),
+        _dwc_step_bench,
+    )
+)

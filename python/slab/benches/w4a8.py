@@ -12,7 +12,7 @@ def weights(device, n, k, group_size, seed=0):
     import slab.quant
 
     g = torch.Generator().manual_seed(seed + n * 7 + k)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
+    w = torch.randn(n, k, generator=g) / k**0.5
     packed, scales = slab.quant.quantize_w4(w, group_size)
     return w, packed, scales, slab.quant.prepack_w4(packed, scales, group_size, device)
 
@@ -51,8 +51,10 @@ def _gemm_case(form: str, m: int, group_size: int):
             y = slab.ops.w4a8_gemm(xq, xs, pw, out_dtype=dtype)
             exp = R.w4a8_gemm(xq, xs, packed, scales, group_size)
             codes, sc = R.quantize_w4(w, group_size)  # the SPEC weight quantization, independently
-            pairs += [("w4 codes", R.int4_of(packed).double(), codes.double(), torch.float64),
-                      ("w4 scales", scales, sc, torch.float32)]
+            pairs += [
+                ("w4 codes", R.int4_of(packed).double(), codes.double(), torch.float64),
+                ("w4 scales", scales, sc, torch.float32),
+            ]
         else:
             bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(device, dtype)
             y = slab.ops.w4a8_linear(x, pw, bias=bias)
@@ -75,7 +77,7 @@ def _bench(form: str):
         _w, packed, scales, pw = weights(ctx.device, n, k, group_size)
         for dtype in ctx.dtypes:
             w = _w.to(ctx.device, dtype)
-            for m in ((1,) if ctx.quick else (1, 16, 64)):
+            for m in (1,) if ctx.quick else (1, 16, 64):
                 x = _x(ctx.device, dtype, m, k)
                 xq, xs = slab.quant.quantize_fp8(x)
 
@@ -96,8 +98,18 @@ def _bench(form: str):
                         fns["compile"] = lambda: comp(x)
                     timings = ctx.time_many(fns)
                 floor = n * k / 2 + n * (k // group_size) * 4 + (m * k + m * n) * elem_size(dtype)
-                rows.append(speed_row(ctx, op=f"w4a8_{form}", case=f"M={m}", shape=(m, n, k), dtype=dtype,
-                                      timings=timings, bytes_floor=floor, size=m * n * k))
+                rows.append(
+                    speed_row(
+                        ctx,
+                        op=f"w4a8_{form}",
+                        case=f"M={m}",
+                        shape=(m, n, k),
+                        dtype=dtype,
+                        timings=timings,
+                        bytes_floor=floor,
+                        size=m * n * k,
+                    )
+                )
         return rows
 
     return bench
@@ -113,20 +125,49 @@ def _fp8_bench(ctx: BenchContext) -> list[dict]:
         x = torch.randn(shape, device=ctx.device, dtype=dtype)
         timings = ctx.time_many({"slab": lambda: slab.quant.quantize_fp8(x), "eager": lambda: R.quantize_fp8(x)})
         floor = x.numel() * (elem_size(dtype) + 1) + shape[0] * 4
-        rows.append(speed_row(ctx, op="quantize_fp8", case="per row", shape=shape, dtype=dtype, timings=timings,
-                              bytes_floor=floor))
+        rows.append(
+            speed_row(
+                ctx, op="quantize_fp8", case="per row", shape=shape, dtype=dtype, timings=timings, bytes_floor=floor
+            )
+        )
     return rows
 
 
-register(Entry("quantize_fp8", "w4a8", "per-token float8_e4m3fn quantization (codes and scales bit for bit)",
-               lambda device: run_cases("quantize_fp8", [("37x300, a zero row", _fp8_case)], CHECK_DTYPES, device),
-               _fp8_bench))
-register(Entry("w4a8_gemm", "w4a8", "INT4 weights x FP8 activations GEMM on pre-quantized x "
-                                    "(eager: dequantize + matmul; library: matmul with float weights)",
-               lambda device: run_cases("w4a8_gemm", [(f"M={m}, 257x256, group {g}", _gemm_case("gemm", m, g))
-                                                      for m in (1, 16, 67) for g in (128, -1)], CHECK_DTYPES, device),
-               _bench("gemm")))
-register(Entry("w4a8_linear", "w4a8", "w4a8_gemm quantizing x on the fly, with bias",
-               lambda device: run_cases("w4a8_linear", [(f"M={m}, 257x256, group 128", _gemm_case("linear", m, 128))
-                                                        for m in (1, 33)], CHECK_DTYPES, device),
-               _bench("linear")))
+register(
+    Entry(
+        "quantize_fp8",
+        "w4a8",
+        "per-token float8_e4m3fn quantization (codes and scales bit for bit)",
+        lambda device: run_cases("quantize_fp8", [("37x300, a zero row", _fp8_case)], CHECK_DTYPES, device),
+        _fp8_bench,
+    )
+)
+register(
+    Entry(
+        "w4a8_gemm",
+        "w4a8",
+        "INT4 weights x FP8 activations GEMM on pre-quantized x "
+        "(eager: dequantize + matmul; library: matmul with float weights)",
+        lambda device: run_cases(
+            "w4a8_gemm",
+            [(f"M={m}, 257x256, group {g}", _gemm_case("gemm", m, g)) for m in (1, 16, 67) for g in (128, -1)],
+            CHECK_DTYPES,
+            device,
+        ),
+        _bench("gemm"),
+    )
+)
+register(
+    Entry(
+        "w4a8_linear",
+        "w4a8",
+        "w4a8_gemm quantizing x on the fly, with bias",
+        lambda device: run_cases(
+            "w4a8_linear",
+            [(f"M={m}, 257x256, group 128", _gemm_case("linear", m, 128)) for m in (1, 33)],
+            CHECK_DTYPES,
+            device,
+        ),
+        _bench("linear"),
+    )
+)

@@ -45,15 +45,23 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", action="store_true", help="the causal language model instead of the vision model")
     p.add_argument("--quick", action="store_true", help="a few steps on tiny models (for CI)")
-    p.add_argument("--device", type=_device, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when slab's CUDA kernels are available, else cpu)")
+    p.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda when slab's CUDA kernels are available, else cpu)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="write a PNG (training curves, latency/quality per model)")
     p.add_argument("--epochs", type=_positive, default=None, help="vision: training epochs (default 80, quick 2)")
     p.add_argument("--steps", type=_positive, default=None, help="lm: training steps (default 600, quick 8)")
-    p.add_argument("--optim", choices=("ldog", "dog"), default="ldog",
-                   help="the SLAB models' optimizer: slab.optim.LDoG (per-tensor DoG step sizes, default) or "
-                        "slab.optim.DoG (one step size for the whole model)")
+    p.add_argument(
+        "--optim",
+        choices=("ldog", "dog"),
+        default="ldog",
+        help="the SLAB models' optimizer: slab.optim.LDoG (per-tensor DoG step sizes, default) or "
+        "slab.optim.DoG (one step size for the whole model)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -100,8 +108,16 @@ def run(args, parser: Optional[argparse.ArgumentParser] = None) -> int:
         _ddp.finish(world)
     if result is None:  # not rank 0
         return 0
-    result.update({"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "slab": slab.__version__, "quick": bool(args.quick), "total_seconds": time.perf_counter() - t0})
+    result.update(
+        {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "slab": slab.__version__,
+            "quick": bool(args.quick),
+            "total_seconds": time.perf_counter() - t0,
+        }
+    )
     print()
     print(report.table(result))
     if args.json:

@@ -30,10 +30,22 @@ def progress(total: int, desc: str, world: World, quiet: bool):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
 
-def train_loop(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], tuple], steps: int,
-               loss_fn: Callable, world: World, device: torch.device, desc: str, *, log_every: int,
-               quiet: bool = False, sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-               track_acc: bool = True, clip: Optional[float] = 1.0) -> tuple[list[dict], float]:
+def train_loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Callable[[int], tuple],
+    steps: int,
+    loss_fn: Callable,
+    world: World,
+    device: torch.device,
+    desc: str,
+    *,
+    log_every: int,
+    quiet: bool = False,
+    sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    track_acc: bool = True,
+    clip: Optional[float] = 1.0,
+) -> tuple[list[dict], float]:
     """Runs ``steps`` optimizer steps; ``batches(step)`` returns this rank's ``(inputs, targets)``.
     Returns the history (one entry per ``log_every`` steps: step, loss, accuracy, lam) and the
     wall time in seconds. ``model`` may be DDP-wrapped; ``lam`` is read from its PRepBNs."""
@@ -67,8 +79,11 @@ def train_loop(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[
             bar.set_postfix(post, refresh=False)
             bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            entry = {"step": step + 1, "loss": all_mean(run_loss / run_n, world, device),
-                     "seconds": time.perf_counter() - t0}
+            entry = {
+                "step": step + 1,
+                "loss": all_mean(run_loss / run_n, world, device),
+                "seconds": time.perf_counter() - t0,
+            }
             if track_acc:
                 entry["accuracy"] = all_mean(run_acc / run_n, world, device)
             if lam is not None:

@@ -28,14 +28,20 @@ from .common import interleaved_median, seed_all, train_loop
 from .models import LMNet
 
 _DET = {"sg": ["the", "a", "this", "every"], "pl": ["the", "some", "these", "many"]}
-_NOUN = {"sg": ["cat", "dog", "bird", "child", "teacher", "robot", "farmer"],
-         "pl": ["cats", "dogs", "birds", "children", "teachers", "robots", "farmers"]}
+_NOUN = {
+    "sg": ["cat", "dog", "bird", "child", "teacher", "robot", "farmer"],
+    "pl": ["cats", "dogs", "birds", "children", "teachers", "robots", "farmers"],
+}
 _VT = {"sg": ["sees", "likes", "chases", "finds", "helps"], "pl": ["see", "like", "chase", "find", "help"]}
 _VI = {"sg": ["sleeps", "runs", "sings"], "pl": ["sleep", "run", "sing"]}
 _ADJ = ["big", "small", "red", "happy", "old"]
 _PREP = ["near", "with", "behind"]
-_WORDS = sorted({w for d in (_DET, _NOUN, _VT, _VI) for ws in d.values() for w in ws} | set(_ADJ) | set(_PREP)
-                | {"that", "and", "."})
+_WORDS = sorted(
+    {w for d in (_DET, _NOUN, _VT, _VI) for ws in d.values() for w in ws}
+    | set(_ADJ)
+    | set(_PREP)
+    | {"that", "and", "."}
+)
 VOCAB = {w: i for i, w in enumerate(_WORDS)}
 
 
@@ -61,8 +67,11 @@ class Grammar:
 
     def _vp(self, n: str, depth: int) -> list[str]:
         r = self.rng
-        out = [r.choice(_VT[n])] + self._np(r.choice(("sg", "pl")), depth + 1) if r.random() < 0.65 \
+        out = (
+            [r.choice(_VT[n])] + self._np(r.choice(("sg", "pl")), depth + 1)
+            if r.random() < 0.65
             else [r.choice(_VI[n])]
+        )
         if depth == 0 and r.random() < 0.15:
             out += ["and"] + self._vp(n, depth + 1)
         return out
@@ -80,10 +89,32 @@ class Grammar:
 
 def _config(quick: bool) -> dict:
     if quick:
-        return dict(dim=32, depth=1, heads=2, hidden=64, seq=64, batch=8, steps=8, contexts=(64, 128, 256), gen=8,
-                    eval_seqs=8, repeats=2)
-    return dict(dim=128, depth=2, heads=4, hidden=256, seq=128, batch=16, steps=500, contexts=(512, 2048, 8192),
-                gen=32, eval_seqs=32, repeats=3)
+        return dict(
+            dim=32,
+            depth=1,
+            heads=2,
+            hidden=64,
+            seq=64,
+            batch=8,
+            steps=8,
+            contexts=(64, 128, 256),
+            gen=8,
+            eval_seqs=8,
+            repeats=2,
+        )
+    return dict(
+        dim=128,
+        depth=2,
+        heads=4,
+        hidden=256,
+        seq=128,
+        batch=16,
+        steps=500,
+        contexts=(512, 2048, 8192),
+        gen=32,
+        eval_seqs=32,
+        repeats=3,
+    )
 
 
 def _ce(logits, y):
@@ -95,7 +126,7 @@ def perplexity(model, data: torch.Tensor, batch: int = 8) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, data.shape[0], batch):
-        x = data[i:i + batch]
+        x = data[i : i + batch]
         logits = model(x[:, :-1])
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         count += x[:, 1:].numel()
@@ -127,8 +158,11 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         raise SystemExit(f"slab demo: the batch ({batch}) must divide by the world size ({world.size})")
     share = batch // world.size
     say = print if world.main else (lambda *a, **k: None)
-    say(f"lm: grammar text, vocab {len(VOCAB)}, dim {cfg['dim']}, {cfg['depth']} layers, {cfg['heads']} heads, "
-        f"MLP {cfg['hidden']}; {steps} steps x batch {batch} x {seq} tokens", flush=True)
+    say(
+        f"lm: grammar text, vocab {len(VOCAB)}, dim {cfg['dim']}, {cfg['depth']} layers, {cfg['heads']} heads, "
+        f"MLP {cfg['hidden']}; {steps} steps x batch {batch} x {seq} tokens",
+        flush=True,
+    )
     sizes = {k: cfg[k] for k in ("dim", "depth", "heads", "hidden")}
     warm, decay = (2, max(1, steps - 4)) if args.quick else (max(1, steps // 20), (steps * 65) // 100)
 
@@ -138,6 +172,7 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         def get_xy(_step):
             x = gram.tokens(share * (seq + 1)).view(share, seq + 1).to(device)
             return x[:, :-1], x[:, 1:]
+
         return get_xy
 
     log_every = max(1, steps // 10)
@@ -150,17 +185,43 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
     from .vision import make_dog
 
     opt = make_dog(args.optim, model.parameters())
-    say(f"training SLAB LM (PRepBN/RMSNorm: RMSNorm only for {warm} steps, lam 1 -> 0 over {decay}; "
-        f"{type(opt).__name__} lr 1.0)", flush=True)
-    hist, train_s = train_loop(_wrap(model, world, device), opt, batches(args.seed + 1), steps, _ce, world, device,
-                               "slab lm", log_every=log_every, quiet=args.quick, track_acc=False)
+    say(
+        f"training SLAB LM (PRepBN/RMSNorm: RMSNorm only for {warm} steps, lam 1 -> 0 over {decay}; "
+        f"{type(opt).__name__} lr 1.0)",
+        flush=True,
+    )
+    hist, train_s = train_loop(
+        _wrap(model, world, device),
+        opt,
+        batches(args.seed + 1),
+        steps,
+        _ce,
+        world,
+        device,
+        "slab lm",
+        log_every=log_every,
+        quiet=args.quick,
+        track_acc=False,
+    )
     seed_all(args.seed)
     base = LMNet(len(VOCAB), "baseline", **sizes).to(device)
     bopt = torch.optim.AdamW(base.parameters(), lr=3e-3, weight_decay=0.01)
     bsched = torch.optim.lr_scheduler.OneCycleLR(bopt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     say("training softmax LM (RMSNorm, causal SDPA, AdamW lr 3e-3 one-cycle)", flush=True)
-    bhist, btrain_s = train_loop(_wrap(base, world, device), bopt, batches(args.seed + 1), steps, _ce, world, device,
-                                 "softmax lm", log_every=log_every, quiet=args.quick, sched=bsched, track_acc=False)
+    bhist, btrain_s = train_loop(
+        _wrap(base, world, device),
+        bopt,
+        batches(args.seed + 1),
+        steps,
+        _ce,
+        world,
+        device,
+        "softmax lm",
+        log_every=log_every,
+        quiet=args.quick,
+        sched=bsched,
+        track_acc=False,
+    )
     if not world.main:
         return None
 
@@ -184,16 +245,20 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         def fn():
             with torch.inference_mode():
                 m(inp)
+
         return fn
 
     secs = interleaved_median({k: timer(m) for k, m in variants.items()}, repeats=cfg["repeats"])
-    notes = {"float": "PRepBN(RMSNorm) + causal SLA + gated MLP, " + type(opt).__name__,
-             "deployed": f"slab.deploy: {len(report.folded)} norms folded into Linear, the MLP norms as ChannelAffine",
-             "w4a8": "deployed, every Linear W4A8 (group 64)",
-             "cats": f"deployed + CATS MLPs (sparsity {sparsity}); the decode model",
-             "baseline": "RMSNorm + causal softmax SDPA + AdamW"}
-    models = [{"name": k, "perplexity": ppl[k], "latency_ms": secs[k] * 1e3 / inp.numel(), "note": notes[k]}
-              for k in variants]
+    notes = {
+        "float": "PRepBN(RMSNorm) + causal SLA + gated MLP, " + type(opt).__name__,
+        "deployed": f"slab.deploy: {len(report.folded)} norms folded into Linear, the MLP norms as ChannelAffine",
+        "w4a8": "deployed, every Linear W4A8 (group 64)",
+        "cats": f"deployed + CATS MLPs (sparsity {sparsity}); the decode model",
+        "baseline": "RMSNorm + causal softmax SDPA + AdamW",
+    }
+    models = [
+        {"name": k, "perplexity": ppl[k], "latency_ms": secs[k] * 1e3 / inp.numel(), "note": notes[k]} for k in variants
+    ]
 
     say("timing decode (prefill, then greedy steps) ...", flush=True)
     stream = Grammar(30_000 + args.seed).tokens(max(cfg["contexts"])).to(device)
@@ -204,8 +269,21 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         b = decode_speed(base, prompt, cfg["gen"])
         decode.append({"context": ctx, "slab_tokens_per_s": s, "softmax_kv_tokens_per_s": b})
         say(f"  context {ctx}: slab {s:.1f} tok/s, softmax+KV {b:.1f} tok/s", flush=True)
-    return {"task": "lm", "train_seconds": train_s, "baseline_train_seconds": btrain_s, "models": models,
-            "decode": decode, "steps": steps, "batch": batch, "seq": seq, "world_size": world.size, "sizes": sizes,
-            "vocab": len(VOCAB), "prepbn": {"warm": warm, "decay_steps": decay}, "cats_sparsity": sparsity,
-            "decode_tokens": cfg["gen"], "deploy_report": report.summary(),
-            "history": {"slab": hist, "baseline": bhist}}
+    return {
+        "task": "lm",
+        "train_seconds": train_s,
+        "baseline_train_seconds": btrain_s,
+        "models": models,
+        "decode": decode,
+        "steps": steps,
+        "batch": batch,
+        "seq": seq,
+        "world_size": world.size,
+        "sizes": sizes,
+        "vocab": len(VOCAB),
+        "prepbn": {"warm": warm, "decay_steps": decay},
+        "cats_sparsity": sparsity,
+        "decode_tokens": cfg["gen"],
+        "deploy_report": report.summary(),
+        "history": {"slab": hist, "baseline": bhist},
+    }

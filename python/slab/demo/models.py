@@ -18,11 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import slab
 from slab.nn import ChannelAffine, PRepBN, SimplifiedLinearAttention
 
-__all__ = ["GatedMLP", "SlabBlock", "SoftmaxBlock", "VisionNet", "LMNet", "fold_mlp_affines",
-           "prepbn_modules", "current_lam"]
+__all__ = [
+    "GatedMLP",
+    "SlabBlock",
+    "SoftmaxBlock",
+    "VisionNet",
+    "LMNet",
+    "fold_mlp_affines",
+    "prepbn_modules",
+    "current_lam",
+]
 
 
 class GatedMLP(nn.Module):
@@ -41,15 +48,27 @@ class GatedMLP(nn.Module):
 
 def _prepbn(dim: int, norm: str, warm: int, step: int, lm: bool) -> PRepBN:
     # SLAB: alpha starts at 1 for vision, 0 for language models; LayerNorm eps 1e-6 for vision
-    return PRepBN(dim, norm=norm, warm=warm, step=step, alpha_init=0.0 if lm else 1.0,
-                  norm_eps=1e-6 if not lm else 1e-5)
+    return PRepBN(
+        dim, norm=norm, warm=warm, step=step, alpha_init=0.0 if lm else 1.0, norm_eps=1e-6 if not lm else 1e-5
+    )
 
 
 class SlabBlock(nn.Module):
     """Pre-norm block: ``x + SLA(PRepBN(x))``, ``x + MLP(PRepBN(x))``."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, *, causal: bool, dwc: int, warm: int, step: int,
-                 num_tokens: Optional[int] = None, norm: str = "layer"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        *,
+        causal: bool,
+        dwc: int,
+        warm: int,
+        step: int,
+        num_tokens: Optional[int] = None,
+        norm: str = "layer",
+    ):
         super().__init__()
         lm = causal
         self.attn = SimplifiedLinearAttention(dim, heads, causal=causal, dwc_kernel_size=dwc, num_tokens=num_tokens)
@@ -103,10 +122,10 @@ class SoftmaxAttention(nn.Module):
     def step(self, x: Tensor, cache) -> Tensor:  # x (B, dim)
         q, k, v = self._split(x.unsqueeze(1))
         p = cache["pos"]
-        cache["k"][:, :, p:p + 1] = k
-        cache["v"][:, :, p:p + 1] = v
+        cache["k"][:, :, p : p + 1] = k
+        cache["v"][:, :, p : p + 1] = v
         cache["pos"] = p + 1
-        o = F.scaled_dot_product_attention(q, cache["k"][:, :, :p + 1], cache["v"][:, :, :p + 1])
+        o = F.scaled_dot_product_attention(q, cache["k"][:, :, : p + 1], cache["v"][:, :, : p + 1])
         return self.proj(o.reshape(x.shape))
 
 
@@ -117,7 +136,12 @@ class SoftmaxBlock(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, *, causal: bool, norm: str = "layer"):
         super().__init__()
         mk = (lambda: nn.LayerNorm(dim, eps=1e-6)) if norm == "layer" else (lambda: nn.RMSNorm(dim, eps=1e-5))
-        self.norm1, self.attn, self.norm2, self.mlp = mk(), SoftmaxAttention(dim, heads, causal), mk(), GatedMLP(dim, hidden)
+        self.norm1, self.attn, self.norm2, self.mlp = (
+            mk(),
+            SoftmaxAttention(dim, heads, causal),
+            mk(),
+            GatedMLP(dim, hidden),
+        )
 
     def forward(self, x: Tensor, grid=None) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -137,8 +161,19 @@ class VisionNet(nn.Module):
     """8x8 digit -> 2x2 patches (a 4x4 grid of 16 tokens) -> ``depth`` blocks -> mean pool ->
     norm -> linear classifier. ``kind`` is ``"slab"`` or ``"baseline"``."""
 
-    def __init__(self, kind: str = "slab", dim: int = 64, depth: int = 3, heads: int = 4, hidden: int = 128,
-                 classes: int = 10, patch: int = 2, image: int = 8, warm: int = 0, step: int = 1000):
+    def __init__(
+        self,
+        kind: str = "slab",
+        dim: int = 64,
+        depth: int = 3,
+        heads: int = 4,
+        hidden: int = 128,
+        classes: int = 10,
+        patch: int = 2,
+        image: int = 8,
+        warm: int = 0,
+        step: int = 1000,
+    ):
         super().__init__()
         self.kind, self.patch, self.grid = kind, patch, (image // patch, image // patch)
         n = self.grid[0] * self.grid[1]
@@ -146,8 +181,10 @@ class VisionNet(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, n, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         if kind == "slab":
-            self.blocks = nn.ModuleList(SlabBlock(dim, heads, hidden, causal=False, dwc=3, warm=warm, step=step,
-                                                  num_tokens=n) for _ in range(depth))
+            self.blocks = nn.ModuleList(
+                SlabBlock(dim, heads, hidden, causal=False, dwc=3, warm=warm, step=step, num_tokens=n)
+                for _ in range(depth)
+            )
             norm = _prepbn(dim, "layer", warm, step, lm=False)
         else:
             self.blocks = nn.ModuleList(SoftmaxBlock(dim, heads, hidden, causal=False) for _ in range(depth))
@@ -172,14 +209,25 @@ class LMNet(nn.Module):
     ``"slab"`` (PRepBN with RMSNorm, causal SLA with a causal depthwise conv, gated MLP that CATS
     converts) or ``"baseline"`` (RMSNorm, causal softmax attention, KV-cache decoding)."""
 
-    def __init__(self, vocab: int, kind: str = "slab", dim: int = 128, depth: int = 2, heads: int = 4,
-                 hidden: int = 256, warm: int = 0, step: int = 1000):
+    def __init__(
+        self,
+        vocab: int,
+        kind: str = "slab",
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        hidden: int = 256,
+        warm: int = 0,
+        step: int = 1000,
+    ):
         super().__init__()
         self.kind = kind
         self.embed = nn.Embedding(vocab, dim)
         if kind == "slab":
-            self.blocks = nn.ModuleList(SlabBlock(dim, heads, hidden, causal=True, dwc=4, warm=warm, step=step,
-                                                  norm="rms") for _ in range(depth))
+            self.blocks = nn.ModuleList(
+                SlabBlock(dim, heads, hidden, causal=True, dwc=4, warm=warm, step=step, norm="rms")
+                for _ in range(depth)
+            )
             norm = _prepbn(dim, "rms", warm, step, lm=True)
         else:
             self.blocks = nn.ModuleList(SoftmaxBlock(dim, heads, hidden, causal=True, norm="rms") for _ in range(depth))

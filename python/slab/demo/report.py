@@ -10,7 +10,13 @@ def table(result: dict) -> str:
     task = result["task"]
     base = next((m for m in result["models"] if m["name"] == "baseline"), None)
     if task == "vision":
-        head = ("model", "test acc", f"ms/image (batch {result.get('latency_batch', '?')})", "speed vs baseline", "agrees w/ float")
+        head = (
+            "model",
+            "test acc",
+            f"ms/image (batch {result.get('latency_batch', '?')})",
+            "speed vs baseline",
+            "agrees w/ float",
+        )
     else:
         head = ("model", "perplexity", "ms/token (forward)", "speed vs baseline", "")
     rows = []

@@ -8,7 +8,6 @@ image, timed on the whole test set in fixed batches of ``LATENCY_BATCH`` images 
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from typing import Optional
 
@@ -23,8 +22,13 @@ from .common import interleaved_median, seed_all, train_loop
 from .models import VisionNet, fold_mlp_affines
 
 LATENCY_BATCH = 32
-TARGETS = {"float_accuracy": 0.95, "float_train_seconds": 180.0, "deployed_drop": 0.005, "w4a8_drop": 0.01,
-           "cats_drop": 0.01}
+TARGETS = {
+    "float_accuracy": 0.95,
+    "float_train_seconds": 180.0,
+    "deployed_drop": 0.005,
+    "w4a8_drop": 0.01,
+    "cats_drop": 0.01,
+}
 
 
 def load_digits(device: torch.device):
@@ -33,8 +37,9 @@ def load_digits(device: torch.device):
     from sklearn.model_selection import train_test_split
 
     data = _load()
-    xtr, xte, ytr, yte = train_test_split(data.images, data.target, test_size=0.25, random_state=0,
-                                          stratify=data.target)
+    xtr, xte, ytr, yte = train_test_split(
+        data.images, data.target, test_size=0.25, random_state=0, stratify=data.target
+    )
     f = lambda a: torch.tensor(a, dtype=torch.float32, device=device) / 16.0  # noqa: E731
     g = lambda a: torch.tensor(a, dtype=torch.long, device=device)  # noqa: E731
     return f(xtr), g(ytr), f(xte), g(yte)
@@ -65,11 +70,11 @@ def _batches(x, y, batch: int, world: _ddp.World, seed: int, augment: bool):
         epoch, i = divmod(step, per_epoch)
         if epoch != state["epoch"]:
             state["epoch"], state["perm"] = epoch, torch.randperm(n, generator=gen).to(x.device)
-        idx = state["perm"][i * batch:(i + 1) * batch]
+        idx = state["perm"][i * batch : (i + 1) * batch]
         xb = shift(x[idx], aug) if augment else x[idx]  # drawn for the whole global batch
         share = batch // world.size
         lo = world.rank * share
-        return xb[lo:lo + share], y[idx][lo:lo + share]
+        return xb[lo : lo + share], y[idx][lo : lo + share]
 
     return get, per_epoch
 
@@ -90,7 +95,7 @@ def _ce(out, y):
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, x.shape[0], batch)])
+    return torch.cat([model(x[i : i + batch]).argmax(-1) for i in range(0, x.shape[0], batch)])
 
 
 def _wrap(model: nn.Module, world: _ddp.World, device: torch.device) -> nn.Module:
@@ -125,10 +130,13 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
     sizes = {k: cfg[k] for k in ("dim", "depth", "heads", "hidden")}
     quiet = args.quick
     say = print if world.main else (lambda *a, **k: None)
-    say(f"vision: digits 8x8 (train {xtr.shape[0]}, test {xte.shape[0]}), 16 tokens (2x2 patches), "
+    say(
+        f"vision: digits 8x8 (train {xtr.shape[0]}, test {xte.shape[0]}), 16 tokens (2x2 patches), "
         f"dim {cfg['dim']}, {cfg['depth']} blocks, {cfg['heads']} heads, MLP {cfg['hidden']}; "
         f"{cfg['epochs']} epochs x {per_epoch} steps, batch {cfg['batch']}"
-        + (f" ({world.size} ranks x {cfg['batch'] // world.size})" if world.size > 1 else ""), flush=True)
+        + (f" ({world.size} ranks x {cfg['batch'] // world.size})" if world.size > 1 else ""),
+        flush=True,
+    )
     log_every = per_epoch * (1 if args.quick else 5)
 
     # --- SLAB model: PRepBN + SLA + gated MLP, DoG -------------------------------------------
@@ -137,10 +145,14 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
     if world.initialized:
         slab.nn.convert_sync(model)
     opt = make_dog(args.optim, model.parameters())
-    say(f"training SLAB (PRepBN: LayerNorm only for {warm} steps, lam 1 -> 0 over {decay}; "
-        f"{type(opt).__name__} lr 1.0)", flush=True)
-    hist, train_s = train_loop(_wrap(model, world, device), opt, get, steps, _ce, world, device, "slab",
-                               log_every=log_every, quiet=quiet)
+    say(
+        f"training SLAB (PRepBN: LayerNorm only for {warm} steps, lam 1 -> 0 over {decay}; "
+        f"{type(opt).__name__} lr 1.0)",
+        flush=True,
+    )
+    hist, train_s = train_loop(
+        _wrap(model, world, device), opt, get, steps, _ce, world, device, "slab", log_every=log_every, quiet=quiet
+    )
 
     # --- the plain-PyTorch twin: LayerNorm, softmax SDPA attention, AdamW ---------------------
     seed_all(args.seed)
@@ -149,8 +161,19 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
     bsched = torch.optim.lr_scheduler.OneCycleLR(bopt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     say("training baseline (LayerNorm, softmax attention, AdamW lr 2e-3 one-cycle)", flush=True)
     get_b, _ = _batches(xtr, ytr, cfg["batch"], world, args.seed, augment=not args.quick)
-    bhist, btrain_s = train_loop(_wrap(base, world, device), bopt, get_b, steps, _ce, world, device, "baseline",
-                                 log_every=log_every, quiet=quiet, sched=bsched)
+    bhist, btrain_s = train_loop(
+        _wrap(base, world, device),
+        bopt,
+        get_b,
+        steps,
+        _ce,
+        world,
+        device,
+        "baseline",
+        log_every=log_every,
+        quiet=quiet,
+        sched=bsched,
+    )
     if not world.main:
         return None
 
@@ -161,12 +184,13 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         warnings.simplefilter("ignore")  # deploy warns that the SLA blocks are not fx-traceable
         deployed, report = slab.deploy(model, return_report=True)
     n_mlp = fold_mlp_affines(deployed)
-    deploy_note = (f"slab.deploy: {len(report.folded)} folded into Linear, {n_mlp} MLP affines folded into "
-                   "gate/up by the demo")
+    deploy_note = (
+        f"slab.deploy: {len(report.folded)} folded into Linear, {n_mlp} MLP affines folded into gate/up by the demo"
+    )
     w4a8 = slab.quant.convert(copy.deepcopy(deployed), group_size=32, skip=["embed", "head"])
     float_train_pred = predict(model, xtr)
     train_acc_float = float((float_train_pred == ytr).float().mean())
-    cal = [xtr[i:i + 128] for i in range(0, min(xtr.shape[0], 512), 128)]
+    cal = [xtr[i : i + 128] for i in range(0, min(xtr.shape[0], 512), 128)]
     sparsity, cats = None, None
     for s in (0.5, 0.4, 0.3, 0.2):  # the largest sparsity that keeps TRAIN accuracy within 0.5 points
         cand = slab.sparse.convert(copy.deepcopy(deployed), slab.sparse.calibrate(deployed, cal, sparsity=s))
@@ -176,25 +200,36 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
 
     variants = {"float": model, "deployed": deployed, "w4a8": w4a8, "cats": cats, "baseline": base}
     preds = {k: predict(m, xte) for k, m in variants.items()}
-    chunks = [xte[i:i + LATENCY_BATCH] for i in range(0, xte.shape[0], LATENCY_BATCH)]
+    chunks = [xte[i : i + LATENCY_BATCH] for i in range(0, xte.shape[0], LATENCY_BATCH)]
 
     def timer(m):
         def fn():
             with torch.inference_mode():
                 for c in chunks:
                     m(c)
+
         return fn
 
     secs = interleaved_median({k: timer(m) for k, m in variants.items()}, repeats=cfg["repeats"])
-    notes = {"float": "PRepBN (eval: RepBN) + SLA + gated MLP", "deployed": deploy_note,
-             "w4a8": "every Linear W4A8 (group 32) but the 4-input patch embedding and the classifier head",
-             "cats": f"CATS on the MLPs, sparsity {sparsity}", "baseline": "LayerNorm + softmax SDPA + AdamW"}
+    notes = {
+        "float": "PRepBN (eval: RepBN) + SLA + gated MLP",
+        "deployed": deploy_note,
+        "w4a8": "every Linear W4A8 (group 32) but the 4-input patch embedding and the classifier head",
+        "cats": f"CATS on the MLPs, sparsity {sparsity}",
+        "baseline": "LayerNorm + softmax SDPA + AdamW",
+    }
     models = []
     for k in variants:
         acc = float((preds[k] == yte).float().mean())
-        models.append({"name": k, "accuracy": acc, "latency_ms": secs[k] * 1e3 / xte.shape[0],
-                       "agreement_with_float": float((preds[k] == preds["float"]).float().mean()),
-                       "note": notes[k]})
+        models.append(
+            {
+                "name": k,
+                "accuracy": acc,
+                "latency_ms": secs[k] * 1e3 / xte.shape[0],
+                "agreement_with_float": float((preds[k] == preds["float"]).float().mean()),
+                "note": notes[k],
+            }
+        )
     acc = {m["name"]: m["accuracy"] for m in models}
     targets = {
         "float above 95%": acc["float"] > TARGETS["float_accuracy"],
@@ -203,8 +238,21 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
         "w4a8 within 1 point": acc["float"] - acc["w4a8"] <= TARGETS["w4a8_drop"] + 1e-9,
         "cats within 1 point": acc["float"] - acc["cats"] <= TARGETS["cats_drop"] + 1e-9,
     }
-    return {"task": "vision", "train_seconds": train_s, "baseline_train_seconds": btrain_s, "models": models,
-            "steps": steps, "epochs": cfg["epochs"], "batch": cfg["batch"], "world_size": world.size,
-            "sizes": sizes, "prepbn": {"warm": warm, "decay_steps": decay}, "cats_sparsity": sparsity,
-            "latency_batch": LATENCY_BATCH, "deploy_report": report.summary(),
-            "history": {"slab": hist, "baseline": bhist}, "targets": targets, "quick": bool(args.quick)}
+    return {
+        "task": "vision",
+        "train_seconds": train_s,
+        "baseline_train_seconds": btrain_s,
+        "models": models,
+        "steps": steps,
+        "epochs": cfg["epochs"],
+        "batch": cfg["batch"],
+        "world_size": world.size,
+        "sizes": sizes,
+        "prepbn": {"warm": warm, "decay_steps": decay},
+        "cats_sparsity": sparsity,
+        "latency_batch": LATENCY_BATCH,
+        "deploy_report": report.summary(),
+        "history": {"slab": hist, "baseline": bhist},
+        "targets": targets,
+        "quick": bool(args.quick),
+    }

@@ -37,8 +37,15 @@ def _bounds(ge, gt, le, lt) -> str:
     return " and ".join(parts)
 
 
-def check_number(name: str, value: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
-                 le: Optional[float] = None, lt: Optional[float] = None) -> float:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+) -> float:
     """``value`` as a float, which must be a finite real number within the given bounds."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)

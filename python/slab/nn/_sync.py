@@ -67,8 +67,24 @@ def _all_reduce_(t: torch.Tensor, process_group, world: int) -> torch.Tensor:
 
 class _PRepBNSync(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
-                lam, momentum, eps, norm_eps, norm, mask, process_group):
+    def forward(
+        ctx,
+        x,
+        norm_weight,
+        norm_bias,
+        bn_weight,
+        bn_bias,
+        alpha,
+        running_mean,
+        running_var,
+        lam,
+        momentum,
+        eps,
+        norm_eps,
+        norm,
+        mask,
+        process_group,
+    ):
         world = _world_size(process_group)
 
         # Local per-channel statistics of the kept tokens (float32, float64 for float64 x).
@@ -86,7 +102,8 @@ class _PRepBNSync(torch.autograd.Function):
             raise ValueError(
                 "Expected more than 1 value per channel when training, got "
                 f"{int(n)} kept value(s) per channel in the global batch over {world} rank(s) "
-                f"(input size {tuple(x.shape)} on this rank)")
+                f"(input size {tuple(x.shape)} on this rank)"
+            )
         g_mean = buf[1:] / g_count
 
         # Collective 2: M2 around the global mean (Chan's combination, every term >= 0).
@@ -96,14 +113,13 @@ class _PRepBNSync(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
 
         if running_mean is not None and running_var is not None:
-            torch.ops.slab.bn_update_running_stats(
-                running_mean, running_var, g_mean, g_m2 / (g_count - 1), momentum)
+            torch.ops.slab.bn_update_running_stats(running_mean, running_var, g_mean, g_m2 / (g_count - 1), momentum)
 
         y, row_mean, row_rstd = torch.ops.slab.prep_bn_apply(
-            x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, g_mean, rstd, lam, norm_eps, norm)
+            x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, g_mean, rstd, lam, norm_eps, norm
+        )
 
-        ctx.save_for_backward(x, norm_weight, bn_weight, alpha, row_mean, row_rstd, g_mean, rstd,
-                              g_count, mask)
+        ctx.save_for_backward(x, norm_weight, bn_weight, alpha, row_mean, row_rstd, g_mean, rstd, g_count, mask)
         ctx.lam = lam
         ctx.norm = norm
         ctx.process_group = process_group
@@ -114,15 +130,15 @@ class _PRepBNSync(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, g_count,
-         mask) = ctx.saved_tensors
+        (x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, g_count, mask) = ctx.saved_tensors
         lam, norm = ctx.lam, ctx.norm
         need = ctx.needs_input_grad
         dx = d_nw = d_nb = d_bw = d_bb = d_alpha = None
 
         # Local per-channel sums over ALL local tokens: [sum dy, sum dy*xhat_bn, sum dy*xhat_norm].
         sums, _local_count = torch.ops.slab.prep_bn_backward_reduce(
-            dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask)
+            dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask
+        )
 
         if need[0]:
             # Collective (backward): the two sums the batch-statistics terms of dx need.
@@ -130,8 +146,22 @@ class _PRepBNSync(torch.autograd.Function):
             _all_reduce_(g, ctx.process_group, ctx.world)
             g_sums = torch.cat([g, sums[2:3]])
             dx = torch.ops.slab.prep_bn_backward_apply(
-                dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd,
-                g_sums, g_count, lam, True, norm, mask)
+                dy,
+                x,
+                norm_weight,
+                bn_weight,
+                alpha,
+                row_mean,
+                row_rstd,
+                bn_mean,
+                bn_rstd,
+                g_sums,
+                g_count,
+                lam,
+                True,
+                norm,
+                mask,
+            )
 
         # Parameter gradients from the LOCAL sums (DDP reduces them across ranks).
         if need[1] and norm_weight is not None:
@@ -143,16 +173,28 @@ class _PRepBNSync(torch.autograd.Function):
         if need[4]:
             d_bb = ((1.0 - lam) * sums[0]).to(bn_weight.dtype)
         if need[5]:
-            d_alpha = ((1.0 - lam) * (sums[1] / bn_rstd + bn_mean * sums[0]).sum())
+            d_alpha = (1.0 - lam) * (sums[1] / bn_rstd + bn_mean * sums[0]).sum()
             d_alpha = d_alpha.reshape(alpha.shape).to(alpha.dtype)
         return (dx, d_nw, d_nb, d_bw, d_bb, d_alpha) + (None,) * 9
 
 
-def prep_bn_sync(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                 bn_weight: torch.Tensor, bn_bias: torch.Tensor, alpha: torch.Tensor,
-                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                 lam: float, momentum: float, eps: float, norm_eps: float, norm: str,
-                 mask: Optional[torch.Tensor], process_group=None) -> torch.Tensor:
+def prep_bn_sync(
+    x: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    alpha: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    lam: float,
+    momentum: float,
+    eps: float,
+    norm_eps: float,
+    norm: str,
+    mask: Optional[torch.Tensor],
+    process_group=None,
+) -> torch.Tensor:
     """Training-mode PRepBN (``norm`` "layer"/"rms") or RepBN (``norm="none"``) with batch
     statistics synchronised over ``process_group`` (default: the world group).
 
@@ -174,8 +216,23 @@ def prep_bn_sync(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias
     if norm == "rms" and norm_bias is not None:
         raise ValueError("prep_bn_sync: norm='rms' takes no norm_bias (expected None)")
     if momentum is None:
-        raise ValueError("prep_bn_sync: momentum must be a float (resolve cumulative averaging "
-                         "in the module before calling)")
-    return _PRepBNSync.apply(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean,
-                             running_var, lam, float(momentum), float(eps), float(norm_eps), norm,
-                             mask, process_group)
+        raise ValueError(
+            "prep_bn_sync: momentum must be a float (resolve cumulative averaging in the module before calling)"
+        )
+    return _PRepBNSync.apply(
+        x,
+        norm_weight,
+        norm_bias,
+        bn_weight,
+        bn_bias,
+        alpha,
+        running_mean,
+        running_var,
+        lam,
+        float(momentum),
+        float(eps),
+        float(norm_eps),
+        norm,
+        mask,
+        process_group,
+    )

@@ -42,8 +42,15 @@ class CATSMLP(nn.Module):
     Both compute the same function. Build one from an existing MLP with :meth:`from_mlp`.
     """
 
-    def __init__(self, gate: nn.Linear, up: Optional[nn.Linear], w_down_t: Tensor, down_bias: Optional[Tensor],
-                 threshold: float, decode_tokens: int = MAX_DECODE_TOKENS):
+    def __init__(
+        self,
+        gate: nn.Linear,
+        up: Optional[nn.Linear],
+        w_down_t: Tensor,
+        down_bias: Optional[Tensor],
+        threshold: float,
+        decode_tokens: int = MAX_DECODE_TOKENS,
+    ):
         super().__init__()
         decode_tokens = check_size("decode_tokens", decode_tokens, minimum=0, maximum=MAX_DECODE_TOKENS)
         _check_linear("gate", gate)
@@ -72,8 +79,14 @@ class CATSMLP(nn.Module):
         ``fc1``/``fc2`` MLP with a SiLU activation (``act``/``act_fn``/``activation``). The
         transposed ``W_down`` replaces ``down_proj``/``fc2``'s weight; ``gate``/``up`` are shared."""
         gate, up, down = mlp_parts(mlp)
-        return cls(gate, up, down.weight.detach().t().contiguous().requires_grad_(down.weight.requires_grad),
-                   down.bias, threshold, decode_tokens)
+        return cls(
+            gate,
+            up,
+            down.weight.detach().t().contiguous().requires_grad_(down.weight.requires_grad),
+            down.bias,
+            threshold,
+            decode_tokens,
+        )
 
     def _use_decode_kernel(self, x: Tensor) -> bool:
         if self.up is None or self.gate.bias is not None or self.up.bias is not None:
@@ -96,8 +109,7 @@ class CATSMLP(nn.Module):
         return y if self.down_bias is None else y + self.down_bias
 
     def extra_repr(self) -> str:
-        return (f"threshold={self.threshold:.6g}, gated={self.up is not None}, "
-                f"decode_tokens={self.decode_tokens}")
+        return f"threshold={self.threshold:.6g}, gated={self.up is not None}, decode_tokens={self.decode_tokens}"
 
 
 def _check_linear(name: str, layer) -> None:
@@ -113,12 +125,16 @@ def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, Optional[nn.Linear], nn.Linear
     elif hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         act = next((getattr(mlp, n) for n in ("act", "act_fn", "activation") if hasattr(mlp, n)), None)
         if act is None:
-            raise ValueError(f"{type(mlp).__name__}: an fc1/fc2 MLP needs its activation as .act, .act_fn or "
-                             ".activation to be converted")
+            raise ValueError(
+                f"{type(mlp).__name__}: an fc1/fc2 MLP needs its activation as .act, .act_fn or "
+                ".activation to be converted"
+            )
         parts = (mlp.fc1, None, mlp.fc2)
     else:
-        raise ValueError(f"{type(mlp).__name__} is not a supported MLP: expected gate_proj/up_proj/down_proj "
-                         "(Llama/Mistral naming) or fc1/fc2")
+        raise ValueError(
+            f"{type(mlp).__name__} is not a supported MLP: expected gate_proj/up_proj/down_proj "
+            "(Llama/Mistral naming) or fc1/fc2"
+        )
     if not is_silu(act):
         raise ValueError(f"{type(mlp).__name__}: CATS thresholds a SiLU activation, got {act!r}")
     for p in parts:

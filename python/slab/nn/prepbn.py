@@ -129,12 +129,33 @@ class RepBN(nn.Module):
             from ._sync import prep_bn_sync
 
             return prep_bn_sync(
-                x, None, None, bn.weight, bn.bias, self.alpha, bn.running_mean, bn.running_var,
-                0.0, momentum, bn.eps, 0.0, "none", mask, self.process_group,
+                x,
+                None,
+                None,
+                bn.weight,
+                bn.bias,
+                self.alpha,
+                bn.running_mean,
+                bn.running_var,
+                0.0,
+                momentum,
+                bn.eps,
+                0.0,
+                "none",
+                mask,
+                self.process_group,
             )
         return ops.rep_bn(
-            x, bn.weight, bn.bias, self.alpha, bn.running_mean, bn.running_var, self.training,
-            momentum=momentum, eps=bn.eps, mask=mask,
+            x,
+            bn.weight,
+            bn.bias,
+            self.alpha,
+            bn.running_mean,
+            bn.running_var,
+            self.training,
+            momentum=momentum,
+            eps=bn.eps,
+            mask=mask,
         )
 
 
@@ -264,14 +285,38 @@ class PRepBN(nn.Module):
             from ._sync import prep_bn_sync
 
             return prep_bn_sync(
-                x, norm1.weight, norm_bias, bn.weight, bn.bias, self.norm2.alpha,
-                bn.running_mean, bn.running_var, lam, momentum, bn.eps, float(norm_eps),
-                self.norm, mask, self.process_group,
+                x,
+                norm1.weight,
+                norm_bias,
+                bn.weight,
+                bn.bias,
+                self.norm2.alpha,
+                bn.running_mean,
+                bn.running_var,
+                lam,
+                momentum,
+                bn.eps,
+                float(norm_eps),
+                self.norm,
+                mask,
+                self.process_group,
             )
         return ops.prep_bn(
-            x, norm1.weight, norm_bias, bn.weight, bn.bias, self.norm2.alpha,
-            bn.running_mean, bn.running_var, lam, True,
-            momentum=momentum, eps=bn.eps, norm_eps=float(norm_eps), norm=self.norm, mask=mask,
+            x,
+            norm1.weight,
+            norm_bias,
+            bn.weight,
+            bn.bias,
+            self.norm2.alpha,
+            bn.running_mean,
+            bn.running_var,
+            lam,
+            True,
+            momentum=momentum,
+            eps=bn.eps,
+            norm_eps=float(norm_eps),
+            norm=self.norm,
+            mask=mask,
         )
 
 

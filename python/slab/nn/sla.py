@@ -74,8 +74,15 @@ class SimplifiedLinearAttention(nn.Module):
     float32 and return the input dtype); the convolution weights are shared by all heads.
     """
 
-    def __init__(self, dim: int, num_heads: int, causal: bool = False, qkv_bias: bool = False,
-                 dwc_kernel_size: int = 5, num_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        causal: bool = False,
+        qkv_bias: bool = False,
+        dwc_kernel_size: int = 5,
+        num_tokens: Optional[int] = None,
+    ):
         super().__init__()
         _check_sizes(dim, num_heads, causal, dwc_kernel_size, num_tokens)
         check_flag("qkv_bias", qkv_bias)
@@ -103,7 +110,7 @@ class SimplifiedLinearAttention(nn.Module):
         if self.positional_encoding is not None:
             if start + n > self.positional_encoding.shape[1]:
                 raise ValueError(f"{start + n} tokens exceed num_tokens={self.positional_encoding.shape[1]}")
-            pos = self.positional_encoding[:, start:start + n].view(1, n, self.num_heads, self.head_dim)
+            pos = self.positional_encoding[:, start : start + n].view(1, n, self.num_heads, self.head_dim)
             k = k + pos.to(k.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -116,8 +123,13 @@ class SimplifiedLinearAttention(nn.Module):
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))  # a view: out is (B, N, H, D) in memory
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, grid: Optional[Sequence[int]] = None,
-                cache: Optional[SLACache] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None,
+        grid: Optional[Sequence[int]] = None,
+        cache: Optional[SLACache] = None,
+    ) -> Tensor:
         """x (B, N, dim) -> (B, N, dim). ``mask`` (B, N) bool, True = real token: padded tokens
         add nothing to the attention sums (they still enter the convolution of their neighbours;
         for right-padded causal sequences that never touches a real token). ``grid`` = (h, w)
@@ -146,9 +158,11 @@ class SimplifiedLinearAttention(nn.Module):
         device = self.qkv.weight.device if device is None else device
         dtype = self.qkv.weight.dtype if dtype is None else dtype
         h, d, k = self.num_heads, self.head_dim, self.dwc.weight.shape[-1]
-        return SLACache(torch.zeros(batch, h, d, d, device=device, dtype=torch.float32),
-                        torch.zeros(batch, h, d, device=device, dtype=torch.float32),
-                        torch.zeros(batch, h, k - 1, d, device=device, dtype=dtype))
+        return SLACache(
+            torch.zeros(batch, h, d, d, device=device, dtype=torch.float32),
+            torch.zeros(batch, h, d, device=device, dtype=torch.float32),
+            torch.zeros(batch, h, k - 1, d, device=device, dtype=dtype),
+        )
 
     @torch.no_grad()
     def prefill(self, x: Tensor) -> tuple[Tensor, SLACache]:
@@ -180,8 +194,10 @@ class SimplifiedLinearAttention(nn.Module):
         self._require_causal()
         tokens = x if x.dim() == 3 else x.unsqueeze(1)
         if tokens.shape[1] != 1 or tokens.shape[-1] != self.dim:
-            raise ValueError(f"step takes one token per sequence, (batch, {self.dim}) or (batch, 1, {self.dim}); "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"step takes one token per sequence, (batch, {self.dim}) or (batch, 1, {self.dim}); "
+                f"got {tuple(x.shape)}"
+            )
         q, k, v = (t[:, :, 0] for t in self._heads(tokens, cache.position))
         o = sla_step(q, k, v, cache.state, cache.z)
         out = causal_dwc1d_step(v, cache.conv, self.dwc.weight, self.dwc.bias, residual=o)

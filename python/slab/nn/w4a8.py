@@ -39,8 +39,15 @@ class W4A8Linear(nn.Module):
     Inference only: no gradients flow to the (integer) weights or through the op.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
-                 device=None, dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 128,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         g = _check_args(in_features, out_features, bias, group_size, dtype)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -60,10 +67,17 @@ class W4A8Linear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size,
-                  device=w.device, dtype=linear.bias.dtype if linear.bias is not None else None)
-        packed, scales = quantize_w4(w if w.dtype in (torch.float32, torch.bfloat16, torch.float16) else w.float(),
-                                     group_size)
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            device=w.device,
+            dtype=linear.bias.dtype if linear.bias is not None else None,
+        )
+        packed, scales = quantize_w4(
+            w if w.dtype in (torch.float32, torch.bfloat16, torch.float16) else w.float(), group_size
+        )
         mod.packed.copy_(packed)
         mod.scales.copy_(scales)
         if linear.bias is not None:
@@ -108,5 +122,7 @@ class W4A8Linear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )

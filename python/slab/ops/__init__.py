@@ -15,6 +15,20 @@ from ._fake import register_missing_tensor_errors
 
 register_missing_tensor_errors()
 
-__all__ = ["rep_bn", "prep_bn", "cats", "cats_mlp", "token_select", "token_scatter",
-           "dwc2d", "causal_dwc1d", "causal_dwc1d_step", "sla", "sla_step",
-           "w4a8_gemm", "w4a8_linear", "PackedW4", "fold_conv_bn"]
+__all__ = [
+    "rep_bn",
+    "prep_bn",
+    "cats",
+    "cats_mlp",
+    "token_select",
+    "token_scatter",
+    "dwc2d",
+    "causal_dwc1d",
+    "causal_dwc1d_step",
+    "sla",
+    "sla_step",
+    "w4a8_gemm",
+    "w4a8_linear",
+    "PackedW4",
+    "fold_conv_bn",
+]

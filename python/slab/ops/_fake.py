@@ -37,8 +37,10 @@ def check_one_device(op: str, arg_names: list[str], args: tuple, kwargs: dict) -
             if first is None:
                 first = (label, t.device)
             elif t.device != first[1]:
-                raise RuntimeError(f"slab::{op}: {label} is on {t.device} but {first[0]} is on {first[1]}; "
-                                   "all tensors must be on one device")
+                raise RuntimeError(
+                    f"slab::{op}: {label} is on {t.device} but {first[0]} is on {first[1]}; "
+                    "all tensors must be on one device"
+                )
 
 
 def register_fake(op: str) -> Callable:
@@ -91,7 +93,7 @@ def _sparse_tensor_kernel(op: str, schema):
     return kernel
 
 
-_fallbacks = torch.library.Library("slab", "IMPL")  # noqa: the registrations live as long as the module
+_fallbacks = torch.library.Library("slab", "IMPL")  # the registrations live as long as the module
 
 
 def register_missing_tensor_errors() -> None:
@@ -102,8 +104,10 @@ def register_missing_tensor_errors() -> None:
         op, schema = qualified.split(".")[0], overload._schema
         if not any(str(a.type) in ("Tensor", "List[Tensor]") for a in schema.arguments):
             continue  # no tensor to miss
-        if any(torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
-               for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")):
+        if any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"slab::{qualified}", key)
+            for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd")
+        ):
             continue  # a composite kernel (ops/prepbn.py) runs anyway and checks its arguments itself
         _fallbacks.impl(qualified, _missing_tensor_kernel(op, schema), "CompositeExplicitAutograd")
         for key in ("SparseCPU", "SparseCUDA"):

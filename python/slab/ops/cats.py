@@ -131,11 +131,14 @@ def _(grad, x, threshold):
 @register_fake("cats_mlp")
 def _(x, w_gate, w_up, w_down_t, threshold):
     torch._check(x.dim() == 2, lambda: "x must have shape (tokens, dim)")
-    torch._check(w_gate.dim() == 2 and w_up.shape == w_gate.shape and w_down_t.shape == w_gate.shape,
-                 lambda: "w_gate, w_up and w_down_t must all have shape (features, dim)")
+    torch._check(
+        w_gate.dim() == 2 and w_up.shape == w_gate.shape and w_down_t.shape == w_gate.shape,
+        lambda: "w_gate, w_up and w_down_t must all have shape (features, dim)",
+    )
     torch._check(w_gate.shape[1] == x.shape[1], lambda: "w_gate must have shape (features, dim of x)")
-    torch._check(x.shape[0] >= 1 and x.shape[0] <= MAX_DECODE_TOKENS,
-                 lambda: f"x must hold 1 to {MAX_DECODE_TOKENS} tokens")
+    torch._check(
+        x.shape[0] >= 1 and x.shape[0] <= MAX_DECODE_TOKENS, lambda: f"x must hold 1 to {MAX_DECODE_TOKENS} tokens"
+    )
     return x.new_empty(x.shape)
 
 
@@ -148,15 +151,18 @@ def _(scores, keep):
 
 @register_fake("token_gather")
 def _(x, index):
-    torch._check(x.dim() == 3 and index.dim() == 2 and index.shape[0] == x.shape[0],
-                 lambda: "x must be (batch, tokens, channels) and index (batch, keep)")
+    torch._check(
+        x.dim() == 3 and index.dim() == 2 and index.shape[0] == x.shape[0],
+        lambda: "x must be (batch, tokens, channels) and index (batch, keep)",
+    )
     return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
 
 
 @register_fake("token_scatter")
 def _(x, y, index):
-    torch._check(y.shape == (x.shape[0], index.shape[1], x.shape[2]),
-                 lambda: "y must have shape (batch, keep, channels)")
+    torch._check(
+        y.shape == (x.shape[0], index.shape[1], x.shape[2]), lambda: "y must have shape (batch, keep, channels)"
+    )
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

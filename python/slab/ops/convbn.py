@@ -51,42 +51,64 @@ def fold_conv_bn(
 
 
 def _check_weight(weight: Tensor) -> None:
-    torch._check(weight.dim() >= 2,
-                 lambda: f"weight must have at least 2 dimensions (out_channels, in_channels, *kernel), "
-                         f"got {tuple(weight.shape)}")
+    torch._check(
+        weight.dim() >= 2,
+        lambda: (
+            f"weight must have at least 2 dimensions (out_channels, in_channels, *kernel), got {tuple(weight.shape)}"
+        ),
+    )
 
 
 def _check_vec(t: Optional[Tensor], weight: Tensor, name: str) -> None:
     if t is None:
         return
-    torch._check(t.shape == (weight.shape[0],), lambda: f"{name} must have shape ({weight.shape[0]},) = "
-                                                        f"(out_channels of weight,), got {tuple(t.shape)}")
-    torch._check(t.dtype in (weight.dtype, acc_dtype(weight.dtype)),
-                 lambda: f"{name} must be {weight.dtype} or {acc_dtype(weight.dtype)} to match weight, got {t.dtype}")
+    torch._check(
+        t.shape == (weight.shape[0],),
+        lambda: f"{name} must have shape ({weight.shape[0]},) = (out_channels of weight,), got {tuple(t.shape)}",
+    )
+    torch._check(
+        t.dtype in (weight.dtype, acc_dtype(weight.dtype)),
+        lambda: f"{name} must be {weight.dtype} or {acc_dtype(weight.dtype)} to match weight, got {t.dtype}",
+    )
 
 
 @register_fake("fold_conv_bn")
 def _(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
     _check_weight(weight)
-    for t, name in ((bias, "bias"), (bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
-                    (running_mean, "running_mean"), (running_var, "running_var")):
+    for t, name in (
+        (bias, "bias"),
+        (bn_weight, "bn_weight"),
+        (bn_bias, "bn_bias"),
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+    ):
         _check_vec(t, weight, name)
     return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 
 @register_fake("fold_conv_bn_backward")
-def _(grad_weight, grad_bias, weight, bias, bn_weight, running_mean, running_var, eps, weight_grad,
-      bn_weight_grad):
+def _(grad_weight, grad_bias, weight, bias, bn_weight, running_mean, running_var, eps, weight_grad, bn_weight_grad):
     _check_weight(weight)
-    torch._check(grad_weight.shape == weight.shape and grad_weight.dtype == weight.dtype,
-                 lambda: "grad_weight must have the shape and dtype of weight")
-    for t, name in ((grad_bias, "grad_bias"), (bias, "bias"), (bn_weight, "bn_weight"),
-                    (running_mean, "running_mean"), (running_var, "running_var")):
+    torch._check(
+        grad_weight.shape == weight.shape and grad_weight.dtype == weight.dtype,
+        lambda: "grad_weight must have the shape and dtype of weight",
+    )
+    for t, name in (
+        (grad_bias, "grad_bias"),
+        (bias, "bias"),
+        (bn_weight, "bn_weight"),
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+    ):
         _check_vec(t, weight, name)
     o, acc = weight.shape[0], acc_dtype(weight.dtype)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty((0,))
-    return (dw, weight.new_empty((o,), dtype=acc), weight.new_empty((o if bn_weight_grad else 0,), dtype=acc),
-            weight.new_empty((o,), dtype=acc))
+    return (
+        dw,
+        weight.new_empty((o,), dtype=acc),
+        weight.new_empty((o if bn_weight_grad else 0,), dtype=acc),
+        weight.new_empty((o,), dtype=acc),
+    )
 
 
 # ---- autograd ----------------------------------------------------------------------------------
@@ -104,8 +126,17 @@ def _fold_setup_context(ctx, inputs, output):
 def _fold_backward(ctx, grad_weight, grad_bias):
     weight, bias, bn_weight, running_mean, running_var = ctx.saved_tensors
     dw, db, dg, dbeta = _lib.fold_conv_bn_backward(
-        grad_weight, grad_bias, grad_weight if weight is None else weight, bias, bn_weight, running_mean,
-        running_var, ctx.eps, ctx.weight_grad, ctx.bn_weight_grad)
+        grad_weight,
+        grad_bias,
+        grad_weight if weight is None else weight,
+        bias,
+        bn_weight,
+        running_mean,
+        running_var,
+        ctx.eps,
+        ctx.weight_grad,
+        ctx.bn_weight_grad,
+    )
     need = ctx.needs_input_grad
     vec = [g.to(dt) if n and dt is not None else None for g, n, dt in zip((db, dg, dbeta), need[1:4], ctx.dtypes)]
     return (dw if need[0] else None, *vec, None, None, None)

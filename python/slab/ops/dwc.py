@@ -38,8 +38,13 @@ def _square_grid(tokens: int) -> tuple[int, int]:
     return side, side
 
 
-def dwc2d(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grid: Optional[Sequence[int]] = None,
-          residual: Optional[Tensor] = None) -> Tensor:
+def dwc2d(
+    v: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    grid: Optional[Sequence[int]] = None,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
     """``residual + conv2d(v)`` per head over the token grid, as SLAB's ``dwc`` branch.
 
     ``weight`` is a depthwise ``nn.Conv2d(C, C, k, groups=C)`` weight (C, 1, k, k) with odd ``k``,
@@ -55,8 +60,7 @@ def dwc2d(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grid: Option
     return _lib.sla_dwc(v, weight, bias, residual, height, width, kh // 2, kw // 2)
 
 
-def causal_dwc1d(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                 residual: Optional[Tensor] = None) -> Tensor:
+def causal_dwc1d(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     """``residual + causal_conv1d(v)`` per head over the tokens: with ``weight`` a depthwise
     ``nn.Conv1d(C, C, k, groups=C)`` weight (C, 1, k), token n gets
     ``sum_t weight[:, 0, t] * v[n - k + 1 + t]`` (tokens before the first are zero) + bias.
@@ -69,8 +73,9 @@ def causal_dwc1d(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return _lib.sla_dwc(v, weight, bias, residual, v.shape[2], 1, weight.shape[2] - 1, 0)
 
 
-def causal_dwc1d_step(v: Tensor, cache: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                      residual: Optional[Tensor] = None) -> Tensor:
+def causal_dwc1d_step(
+    v: Tensor, cache: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None
+) -> Tensor:
     """One decode token of :func:`causal_dwc1d`. ``v`` (B, H, C) is the new token; ``cache``
     (B, H, k - 1, C), v's dtype, contiguous, holds the k - 1 previous tokens (oldest first, zeros
     before the sequence start) and is updated in place to end with ``v``. Returns the output
@@ -86,7 +91,7 @@ def dwc_cache_from_prefill(v: Tensor, kernel: int) -> Tensor:
     cache = v.new_zeros((v.shape[0], v.shape[1], keep, v.shape[3]))
     take = min(keep, v.shape[2])
     if take > 0:
-        cache[:, :, keep - take:] = v[:, :, v.shape[2] - take:]
+        cache[:, :, keep - take :] = v[:, :, v.shape[2] - take :]
     return cache
 
 
@@ -100,8 +105,10 @@ def _heads_interleaved(v: Tensor) -> Tensor:
 
 def _check_geometry(v, weight, grid_h, grid_w, pad_top, pad_left):
     torch._check(v.dim() == 4, lambda: "v must have shape (batch, heads, tokens, channels)")
-    torch._check(weight.dim() in (3, 4) and weight.shape[0] == v.shape[3] and weight.shape[1] == 1,
-                 lambda: "weight must be a depthwise convolution weight (C, 1, kh[, kw])")
+    torch._check(
+        weight.dim() in (3, 4) and weight.shape[0] == v.shape[3] and weight.shape[1] == 1,
+        lambda: "weight must be a depthwise convolution weight (C, 1, kh[, kw])",
+    )
     torch._check(grid_h * grid_w == v.shape[2], lambda: "grid must hold the tokens of v")
 
 

@@ -81,8 +81,15 @@ def dog_update_(
     ``x0``/``eta``/``dist2`` are float32 (float64 for float64 params); ``dist2[i]`` hold one value each.
     """
     _lib.dog_update_(
-        _non_empty(params, "params"), _tensors(grads, "grads"), _tensors(x0, "x0"), eta, _tensors(dist2, "dist2"),
-        weight_decay, maximize, grad_scale, found_inf,
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(x0, "x0"),
+        eta,
+        _tensors(dist2, "dist2"),
+        weight_decay,
+        maximize,
+        grad_scale,
+        found_inf,
     )
 
 
@@ -102,8 +109,16 @@ def lion_update_(
     with ``g`` unscaled by ``grad_scale`` (negated when maximize). Skipped when ``found_inf`` != 0.
     """
     _lib.lion_update_(
-        _non_empty(params, "params"), _tensors(grads, "grads"), _tensors(exp_avgs, "exp_avgs"), lr, beta1, beta2,
-        weight_decay, maximize, grad_scale, found_inf,
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(exp_avgs, "exp_avgs"),
+        lr,
+        beta1,
+        beta2,
+        weight_decay,
+        maximize,
+        grad_scale,
+        found_inf,
     )
 
 
@@ -132,8 +147,17 @@ def lamb_stage1_(
     (shape (n, 2), accumulation dtype) holds ``[1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)]`` with
     ``t`` the step count of tensor ``i``. A found_inf step writes nothing and returns 0s."""
     return _lib.lamb_stage1_(
-        _non_empty(params, "params"), _tensors(grads, "grads"), _tensors(exp_avgs, "exp_avgs"),
-        _tensors(exp_avg_sqs, "exp_avg_sqs"), bias_corr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(exp_avgs, "exp_avgs"),
+        _tensors(exp_avg_sqs, "exp_avg_sqs"),
+        bias_corr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        maximize,
+        grad_scale,
         found_inf,
     )
 
@@ -153,8 +177,16 @@ def lamb_stage2_(
     """LAMB stage 2, in place: ``x -= lr[i] * u`` with ``u`` recomputed from the moments and
     ``lr[i]`` the per-tensor step (lr times the trust ratio); ``bias_corr`` as in :func:`lamb_stage1_`."""
     _lib.lamb_stage2_(
-        _non_empty(params, "params"), _tensors(exp_avgs, "exp_avgs"), _tensors(exp_avg_sqs, "exp_avg_sqs"), bias_corr,
-        lr, beta1, beta2, eps, weight_decay, found_inf,
+        _non_empty(params, "params"),
+        _tensors(exp_avgs, "exp_avgs"),
+        _tensors(exp_avg_sqs, "exp_avg_sqs"),
+        bias_corr,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        found_inf,
     )
 
 
@@ -172,30 +204,88 @@ def momentum_update_(
 ) -> None:
     """In place (LARS): ``buf = momentum * buf + scale[i] * (g + weight_decay * x); x -= lr * buf``."""
     _lib.momentum_update_(
-        _non_empty(params, "params"), _tensors(grads, "grads"), _tensors(momentum_buffers, "momentum_buffers"), scale,
-        lr, momentum, weight_decay, maximize, grad_scale, found_inf,
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(momentum_buffers, "momentum_buffers"),
+        scale,
+        lr,
+        momentum,
+        weight_decay,
+        maximize,
+        grad_scale,
+        found_inf,
     )
 
 
-def adamp_stage1_(params, grads, exp_avgs, exp_avg_sqs, bias_corr: Tensor, beta1: float, beta2: float, eps: float,
-                  nesterov: bool = False, maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                  found_inf: Optional[Tensor] = None) -> Tensor:
+def adamp_stage1_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    bias_corr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Tensor:
     """AdamP stage 1, in place on the moments (as :func:`lamb_stage1_`, per-tensor ``bias_corr`` of
     shape (n, 2) too); returns per-row sums ``[<g,x>, <g,g>, <x,x>, <x,p>]`` (shape (total_rows, 4);
     rows = size(0) of 2+-D tensors, 1 otherwise) with ``p = n / (sqrt(v_hat) + eps)`` the
     unprojected direction."""
-    return _lib.adamp_stage1_(_non_empty(params, "params"), _tensors(grads, "grads"), _tensors(exp_avgs, "exp_avgs"),
-                              _tensors(exp_avg_sqs, "exp_avg_sqs"), bias_corr, beta1, beta2, eps, nesterov, maximize,
-                              grad_scale, found_inf)
+    return _lib.adamp_stage1_(
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(exp_avgs, "exp_avgs"),
+        _tensors(exp_avg_sqs, "exp_avg_sqs"),
+        bias_corr,
+        beta1,
+        beta2,
+        eps,
+        nesterov,
+        maximize,
+        grad_scale,
+        found_inf,
+    )
 
 
-def adamp_stage2_(params, grads, exp_avgs, exp_avg_sqs, bias_corr: Tensor, coef: Tensor, decay: Tensor, lr: Tensor,
-                  beta1: float, beta2: float, eps: float, nesterov: bool = False, maximize: bool = False,
-                  grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def adamp_stage2_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    bias_corr: Tensor,
+    coef: Tensor,
+    decay: Tensor,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
     """AdamP stage 2, in place: ``x = x * (1 - decay[i]) - lr / bc1[i] * (p - coef[row] * x)``."""
-    _lib.adamp_stage2_(_non_empty(params, "params"), _tensors(grads, "grads"), _tensors(exp_avgs, "exp_avgs"),
-                       _tensors(exp_avg_sqs, "exp_avg_sqs"), bias_corr, coef, decay, lr, beta1, beta2, eps, nesterov,
-                       maximize, grad_scale, found_inf)
+    _lib.adamp_stage2_(
+        _non_empty(params, "params"),
+        _tensors(grads, "grads"),
+        _tensors(exp_avgs, "exp_avgs"),
+        _tensors(exp_avg_sqs, "exp_avg_sqs"),
+        bias_corr,
+        coef,
+        decay,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        nesterov,
+        maximize,
+        grad_scale,
+        found_inf,
+    )
 
 
 def _rows(params) -> int:
@@ -220,19 +310,24 @@ def _check_lead(ts, name: str) -> torch.dtype:
 
 
 def _check_like(ts, lead, dtype: torch.dtype, name: str, lead_name: str) -> None:
-    torch._check(len(ts) == len(lead),
-                       lambda: f"{name} must hold {len(lead)} tensors (one per {lead_name}), got {len(ts)}")
+    torch._check(
+        len(ts) == len(lead), lambda: f"{name} must hold {len(lead)} tensors (one per {lead_name}), got {len(ts)}"
+    )
     for i, (t, ref) in enumerate(zip(ts, lead)):
-        torch._check(t.shape == ref.shape,
-                     lambda: f"{name}[{i}] must have the shape of {lead_name}[{i}] {ref.shape}, got {t.shape}")
+        torch._check(
+            t.shape == ref.shape,
+            lambda: f"{name}[{i}] must have the shape of {lead_name}[{i}] {ref.shape}, got {t.shape}",
+        )
         torch._check(t.dtype == dtype, lambda: f"{name}[{i}] must be {dtype}, got {t.dtype}")
 
 
 def _check_vector(t, n, dtype: torch.dtype, name: str) -> None:
     """``n`` values of ``dtype`` in any shape, as the real ops accept their per-tensor vectors."""
     torch._check(t is not None, lambda: f"{name} must be a tensor, got None")
-    torch._check(t.numel() == n and t.dtype == dtype,
-                 lambda: f"{name} must be a {dtype} tensor of {n} elements, got {t.dtype} {t.shape}")
+    torch._check(
+        t.numel() == n and t.dtype == dtype,
+        lambda: f"{name} must be a {dtype} tensor of {n} elements, got {t.dtype} {t.shape}",
+    )
 
 
 def _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr) -> torch.dtype:
@@ -243,8 +338,10 @@ def _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr) -> torch.dty
     _check_like(exp_avgs, params, acc, "exp_avgs", "params")
     _check_like(exp_avg_sqs, params, acc, "exp_avg_sqs", "params")
     torch._check(bias_corr is not None, lambda: "bias_corr must be a tensor, got None")
-    torch._check(bias_corr.shape == (len(params), 2) and bias_corr.dtype == acc,
-                 lambda: f"bias_corr must be a {acc} tensor of shape ({len(params)}, 2), got {bias_corr.shape}")
+    torch._check(
+        bias_corr.shape == (len(params), 2) and bias_corr.dtype == acc,
+        lambda: f"bias_corr must be a {acc} tensor of shape ({len(params)}, 2), got {bias_corr.shape}",
+    )
     return acc
 
 
@@ -286,23 +383,44 @@ def _lerp_fake(avg, x, weight):
 
 
 @register_fake("lamb_stage1_")
-def _lamb_stage1_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, weight_decay,
-                      maximize=False, grad_scale=None, found_inf=None):
+def _lamb_stage1_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    bias_corr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+    grad_scale=None,
+    found_inf=None,
+):
     acc = _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr)
     return params[0].new_empty((len(params), 2), dtype=acc)
 
 
 @register_fake("lamb_stage2_")
-def _lamb_stage2_fake(params, exp_avgs, exp_avg_sqs, bias_corr, lr, beta1, beta2, eps, weight_decay,
-                      found_inf=None):
+def _lamb_stage2_fake(params, exp_avgs, exp_avg_sqs, bias_corr, lr, beta1, beta2, eps, weight_decay, found_inf=None):
     acc = _check_moments(params, None, exp_avgs, exp_avg_sqs, bias_corr)
     _check_vector(lr, len(params), acc, "lr")
     return None
 
 
 @register_fake("momentum_update_")
-def _momentum_update_fake(params, grads, momentum_buffers, scale, lr, momentum, weight_decay=0.0, maximize=False,
-                          grad_scale=None, found_inf=None):
+def _momentum_update_fake(
+    params,
+    grads,
+    momentum_buffers,
+    scale,
+    lr,
+    momentum,
+    weight_decay=0.0,
+    maximize=False,
+    grad_scale=None,
+    found_inf=None,
+):
     acc = acc_dtype(_check_lead(params, "params"))
     _check_like(grads, params, params[0].dtype, "grads", "params")
     _check_like(momentum_buffers, params, acc, "momentum_buffers", "params")
@@ -312,15 +430,42 @@ def _momentum_update_fake(params, grads, momentum_buffers, scale, lr, momentum, 
 
 
 @register_fake("adamp_stage1_")
-def _adamp_stage1_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, beta1, beta2, eps, nesterov=False,
-                       maximize=False, grad_scale=None, found_inf=None):
+def _adamp_stage1_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    bias_corr,
+    beta1,
+    beta2,
+    eps,
+    nesterov=False,
+    maximize=False,
+    grad_scale=None,
+    found_inf=None,
+):
     acc = _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr)
     return params[0].new_empty((_rows(params), 4), dtype=acc)
 
 
 @register_fake("adamp_stage2_")
-def _adamp_stage2_fake(params, grads, exp_avgs, exp_avg_sqs, bias_corr, coef, decay, lr, beta1, beta2, eps,
-                       nesterov=False, maximize=False, grad_scale=None, found_inf=None):
+def _adamp_stage2_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    bias_corr,
+    coef,
+    decay,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    nesterov=False,
+    maximize=False,
+    grad_scale=None,
+    found_inf=None,
+):
     acc = _check_moments(params, grads, exp_avgs, exp_avg_sqs, bias_corr)
     _check_vector(coef, _rows(params), acc, "coef")
     _check_vector(decay, len(params), acc, "decay")

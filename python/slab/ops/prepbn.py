@@ -73,8 +73,21 @@ def prep_bn(
     any output), the backward two passes over ``x`` and ``dy``.
     """
     return _lib.prep_bn(
-        x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
-        lam, training, momentum, eps, norm_eps, norm, mask,
+        x,
+        norm_weight,
+        norm_bias,
+        bn_weight,
+        bn_bias,
+        alpha,
+        running_mean,
+        running_var,
+        lam,
+        training,
+        momentum,
+        eps,
+        norm_eps,
+        norm,
+        mask,
     )
 
 
@@ -83,24 +96,42 @@ def _row_stat_len(x: Tensor, norm: str) -> int:
 
 
 @register_fake("prep_bn_forward")
-def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training,
-      eps, norm_eps, norm, mask):
+def _(
+    x,
+    norm_weight,
+    norm_bias,
+    bn_weight,
+    bn_bias,
+    alpha,
+    running_mean,
+    running_var,
+    lam,
+    training,
+    eps,
+    norm_eps,
+    norm,
+    mask,
+):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
     c, acc = x.shape[-1], acc_dtype(x.dtype)
     torch._check(bn_weight.shape == (c,), lambda: f"bn_weight must have shape ({c},)")
     rows = _row_stat_len(x, norm)
     stat = lambda n: x.new_empty((n,), dtype=acc)  # noqa: E731
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), stat(rows), stat(rows),
-            stat(c), stat(c), stat(c))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        stat(rows),
+        stat(rows),
+        stat(c),
+        stat(c),
+        stat(c),
+    )
 
 
 @register_fake("prep_bn_backward")
-def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm,
-      mask):
+def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, lam, training, norm, mask):
     c, acc = x.shape[-1], acc_dtype(x.dtype)
     stat = lambda n: x.new_empty((n,), dtype=acc)  # noqa: E731
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), stat(c), stat(c), stat(c),
-            stat(c), stat(1))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), stat(c), stat(c), stat(c), stat(c), stat(1))
 
 
 @register_fake("prep_bn_stats")
@@ -112,8 +143,11 @@ def _(x, mask):
 @register_fake("prep_bn_apply")
 def _(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, bn_mean, bn_rstd, lam, norm_eps, norm):
     rows, acc = _row_stat_len(x, norm), acc_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((rows,), dtype=acc),
+        x.new_empty((rows,), dtype=acc),
+    )
 
 
 @register_fake("prep_bn_backward_reduce")
@@ -123,33 +157,42 @@ def _(dy, x, row_mean, row_rstd, bn_mean, bn_rstd, norm, mask):
 
 
 @register_fake("prep_bn_backward_apply")
-def _(dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam,
-      training, norm, mask):
+def _(
+    dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, sums, count, lam, training, norm, mask
+):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _prep_bn_fwd_setup_context(ctx, inputs, output):
-    (x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, _rm, _rv, lam, training, _eps, _neps,
-     norm, mask) = inputs
+    (x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, _rm, _rv, lam, training, _eps, _neps, norm, mask) = inputs
     _y, row_mean, row_rstd, bn_mean, bn_rstd, bn_var = output
     # Statistics are outputs for the backward and the running-stat update, never differentiated:
     # marking them keeps the in-place update of running_mean/running_var out of the graph.
     ctx.mark_non_differentiable(row_mean, row_rstd, bn_mean, bn_rstd, bn_var)
     ctx.save_for_backward(x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, mask)
     ctx.lam, ctx.training, ctx.norm = lam, training, norm
-    ctx.param_dtypes = [None if t is None else t.dtype
-                        for t in (norm_weight, norm_bias, bn_weight, bn_bias, alpha)]
+    ctx.param_dtypes = [None if t is None else t.dtype for t in (norm_weight, norm_bias, bn_weight, bn_bias, alpha)]
     ctx.alpha_shape = alpha.shape
 
 
 def _prep_bn_fwd_backward(ctx, dy, *_unused_stat_grads):
     x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd, mask = ctx.saved_tensors
     dx, d_nw, d_nb, d_bw, d_bb, d_alpha = _lib.prep_bn_backward(
-        dy, x, norm_weight, bn_weight, alpha, row_mean, row_rstd, bn_mean, bn_rstd,
-        ctx.lam, ctx.training, ctx.norm, mask,
+        dy,
+        x,
+        norm_weight,
+        bn_weight,
+        alpha,
+        row_mean,
+        row_rstd,
+        bn_mean,
+        bn_rstd,
+        ctx.lam,
+        ctx.training,
+        ctx.norm,
+        mask,
     )
-    grads = [None if dt is None else g.to(dt)
-             for g, dt in zip((d_nw, d_nb, d_bw, d_bb, d_alpha), ctx.param_dtypes)]
+    grads = [None if dt is None else g.to(dt) for g, dt in zip((d_nw, d_nb, d_bw, d_bb, d_alpha), ctx.param_dtypes)]
     grads[4] = grads[4].reshape(ctx.alpha_shape)
     return (dx.view_as(x), *grads, None, None, None, None, None, None, None, None)
 
@@ -188,11 +231,23 @@ _impl_lib = torch.library.Library("slab", "IMPL")  # the registrations live as l
 
 # c10's names of the dtypes, as the C++ checks print them.
 _DTYPE_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
-    torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble", torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
-    torch.float8_e4m3fnuz: "Float8_e4m3fnuz", torch.float8_e5m2fnuz: "Float8_e5m2fnuz",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+    torch.complex32: "ComplexHalf",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+    torch.float8_e4m3fn: "Float8_e4m3fn",
+    torch.float8_e5m2: "Float8_e5m2",
+    torch.float8_e4m3fnuz: "Float8_e4m3fnuz",
+    torch.float8_e5m2fnuz: "Float8_e5m2fnuz",
 }
 
 
@@ -227,16 +282,18 @@ def _check_defined(t, name: str) -> None:
 def _check_same_device(t, ref: Tensor, name: str, ref_name: str = "x") -> None:
     _check_defined(t, name)
     if t.device != ref.device:
-        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
-                           "all tensors must be on one device")
+        raise RuntimeError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
+        )
 
 
 def _check_x(x: Tensor, name: str = "x") -> int:
     """Channels of x (..., C), checked as the C++ kernels check it."""
     _check_defined(x, name)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise RuntimeError(f"{name} must be float32, bfloat16 or float16 (float64 for gradcheck), got "
-                           f"{_dtype_name(x.dtype)}")
+        raise RuntimeError(
+            f"{name} must be float32, bfloat16 or float16 (float64 for gradcheck), got {_dtype_name(x.dtype)}"
+        )
     if x.dim() < 1:
         raise RuntimeError(f"{name} must have at least one dimension (..., C), got a scalar")
     channels = x.shape[-1]
@@ -249,15 +306,17 @@ def _check_channel_vector(t, x: Tensor, channels: int, name: str) -> None:
     """A per-channel vector: 1-D of ``channels`` elements, dtype that of x or the accumulation dtype."""
     _check_same_device(t, x, name)
     if t.dim() != 1 or t.shape[0] != channels:
-        raise RuntimeError(f"{name} must have shape ({channels},) to match the last dimension of x, got "
-                           f"{_shape_str(t.shape)}")
+        raise RuntimeError(
+            f"{name} must have shape ({channels},) to match the last dimension of x, got {_shape_str(t.shape)}"
+        )
     acc = acc_dtype(x.dtype)
     if x.dtype == acc:
         if t.dtype != acc:
             raise RuntimeError(f"{name} must be {_dtype_name(acc)} to match x, got {_dtype_name(t.dtype)}")
     elif t.dtype not in (x.dtype, acc):
-        raise RuntimeError(f"{name} must be {_dtype_name(x.dtype)} or {_dtype_name(acc)} to match x, got "
-                           f"{_dtype_name(t.dtype)}")
+        raise RuntimeError(
+            f"{name} must be {_dtype_name(x.dtype)} or {_dtype_name(acc)} to match x, got {_dtype_name(t.dtype)}"
+        )
 
 
 class _AliasCheck:
@@ -291,7 +350,8 @@ class _AliasCheck:
                 raise RuntimeError(
                     f"unsupported operation: {name} is written in place, but more than one of its elements refer "
                     "to a single memory location (an expanded or stride-0 view); pass a tensor that owns its "
-                    f"elements (e.g. {name}.clone())")
+                    f"elements (e.g. {name}.clone())"
+                )
             reach = (size - 1) * stride
             if reach < 0:
                 lo += reach
@@ -303,7 +363,7 @@ class _AliasCheck:
     def check(self) -> None:
         entries = sorted(self._entries, key=lambda e: e[0])
         for i, a in enumerate(entries):
-            for b in entries[i + 1:]:
+            for b in entries[i + 1 :]:
                 if b[0] >= a[1]:  # a span can only meet spans that start before it ends
                     break
                 if not a[3] and not b[3]:
@@ -311,7 +371,8 @@ class _AliasCheck:
                 w, o = (a, b) if a[3] else (b, a)
                 raise RuntimeError(
                     f"unsupported operation: some elements of {o[2]} and {w[2]} (written in place) refer to a "
-                    f"single memory location; pass distinct tensors (e.g. {o[2]}.clone())")
+                    f"single memory location; pass distinct tensors (e.g. {o[2]}.clone())"
+                )
 
 
 def _running_stats_alias_check(running_mean, running_var) -> _AliasCheck:
@@ -326,8 +387,9 @@ def _check_stat(t, ref: Tensor, name: str) -> None:
     if not t.dtype.is_floating_point:
         raise RuntimeError(f"{name} must be a floating-point (real) tensor, got {_dtype_name(t.dtype)}")
     if t.shape != ref.shape:
-        raise RuntimeError(f"{name} must have the shape {_shape_str(ref.shape)} of running_mean, got "
-                           f"{_shape_str(t.shape)}")
+        raise RuntimeError(
+            f"{name} must have the shape {_shape_str(ref.shape)} of running_mean, got {_shape_str(t.shape)}"
+        )
 
 
 def _bn_update_running_stats(running_mean, running_var, mean, var, momentum):
@@ -338,12 +400,30 @@ def _bn_update_running_stats(running_mean, running_var, mean, var, momentum):
     _check_stat(var, running_mean, "var")
     _running_stats_alias_check(running_mean, running_var).read(mean, "mean").read(var, "var").check()
     # One multi-tensor launch on CUDA for both (the same lerp, element for element, as two lerp_).
-    torch._foreach_lerp_([running_mean, running_var], [mean.to(running_mean.dtype), var.to(running_var.dtype)],
-                         momentum)
+    torch._foreach_lerp_(
+        [running_mean, running_var], [mean.to(running_mean.dtype), var.to(running_var.dtype)], momentum
+    )
 
 
-def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
-                       training, momentum, eps, norm_eps, norm, mask, weight_name, bias_name):
+def _prep_bn_composite(
+    x,
+    norm_weight,
+    norm_bias,
+    bn_weight,
+    bn_bias,
+    alpha,
+    running_mean,
+    running_var,
+    lam,
+    training,
+    momentum,
+    eps,
+    norm_eps,
+    norm,
+    mask,
+    weight_name,
+    bias_name,
+):
     """The public ops: ``prep_bn_forward`` (with autograd) and, in training, the in-place running-stat update."""
     _check_unit_interval(momentum, "momentum")
     eager = _is_concrete(x) and not torch.compiler.is_compiling()
@@ -353,28 +433,99 @@ def _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, run
         _check_channel_vector(bn_weight, x, channels, weight_name)
         _check_channel_vector(bn_bias, x, channels, bias_name)
         if training:
-            (_running_stats_alias_check(running_mean, running_var)
-             .read(x, "x").read(norm_weight, "norm_weight").read(norm_bias, "norm_bias").read(bn_weight, weight_name)
-             .read(bn_bias, bias_name).read(alpha, "alpha").read(mask, "mask").check())
+            (
+                _running_stats_alias_check(running_mean, running_var)
+                .read(x, "x")
+                .read(norm_weight, "norm_weight")
+                .read(norm_bias, "norm_bias")
+                .read(bn_weight, weight_name)
+                .read(bn_bias, bias_name)
+                .read(alpha, "alpha")
+                .read(mask, "mask")
+                .check()
+            )
     forward = _PrepBNForward.apply if eager else _lib.prep_bn_forward.default
-    outs = forward(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training, eps,
-                   norm_eps, norm, mask)
+    outs = forward(
+        x,
+        norm_weight,
+        norm_bias,
+        bn_weight,
+        bn_bias,
+        alpha,
+        running_mean,
+        running_var,
+        lam,
+        training,
+        eps,
+        norm_eps,
+        norm,
+        mask,
+    )
     if training:
         _lib.bn_update_running_stats.default(running_mean, running_var, outs[3], outs[5], momentum)
     return outs[0]
 
 
-def _prep_bn_kernel(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam, training,
-                    momentum=0.1, eps=1e-5, norm_eps=1e-6, norm="layer", mask=None):
+def _prep_bn_kernel(
+    x,
+    norm_weight,
+    norm_bias,
+    bn_weight,
+    bn_bias,
+    alpha,
+    running_mean,
+    running_var,
+    lam,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    norm_eps=1e-6,
+    norm="layer",
+    mask=None,
+):
     if norm not in ("layer", "rms"):
         raise ValueError(f'norm must be "layer" or "rms", got "{norm}"')
-    return _prep_bn_composite(x, norm_weight, norm_bias, bn_weight, bn_bias, alpha, running_mean, running_var, lam,
-                              training, momentum, eps, norm_eps, norm, mask, "bn_weight", "bn_bias")
+    return _prep_bn_composite(
+        x,
+        norm_weight,
+        norm_bias,
+        bn_weight,
+        bn_bias,
+        alpha,
+        running_mean,
+        running_var,
+        lam,
+        training,
+        momentum,
+        eps,
+        norm_eps,
+        norm,
+        mask,
+        "bn_weight",
+        "bn_bias",
+    )
 
 
 def _rep_bn_kernel(x, weight, bias, alpha, running_mean, running_var, training, momentum=0.1, eps=1e-5, mask=None):
-    return _prep_bn_composite(x, None, None, weight, bias, alpha, running_mean, running_var, 0.0, training, momentum,
-                              eps, 0.0, "none", mask, "weight", "bias")
+    return _prep_bn_composite(
+        x,
+        None,
+        None,
+        weight,
+        bias,
+        alpha,
+        running_mean,
+        running_var,
+        0.0,
+        training,
+        momentum,
+        eps,
+        0.0,
+        "none",
+        mask,
+        "weight",
+        "bias",
+    )
 
 
 _impl_lib.impl("rep_bn", _rep_bn_kernel, "CompositeImplicitAutograd")

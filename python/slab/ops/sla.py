@@ -79,8 +79,10 @@ def sla_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, z: Tensor, eps: flo
     Inference only: raises if autograd would need gradients of q, k or v.
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError("sla_step is inference only (no autograd); call it under torch.no_grad() "
-                           "or with q, k, v that do not require grad")
+        raise RuntimeError(
+            "sla_step is inference only (no autograd); call it under torch.no_grad() "
+            "or with q, k, v that do not require grad"
+        )
     return _lib.sla_step(q, k, v, state, z, float(eps))
 
 
@@ -94,14 +96,20 @@ def _(q, k, v, causal, eps, mask):
     torch._check(v.dim() == 4 and v.shape[:3] == q.shape[:3], lambda: "v must have shape (B, H, N, Dv)")
     b, h, n, d = q.shape
     dv, acc = v.shape[3], acc_dtype(q.dtype)
-    return (q.new_empty((b, h, n, dv)), q.new_empty((b, h, n), dtype=acc), q.new_empty((b, h, d, dv), dtype=acc),
-            q.new_empty((b, h, d), dtype=acc))
+    return (
+        q.new_empty((b, h, n, dv)),
+        q.new_empty((b, h, n), dtype=acc),
+        q.new_empty((b, h, d, dv), dtype=acc),
+        q.new_empty((b, h, d), dtype=acc),
+    )
 
 
 @register_fake("sla_backward")
 def _(grad_o, q, k, v, o, den, causal, mask):
-    torch._check(q.dim() == 4 and k.shape == q.shape and grad_o.shape == v.shape,
-                 lambda: "q, k must be (B, H, N, D) and grad_o (B, H, N, Dv)")
+    torch._check(
+        q.dim() == 4 and k.shape == q.shape and grad_o.shape == v.shape,
+        lambda: "q, k must be (B, H, N, D) and grad_o (B, H, N, Dv)",
+    )
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 

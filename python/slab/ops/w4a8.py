@@ -15,7 +15,7 @@ weights are not trained through); a backward through them raises a RuntimeError 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -37,8 +37,10 @@ def group_columns(group_size: int, k: int) -> int:
     if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES} (-1: one scale per row), got {group_size!r}")
     if k <= 0 or k % 2:
-        raise ValueError(f"K = {k} (input features) must be even and > 0 (two int4 values per byte) for any "
-                         f"group_size (got group_size {group_size})")
+        raise ValueError(
+            f"K = {k} (input features) must be even and > 0 (two int4 values per byte) for any "
+            f"group_size (got group_size {group_size})"
+        )
     g = k if group_size == -1 else group_size
     if k % g:
         raise ValueError(f"group_size {group_size} must divide K = {k} (the number of input features)")
@@ -77,8 +79,9 @@ def _arguments(fn: str, w, args, kwargs, extra: str, default):
     elif isinstance(w, Tensor):
         names = ["w_scales", "group_size", extra]
     else:
-        raise TypeError(f"{fn}: w must be a PackedW4 (slab.quant.prepack_w4) or the uint8 w_packed tensor, "
-                        f"got {type(w).__name__}")
+        raise TypeError(
+            f"{fn}: w must be a PackedW4 (slab.quant.prepack_w4) or the uint8 w_packed tensor, got {type(w).__name__}"
+        )
     if len(args) > len(names):
         hint = " (a PackedW4 weight carries w_scales and group_size)" if isinstance(w, PackedW4) else ""
         raise TypeError(f"{fn}: too many positional arguments{hint}")
@@ -109,8 +112,9 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
     float32 (the group sums, then the scaled sum over groups), output ``out_dtype`` (bfloat16,
     float16 or float32), shape (..., N).
     """
-    packed, scales, group_size, layout, out_dtype = _arguments("w4a8_gemm", w, args, kwargs, "out_dtype",
-                                                               torch.bfloat16)
+    packed, scales, group_size, layout, out_dtype = _arguments(
+        "w4a8_gemm", w, args, kwargs, "out_dtype", torch.bfloat16
+    )
     if not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"w4a8_gemm: out_dtype must be a torch.dtype, got {type(out_dtype).__name__}")
     if not isinstance(x_fp8, Tensor) or x_fp8.dim() < 1:
@@ -119,7 +123,9 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
     x2 = x_fp8.reshape(-1, x_fp8.shape[-1])
     xs = x_scale.reshape(-1) if isinstance(x_scale, Tensor) else x_scale
     if isinstance(xs, Tensor) and xs.numel() != x2.shape[0]:
-        raise ValueError(f"x_scale must hold one scale per row of x_fp8 ({x2.shape[0]}), got shape {tuple(x_scale.shape)}")
+        raise ValueError(
+            f"x_scale must hold one scale per row of x_fp8 ({x2.shape[0]}), got shape {tuple(x_scale.shape)}"
+        )
     y = _lib.w4a8_gemm(x2, xs, packed, scales, group_size, layout, out_dtype)
     return y.reshape(*lead, y.shape[-1])
 
@@ -156,8 +162,9 @@ def _fake_n(w_packed, w_scales, k, group_size, layout):
     torch._check(k % g == 0 and k % 2 == 0, lambda: "group_size must divide K (even)")
     torch._check(w_scales.shape[1] == k // g, lambda: "w_scales must have shape (N, K / group_size)")
     if layout == 0:
-        torch._check(w_packed.shape[0] == n and w_packed.shape[1] == k // 2,
-                     lambda: "w_packed must have shape (N, K / 2)")
+        torch._check(
+            w_packed.shape[0] == n and w_packed.shape[1] == k // 2, lambda: "w_packed must have shape (N, K / 2)"
+        )
     return n
 
 
@@ -202,8 +209,10 @@ def _(x, w_packed, w_scales, group_size, layout, bias):
 
 def _no_backward(name: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"slab::{name} is inference only: it has no gradient (int4 / fp8 quantization is not "
-                           "differentiated through); run it under torch.no_grad() or detach its inputs")
+        raise RuntimeError(
+            f"slab::{name} is inference only: it has no gradient (int4 / fp8 quantization is not "
+            "differentiated through); run it under torch.no_grad() or detach its inputs"
+        )
 
     return backward
 

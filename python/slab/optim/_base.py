@@ -14,8 +14,9 @@ from torch.optim import Optimizer
 from ..ops._dtypes import acc_dtype
 
 
-def check_number(name: str, value: Any, *, positive: bool = False, allow_tensor: bool = False,
-                 read_tensor: bool = True) -> None:
+def check_number(
+    name: str, value: Any, *, positive: bool = False, allow_tensor: bool = False, read_tensor: bool = True
+) -> None:
     """Raises ValueError unless ``value`` is a finite number >= 0 (> 0 when ``positive``).
 
     A tensor (``allow_tensor``, e.g. a capturable lr) must hold one floating value; its value is

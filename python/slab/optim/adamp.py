@@ -60,11 +60,32 @@ class AdamP(FusedOptimizer):
     edited ``param_groups``) are checked at every step.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, *,
-                 maximize: bool = False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
-                                      wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize))
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                delta=delta,
+                wd_ratio=wd_ratio,
+                nesterov=nesterov,
+                maximize=maximize,
+            ),
+        )
         self._layout_cache: dict = {}
 
     def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
@@ -102,7 +123,8 @@ class AdamP(FusedOptimizer):
         gx, gg, xx, xp = sums.unbind(1)
         cos_rows = self._cos(gx, gg, xx, eps)
         cos_max = torch.zeros(n, dtype=sums.dtype, device=sums.device).scatter_reduce(
-            0, seg, cos_rows, "amax", include_self=False)
+            0, seg, cos_rows, "amax", include_self=False
+        )
         all_reduce_(cos_max, groups, "max")
         channel = multi & (cos_max < delta / cols.clamp(min=1).sqrt())
         tot = all_reduce_(torch.zeros(n, 4, dtype=sums.dtype, device=sums.device).index_add_(0, seg, sums), groups)

@@ -142,9 +142,7 @@ class DoG(FusedOptimizer):
             z = torch.zeros((), dtype=acc, device=p.device)
             # x0 keeps the parameter's layout (a DTensor under FSDP2); dist2 holds this rank's
             # partial sum of ||x - x0||^2 (all-reduced when used).
-            self.state[p].update(
-                x0=p.detach().to(acc, copy=True), dist2=z.clone(), rbar=z.clone(), G=z.clone()
-            )
+            self.state[p].update(x0=p.detach().to(acc, copy=True), dist2=z.clone(), rbar=z.clone(), G=z.clone())
         if started is not None and not self._layerwise:
             # a parameter the state does not cover (added to the group, or a state saved without
             # it) starts from here and joins the group's running values

@@ -61,11 +61,30 @@ class LAMB(FusedOptimizer):
     checked at every step.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, bias_correction: bool = True, clamp_value: Optional[float] = None, *,
-                 maximize: bool = False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bias_correction, clamp_value=clamp_value, maximize=maximize))
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        clamp_value: Optional[float] = None,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                clamp_value=clamp_value,
+                maximize=maximize,
+            ),
+        )
 
     def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
         check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)

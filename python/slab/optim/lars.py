@@ -51,10 +51,30 @@ class LARS(FusedOptimizer):
     ``param_groups``) are checked at every step.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1.0, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 trust_coefficient: float = 1e-3, eps: float = 1e-8, clip: bool = False, *, maximize: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps, clip=clip, maximize=maximize))
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        trust_coefficient: float = 1e-3,
+        eps: float = 1e-8,
+        clip: bool = False,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+                clip=clip,
+                maximize=maximize,
+            ),
+        )
 
     def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
         check_number("lr", group["lr"], allow_tensor=True, read_tensor=read_tensor)
@@ -86,7 +106,15 @@ class LARS(FusedOptimizer):
                 if group["clip"]:
                     rate = torch.minimum(rate / lr, torch.ones_like(rate))
                 _ops.momentum_update_(
-                    bp, grads, [local(self.state[ps[i]]["momentum_buffer"]) for i in idx], rate.contiguous(), lr,
-                    group["momentum"], wd, group["maximize"], gs, on(found_inf, d),
+                    bp,
+                    grads,
+                    [local(self.state[ps[i]]["momentum_buffer"]) for i in idx],
+                    rate.contiguous(),
+                    lr,
+                    group["momentum"],
+                    wd,
+                    group["maximize"],
+                    gs,
+                    on(found_inf, d),
                 )
         return loss

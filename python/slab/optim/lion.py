@@ -36,8 +36,9 @@ class Lion(FusedOptimizer):
     checked at every step.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False):
+    def __init__(
+        self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
 
     def _check_group(self, group: dict, *, read_tensor: bool = False) -> None:
@@ -60,7 +61,15 @@ class Lion(FusedOptimizer):
                 lr = group["lr"]
                 lr = lr.to(d, acc).reshape(1) if isinstance(lr, Tensor) else torch.full((1,), lr, dtype=acc, device=d)
                 _ops.lion_update_(
-                    bp, [local(ps[i].grad) for i in idx], [local(st["exp_avg"]) for st in sts], lr, beta1, beta2,
-                    group["weight_decay"], group["maximize"], on(grad_scale, d), on(found_inf, d),
+                    bp,
+                    [local(ps[i].grad) for i in idx],
+                    [local(st["exp_avg"]) for st in sts],
+                    lr,
+                    beta1,
+                    beta2,
+                    group["weight_decay"],
+                    group["maximize"],
+                    on(grad_scale, d),
+                    on(found_inf, d),
                 )
         return loss

@@ -63,11 +63,11 @@ class Comparison:
     name: str
     dtype: Optional[torch.dtype]
     numel: int = 0
-    bad: int = 0                      # elements out of tolerance (finite part)
-    nonfinite_bad: int = 0            # NaN/Inf mismatches
+    bad: int = 0  # elements out of tolerance (finite part)
+    nonfinite_bad: int = 0  # NaN/Inf mismatches
     max_abs_err: float = 0.0
-    max_rel_err: float = 0.0          # max error / scale
-    used: float = 0.0                 # max of err / bound: share of the tolerance used (<= 1 passes)
+    max_rel_err: float = 0.0  # max error / scale
+    used: float = 0.0  # max of err / bound: share of the tolerance used (<= 1 passes)
     worst: tuple = ()
     got: Optional[float] = None
     expected: Optional[float] = None
@@ -80,9 +80,17 @@ class Comparison:
         return self.message
 
 
-def compare(actual, expected, dtype: Optional[torch.dtype] = None, *, rtol: Optional[float] = None,
-            atol: Optional[float] = None, name: str = "tensor", scale: Optional[float] = None,
-            equal_nan: bool = True) -> Comparison:
+def compare(
+    actual,
+    expected,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    name: str = "tensor",
+    scale: Optional[float] = None,
+    equal_nan: bool = True,
+) -> Comparison:
     """Compares ``actual`` (any dtype/device) with the reference ``expected``; see the module text.
 
     ``(rtol, atol)`` default to ``tolerance(dtype)``, ``dtype`` to ``actual.dtype``. Returns a
@@ -99,8 +107,9 @@ def compare(actual, expected, dtype: Optional[torch.dtype] = None, *, rtol: Opti
     atol = d_atol if atol is None else atol
     label = f"{name} ({str(dtype).removeprefix('torch.')})"
     if tuple(actual.shape) != tuple(expected.shape):
-        return Comparison(False, name, dtype, message=f"{name}: shape {tuple(actual.shape)} != expected "
-                                                      f"{tuple(expected.shape)}")
+        return Comparison(
+            False, name, dtype, message=f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
     a = actual.detach().to("cpu", torch.float64).reshape(-1)
     e = expected.detach().to("cpu", torch.float64).reshape(-1)
     shape = tuple(expected.shape)
@@ -118,11 +127,20 @@ def compare(actual, expected, dtype: Optional[torch.dtype] = None, *, rtol: Opti
         where = bad_nf.nonzero().reshape(-1)[:5].tolist()
         first = ", ".join(f"{_index(i, shape)}: got {a[i].item()!r}, expected {e[i].item()!r}" for i in where)
         i0 = where[0]
-        return Comparison(False, name, dtype, n, 0, int(bad_nf.sum()), worst=_index(i0, shape),
-                          got=a[i0].item(), expected=e[i0].item(),
-                          message=f"{label}: {int(bad_nf.sum())} NaN/Inf mismatch(es) of {n} "
-                                  f"({int(torch.isnan(a).sum())} NaN, {int(torch.isinf(a).sum())} Inf in the "
-                                  f"result); first: {first}")
+        return Comparison(
+            False,
+            name,
+            dtype,
+            n,
+            0,
+            int(bad_nf.sum()),
+            worst=_index(i0, shape),
+            got=a[i0].item(),
+            expected=e[i0].item(),
+            message=f"{label}: {int(bad_nf.sum())} NaN/Inf mismatch(es) of {n} "
+            f"({int(torch.isnan(a).sum())} NaN, {int(torch.isinf(a).sum())} Inf in the "
+            f"result); first: {first}",
+        )
     sel = finite_e & finite_a
     pos = sel.nonzero().reshape(-1)
     af, ef = a[sel], e[sel]
@@ -141,21 +159,43 @@ def compare(actual, expected, dtype: Optional[torch.dtype] = None, *, rtol: Opti
     wi = int(pos[wk])
     max_abs = float(err.max())
     used = float(ratio.max())
-    c = Comparison(nbad == 0, name, dtype, n, nbad, 0, max_abs, max_abs / scale, used, _index(wi, shape),
-                   a[wi].item(), e[wi].item())
+    c = Comparison(
+        nbad == 0,
+        name,
+        dtype,
+        n,
+        nbad,
+        0,
+        max_abs,
+        max_abs / scale,
+        used,
+        _index(wi, shape),
+        a[wi].item(),
+        e[wi].item(),
+    )
     if nbad:
-        c.message = (f"{label}: {nbad} of {af.numel()} elements out of tolerance "
-                     f"(rtol={rtol:g}, atol={atol:g} x scale {scale:.4g}); max abs err {max_abs:.4g}, "
-                     f"max err/scale {max_abs / scale:.4g}; worst at {c.worst}: "
-                     f"got {c.got!r}, expected {c.expected!r}")
+        c.message = (
+            f"{label}: {nbad} of {af.numel()} elements out of tolerance "
+            f"(rtol={rtol:g}, atol={atol:g} x scale {scale:.4g}); max abs err {max_abs:.4g}, "
+            f"max err/scale {max_abs / scale:.4g}; worst at {c.worst}: "
+            f"got {c.got!r}, expected {c.expected!r}"
+        )
     else:
         c.message = f"max err {max_abs:.2e} ({100 * used:.0f}% of tol)"
     return c
 
 
-def assert_close(actual, expected, dtype: Optional[torch.dtype] = None, *, rtol: Optional[float] = None,
-                 atol: Optional[float] = None, name: str = "tensor", scale: Optional[float] = None,
-                 equal_nan: bool = True) -> None:
+def assert_close(
+    actual,
+    expected,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    name: str = "tensor",
+    scale: Optional[float] = None,
+    equal_nan: bool = True,
+) -> None:
     """:func:`compare`, raising ``AssertionError`` with its message on a mismatch."""
     c = compare(actual, expected, dtype, rtol=rtol, atol=atol, name=name, scale=scale, equal_nan=equal_nan)
     if not c.ok:

@@ -21,8 +21,18 @@ class RefDoG:
     """DoG / LDoG as formll/dog defines it, in float64. After each update the iterate is rounded to
     the parameter dtype (``store``), as the real parameters are stored; everything else is float64."""
 
-    def __init__(self, params, store, lr=1.0, reps_rel=1e-6, eps=1e-8, weight_decay=0.0, init_eta=None,
-                 layerwise=False, maximize=False):
+    def __init__(
+        self,
+        params,
+        store,
+        lr=1.0,
+        reps_rel=1e-6,
+        eps=1e-8,
+        weight_decay=0.0,
+        init_eta=None,
+        layerwise=False,
+        maximize=False,
+    ):
         self.x = [p.detach().to(torch.float64).clone() for p in params]
         self.store, self.lr, self.eps, self.wd = store, lr, eps, weight_decay
         self.reps = 0.0 if init_eta is not None else reps_rel
@@ -34,8 +44,10 @@ class RefDoG:
         return sq.sqrt() if self.layerwise else sq.sum().sqrt()
 
     def step(self, grads):
-        g = [None if gi is None else (-gi if self.maximize else gi).to(torch.float64) + self.wd * x
-             for gi, x in zip(grads, self.x)]
+        g = [
+            None if gi is None else (-gi if self.maximize else gi).to(torch.float64) + self.wd * x
+            for gi, x in zip(grads, self.x)
+        ]
         gsq = torch.stack([torch.zeros((), dtype=torch.float64) if t is None else (t * t).sum() for t in g])
         gsq = gsq if self.layerwise else gsq.sum()
         if self.t == 0:  # x_0 of every parameter, with a gradient now or not
@@ -73,8 +85,18 @@ class RefLion:
 class RefLAMB:
     """LAMB, Algorithm 2 of You et al. 2020, in float64 (phi = min(., clamp_value) or identity)."""
 
-    def __init__(self, params, store, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 bias_correction=True, clamp_value=None, maximize=False):
+    def __init__(
+        self,
+        params,
+        store,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        bias_correction=True,
+        clamp_value=None,
+        maximize=False,
+    ):
         self.x = [p.detach().to(torch.float64).clone() for p in params]
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
@@ -102,8 +124,18 @@ class RefLAMB:
 class RefLARS:
     """LARS (You et al. 2017) with optional LARC clipping, in float64."""
 
-    def __init__(self, params, store, lr=1.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=1e-3, eps=1e-8,
-                 clip=False, maximize=False):
+    def __init__(
+        self,
+        params,
+        store,
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=5e-4,
+        trust_coefficient=1e-3,
+        eps=1e-8,
+        clip=False,
+        maximize=False,
+    ):
         self.x = [p.detach().to(torch.float64).clone() for p in params]
         self.buf = [torch.zeros_like(x) for x in self.x]
         self.store, self.lr, self.mu, self.wd = store, lr, momentum, weight_decay
@@ -127,8 +159,19 @@ class RefAdamP:
     """AdamP (Heo et al. 2021) as its reference implementation defines it, in float64; counts which
     projection (channel / layer / none) each 2+-D tensor got."""
 
-    def __init__(self, params, store, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1,
-                 wd_ratio=0.1, nesterov=False, maximize=False):
+    def __init__(
+        self,
+        params,
+        store,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        delta=0.1,
+        wd_ratio=0.1,
+        nesterov=False,
+        maximize=False,
+    ):
         self.x = [p.detach().to(torch.float64).clone() for p in params]
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]

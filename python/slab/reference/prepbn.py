@@ -94,9 +94,7 @@ def rep_bn(
     if training:
         mean, var, n = batch_stats(x, mask)
         if n < 2:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {n} kept token(s)"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got {n} kept token(s)")
         if running_mean is not None and running_var is not None:
             update_running_stats(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
         rstd = torch.rsqrt(var + eps)
@@ -173,8 +171,18 @@ class SlabRepBN(nn.Module):
             bn = self.bn
             if self.training:
                 bn.num_batches_tracked.add_(1)
-            return rep_bn(x, bn.weight, bn.bias, self.alpha, bn.running_mean, bn.running_var,
-                          self.training, bn.momentum, bn.eps, mask)
+            return rep_bn(
+                x,
+                bn.weight,
+                bn.bias,
+                self.alpha,
+                bn.running_mean,
+                bn.running_var,
+                self.training,
+                bn.momentum,
+                bn.eps,
+                mask,
+            )
         shape = x.shape
         if x.dim() == 2:  # (T, C): BatchNorm1d takes it directly
             return self.bn(x) + self.alpha * x

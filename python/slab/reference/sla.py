@@ -52,7 +52,7 @@ def dwc2d(v, weight, bias=None, grid: Optional[Sequence[int]] = None, residual=N
     sizes, 'same' padding) over the (height, width) token grid (default square) + residual."""
     b, h, n, c = v.shape
     if grid is None:
-        side = int(round(n ** 0.5))
+        side = int(round(n**0.5))
         grid = (side, side)
     x = v.reshape(b * h, grid[0], grid[1], c).permute(0, 3, 1, 2)
     kh, kw = weight.shape[-2], weight.shape[-1]
