@@ -9,13 +9,16 @@ import sys
 
 import pytest
 
+import slab
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"float", "deployed", "w4a8", "cats", "baseline"}
 
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    # the slab this test imported (the installed package in CI, the source tree with SLAB_LIBRARY here)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(slab.__file__)) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
