@@ -49,6 +49,7 @@ import slab.nn
 import slab.ops
 import slab.reference as ref
 from slab import _bench as B
+from slab.benches.prepbn import bytes_train, train_step
 
 SHAPES = [(64, 196, 384), (8, 512, 1024)]  # DeiT-S tokens; an LM batch
 QUICK_SHAPES = [(8, 196, 384), (2, 256, 1024)]
@@ -68,10 +69,6 @@ class Config:
         return n
 
     @property
-    def elt(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
     def label(self) -> str:
         return "x".join(map(str, self.shape))
 
@@ -79,20 +76,6 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Training: forward + backward
 # ----------------------------------------------------------------------------------------------
-def train_step(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], dy: torch.Tensor
-) -> Callable[[], Any]:
-    """Forward then backward of every input; autograd.grad returns the gradients without
-    accumulating into .grad (which would add a pass over dx)."""
-    inputs = [x, *params]
-
-    def step():
-        y = forward(x)
-        return torch.autograd.grad(y, inputs, dy)
-
-    return step
-
-
 def train_providers(cfg: Config, device: torch.device, norm: str, use_compile: bool):
     """(providers {name: step}, max |y_slab - y_eager|) for one config; all providers share x, dy
     and identical parameters (the slab module's state dict loads into SLAB's modules)."""
@@ -193,7 +176,7 @@ def run_training(args, device: torch.device, bw: float, cfgs: Sequence[Config]) 
         providers, diff = train_providers(cfg, device, args.norm, not args.no_compile)
         times = B.time_fns(providers, device, warmup=3, min_reps=args.min_reps, budget_s=args.budget)
         t = times["slab.nn"].median_ms
-        moved, floor = 8 * cfg.numel * cfg.elt, 5 * cfg.numel * cfg.elt
+        moved, floor = bytes_train(cfg.shape, cfg.dtype)
         row = {
             "section": "train",
             "norm": args.norm,
