@@ -33,7 +33,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .nn._args import check_flag
 from .nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
 
-__all__ = ["deploy", "DeployReport", "Folded", "Left", "register_conv_bn_block", "register_bn_act"]
+__all__ = [
+    "deploy",
+    "DeployReport",
+    "Folded",
+    "Left",
+    "register_conv_bn_block",
+    "register_bn_act",
+    "fold_norm_into_linear",
+]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -358,7 +366,11 @@ def _fold_bn_into_layer(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -
 
 
 @torch.no_grad()
-def _fold_norm_into_linear(norm: nn.Module, linear: nn.Linear) -> nn.Linear:
+def fold_norm_into_linear(norm: nn.Module, linear: nn.Linear) -> nn.Linear:
+    """A copy of ``linear`` that computes ``linear(norm(x))`` for an eval-mode RepBN/PRepBN or a
+    ChannelAffine ``norm`` (``W' = W * scale``, ``b' = b + W @ shift``, in float64); ``linear`` and
+    ``norm`` are left as they are. :func:`deploy` uses it wherever a norm feeds one Linear; a caller
+    that knows a norm feeds several Linears can fold it into each."""
     s, t = norm_affine(norm)
     s, t = s.to(linear.weight.device), t.to(linear.weight.device)
     w = linear.weight.double()
@@ -528,7 +540,7 @@ class _GraphFolder:
             if why is not None:
                 self.why_not.setdefault(node.target, why)
             else:  # the Linear, and shape reads, read x (the norm keeps its shape)
-                self.fold_into(node, users[0], _fold_norm_into_linear(norm, self.mod(users[0])), x)
+                self.fold_into(node, users[0], fold_norm_into_linear(norm, self.mod(users[0])), x)
 
     def norm_problem(self, node: fx.Node, x, users: list[fx.Node]) -> Optional[str]:
         if not isinstance(x, fx.Node):
@@ -748,7 +760,7 @@ class _SequentialFolder:
             for a, b, _ in self.pairs(seq):
                 norm, linear = seq._modules[a], seq._modules[b]
                 if self.uses[id(norm)] == 1 and self.uses[id(linear)] == 1 and _is_norm(norm) and _is_linear(linear):
-                    seq._modules[b] = self.folded(norm, linear, _fold_norm_into_linear(norm, linear))
+                    seq._modules[b] = self.folded(norm, linear, fold_norm_into_linear(norm, linear))
                     seq._modules[a] = nn.Identity()
 
     def convert_rest(self) -> None:

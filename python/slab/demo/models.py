@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slab.deploy import fold_norm_into_linear
 from slab.nn import ChannelAffine, PRepBN, SimplifiedLinearAttention
 
 __all__ = [
@@ -279,22 +280,14 @@ def current_lam(model: nn.Module) -> Optional[float]:
 def fold_mlp_affines(model: nn.Module) -> int:
     """Folds a per-channel affine that :func:`slab.deploy` left before a gated MLP (its output
     feeds both ``gate_proj`` and ``up_proj``, two consumers, so deploy keeps it as a
-    :class:`slab.nn.ChannelAffine`) into both projections; returns how many it folded.
-    ``W' = W * scale`` per input column, ``b' = b + W @ shift``; float64 arithmetic."""
+    :class:`slab.nn.ChannelAffine`) into both projections; returns how many it folded."""
     folded = 0
     for blk in model.modules():
         norm, mlp = getattr(blk, "norm2", None), getattr(blk, "mlp", None)
         if not isinstance(norm, ChannelAffine) or not isinstance(mlp, GatedMLP):
             continue
-        scale, shift = norm.scale.double(), norm.shift.double()
         for name in ("gate_proj", "up_proj"):
-            old = getattr(mlp, name)
-            w = old.weight.double()
-            b = w @ shift if old.bias is None else old.bias.double() + w @ shift
-            new = nn.Linear(old.in_features, old.out_features, bias=True, device=w.device, dtype=old.weight.dtype)
-            new.weight.copy_((w * scale).to(old.weight.dtype))
-            new.bias.copy_(b.to(old.weight.dtype))
-            setattr(mlp, name, new)
+            setattr(mlp, name, fold_norm_into_linear(norm, getattr(mlp, name)))
         blk.norm2 = nn.Identity()
         folded += 1
     return folded
