@@ -334,6 +334,23 @@ def test_gemm_one_long_group_of_large_values(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "n,k,group_size", [(67, 11008, 128), (5, 1600, -1), (33, 192, 64), (2, 64, 64), (1, 12288, 128)], ids=param_id
+)
+def test_gemm_one_row(device, n, k, group_size):
+    """M = 1, the CPU's integer GEMV path (planes walked in L1-sized passes over chunks of rows,
+    rows in pairs and a last single one, segments of at most 512 columns): against the float64
+    reference, with x spread over every e4m3 exponent and weights using every nibble."""
+    packed, scales = random_codes(n, k, group_size, device)
+    spread = torch.logspace(-8, 0, k, dtype=torch.float64)[torch.randperm(k)]
+    x = (torch.randn(1, k, dtype=torch.float64) * spread).float().to(device)
+    xq, xs = quant.quantize_fp8(x)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=torch.float32)
+    assert_close(y, ref_gemm(xq, xs, packed, scales, group_size), name="y")
+    assert torch.equal(slab.ops.w4a8_linear(x, packed, scales, group_size), y)  # same codes, same path
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gemm_nan_propagates(device):
     _, packed, scales = make_weights(8, 64, 32, device)
     x = torch.randn(3, 64, device=device)

@@ -1,19 +1,25 @@
 // W4A8 CPU kernels (row-major packed weights, Layout::kRowMajor).
-//   quantize_fp8: per row, the absmax, then the e4m3 encoder of w4a8_math.h; x is read from memory
-//     once (the second pass over a row hits L1).
+//   quantize_fp8: per row, the absmax, then the e4m3 encoder of w4a8_math.h on 8-lane vectors
+//     (float_to_e4m3's integer steps, bit for bit; a row holding a NaN through the scalar loop); x is
+//     read from memory once (the second pass over a row hits L1). w4a8_linear's prologue is the same.
+//   gemm, one row of x (m = 1, groups of whole 64-column blocks, no NaN in x): integer dot products
+//     (vpmaddubsw of unsigned weight nibbles with three signed 6-bit planes of x's e4m3 values times 512,
+//     see "integer GEMV path"), two weight rows per pass over the planes, long rows in L1-sized
+//     column passes; about three vector instructions per 8 weights.
 //   gemm, few rows (m <= 8): streams the packed weights from memory once, row after row (parallel
 //     over rows; rows of x in groups of up to 4, a second group re-reading the row from L1): 16 bytes = 32 int4 values
 //     are widened to fp32 in four AVX2 vectors (shift-based sign extension of the nibbles) and multiplied with the
 //     activations, which the prologue decoded once through a 256-entry e4m3 -> fp32 table into a per-32-block (even,
 //     odd) column order matching the nibble order; per-group fp32 sums are scaled by the group scale.
 //   gemm, more rows: per block of 16 weight rows, the int4 values are decoded once into an fp32
-//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 4 x 16
-//     broadcast-FMA micro-kernel), again with one fp32 sum per group scaled by the group scale.
-// Both compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
-// (+ bias[n]) with fp32 accumulation; they differ only in the fp32 summation order.
+//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 6 x 16
+//     broadcast-FMA micro-kernel, 12 accumulators), again with one fp32 sum per group scaled by the group scale.
+// All compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
+// (+ bias[n]) with fp32 accumulation; they differ only in the summation order.
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -35,7 +41,7 @@ namespace {
 // of x, the blocked path decodes them once into a panel (a fixed cost worth ~8 GEMV rows here).
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kBlockRows = 16;  // weight rows per panel of the blocked path
-constexpr int64_t kTokenBlock = 4;  // x rows per micro-kernel call of the blocked path
+constexpr int64_t kTokenBlock = 6;  // x rows per micro-kernel call of the blocked path (12 accumulators)
 constexpr int64_t kVecCols = 32;    // columns per step of the GEMV path (16 packed bytes)
 
 // e4m3 -> fp32 for all 256 codes (NaN codes decode to NaN).
@@ -77,9 +83,67 @@ float load_float(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+#ifdef SLAB_W4A8_AVX2
+// float_to_e4m3 of 8 lanes (the same integer steps, every branch computed and selected), as 8
+// int32 codes.
+inline __m256i float_to_e4m3_x8(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+  const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 scaled = _mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(512.0f));
+  const __m256 big = _mm256_set1_ps(8388608.0f);
+  const __m256i sub = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_add_ps(scaled, big), big));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF)), odd);
+  const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(120 << 3));
+  __m256i code = _mm256_blendv_epi8(normal, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C800000), a));
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7E), _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x43E7FFFF)));
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7F800000)));
+  return _mm256_or_si256(code, sign);
+}
+
+// The low byte of each int32 lane, in lane order.
+inline void store_low_bytes(const __m256i v, uint8_t* out) {
+  const __m128i pick = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const int lo = _mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_castsi256_si128(v), pick));
+  const int hi = _mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_extracti128_si256(v, 1), pick));
+  std::memcpy(out, &lo, 4);
+  std::memcpy(out + 4, &hi, 4);
+}
+
+// Quantizes one row with 8-lane vectors; false (nothing written) for a row holding a NaN, whose
+// scale and codes the scalar loop defines (the first NaN's bits propagate).
+template <typename T>
+bool quantize_row_avx2(const T* x, int64_t cols, uint8_t* q, float& scale) {
+  constexpr int64_t W = 8;
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for_each_vec<W>(cols, [&](int64_t c, auto full) {
+    const __m256 v = load_piece(x, c, cols, full);
+    m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  });
+  if (_mm256_movemask_ps(nan) != 0) return false;
+  alignas(32) float lanes[W];
+  _mm256_store_ps(lanes, m);
+  scale = fp8_row_scale(*std::max_element(lanes, lanes + W));
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t c = 0;
+  for (; c + W <= cols; c += W) store_low_bytes(float_to_e4m3_x8(_mm256_div_ps(load_vec(x + c), s)), q + c);
+  for (; c < cols; ++c) q[c] = float_to_e4m3(load_float(x, c) / scale);
+  return true;
+}
+#endif
+
 // Quantizes one row: scale = absmax / 448 (1 for a zero row), codes = e4m3(x / scale).
 template <typename T>
 float quantize_row(const T* x, int64_t cols, uint8_t* q) {
+#ifdef SLAB_W4A8_AVX2
+  if constexpr (!std::is_same_v<T, double>) {
+    float scale;
+    if (quantize_row_avx2(x, cols, q, scale)) return scale;
+  }
+#endif
   float m = 0.0f;
   for (int64_t i = 0; i < cols; ++i) m = absmax_update(m, load_float(x, i));
   const float scale = fp8_row_scale(m);
@@ -169,6 +233,17 @@ void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::
   }
 }
 
+#ifdef SLAB_W4A8_AVX2
+// The sum of the 8 lanes, in lane order.
+inline float lane_sum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float r = 0.0f;
+  for (float l : lanes) r += l;
+  return r;
+}
+#endif
+
 // ---- GEMV path ---------------------------------------------------------------------------------
 
 // Dot products of one packed weight row with MT activation rows (fp32, GEMV order, stride k):
@@ -231,11 +306,7 @@ void row_dot(const uint8_t* w, const float* ws, const float* x, int64_t k, int64
   }
   for (int t = 0; t < MT; ++t) {
 #ifdef SLAB_W4A8_AVX2
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, tot[t]);
-    float r = 0.0f;
-    for (float l : lanes) r += l;
-    out[t] = r + tot_tail[t];
+    out[t] = lane_sum(tot[t]) + tot_tail[t];
 #else
     out[t] = tot[t] + tot_tail[t];
 #endif
@@ -244,84 +315,142 @@ void row_dot(const uint8_t* w, const float* ws, const float* x, int64_t k, int64
 
 #ifdef SLAB_W4A8_AVX2
 // ---- integer GEMV path -------------------------------------------------------------------------
-// An e4m3 value times 512 is an integer below 2^18 (e4m3_magnitude_units), split here into three
-// 6-bit planes hi * 4096 + mid * 64 + lo. Each plane times the int4 weights is an exact int8 dot
-// product (vpmaddubsw: unsigned plane byte x signed weight byte, x's sign moved onto the weight
-// with vpsignb), summed exactly in int32 over a group and converted to float once per group --
-// the same function as the float path with fewer roundings, and about half the instructions per
-// weight (no int -> float conversion per weight). Used for one row of x, when groups are whole
-// 64-column blocks (32 packed bytes per step) and x has no NaN (integers cannot carry it).
-constexpr int64_t kIntBlock = 64;
+// An e4m3 value times 512 is an integer of magnitude below 2^18 (e4m3_magnitude_units), split here
+// into three signed 6-bit planes (hi * 4096 + mid * 64 + lo, each carrying x's sign). The weights
+// enter as unsigned nibbles u = int4 + 8 (a mask and a shift per byte, no lookup), so
+// vpmaddubsw (unsigned byte x signed byte, pairs summed in int16) multiplies them with a plane
+// exactly; sum u x = sum int4 x + 8 sum x, and the second term, which does not depend on the
+// weights, is subtracted once per segment (`offset`). Per segment of at most 512 columns the
+// int16 sums stay below 2^15 (16 products of 15 * 63, twice), the planes combine exactly in int32,
+// and one conversion to float and one FMA with the group scale follow -- the same function as
+// the float path with fewer roundings and about a third of its instructions per weight. Two weight
+// rows share each plane load, and for long rows the planes are walked in blocks that stay in L1
+// while a chunk of rows streams through. Used for one row of x, when groups are whole 64-column
+// blocks and x has no NaN (integers cannot carry it).
+constexpr int64_t kIntBlock = 64;  // columns per step: 32 packed bytes, low nibbles then high
 constexpr int kPlanes = 3, kPlaneBits = 6;
+constexpr int64_t kIntBlockBytes = kPlanes * kIntBlock;  // plane bytes of one 64-column block
+constexpr int64_t kIntSegMax = 512;                      // columns per int16 accumulation (see above)
+constexpr int64_t kIntL1Bytes = 16384;                   // plane bytes walked per pass over a chunk of rows
+constexpr int64_t kIntRowChunk = 32;                     // weight rows per pass
 
 // Position of column k in its 64-column block: the even columns (low nibbles) first, then the odd.
-inline int64_t int_position(int64_t k) { return (k & ~int64_t(63)) + ((k & 1) << 5) + ((k & 63) >> 1); }
+inline int64_t int_position(int64_t k) { return ((k & 1) << 5) + ((k & 63) >> 1); }
 
 struct IntActivations {
-  std::vector<uint8_t> planes;  // (kPlanes, k) in int_position order
-  std::vector<int8_t> signs;    // (k): +1, -1 or 0
+  int64_t seg;  // columns per segment (a multiple of 64; the last may be shorter)
+  int64_t segs;
+  std::vector<int8_t> planes;   // per 64-column block: kPlanes x 64 bytes in int_position order
+  std::vector<int32_t> offset;  // per segment, 8 int32 lanes: 8 * sum x (units) over each lane's columns
 };
 
-// The one row of x as planes and signs; none when some x code is NaN.
+// Per e4m3 code: its three signed planes (byte i: plane i) and 8 * its signed units (the weight
+// offset's share); NaN codes are marked by `nan`.
+struct CodePlanes {
+  uint32_t planes;
+  int32_t offset;
+  bool nan;
+};
+
+const std::array<CodePlanes, 256>& plane_table() {
+  static const std::array<CodePlanes, 256> table = [] {
+    std::array<CodePlanes, 256> t{};
+    for (int c = 0; c < 256; ++c) {
+      const int units = static_cast<int>(e4m3_magnitude_units(static_cast<uint8_t>(c)));
+      const int sign = (c & 0x80) ? -1 : 1;
+      uint32_t packed = 0;
+      for (int i = 0; i < kPlanes; ++i)
+        packed |= static_cast<uint32_t>(static_cast<uint8_t>(sign * ((units >> (kPlaneBits * i)) & 63))) << (8 * i);
+      t[c] = {packed, 8 * sign * units, (c & 0x7F) == 0x7F};
+    }
+    return t;
+  }();
+  return table;
+}
+
+// The one row of x as planes and segment offsets (segments in parallel); none when some x code is NaN.
 std::optional<IntActivations> int_activations(const GemmParams& p, const Fp8Rows& x) {
-  IntActivations a;
-  const uint8_t* codes = x.codes;
-  a.planes.resize(static_cast<size_t>(kPlanes * p.k));
-  a.signs.resize(static_cast<size_t>(p.k));
-  for (int64_t k = 0; k < p.k; ++k) {
-    if ((codes[k] & 0x7F) == 0x7F) return std::nullopt;
-    const uint32_t units = e4m3_magnitude_units(codes[k]);
-    const int64_t pos = int_position(k);
-    for (int i = 0; i < kPlanes; ++i) a.planes[i * p.k + pos] = (units >> (kPlaneBits * i)) & 63u;
-    a.signs[pos] = units == 0 ? 0 : ((codes[k] & 0x80) ? -1 : 1);
-  }
+  const int64_t seg = std::min(p.group, kIntSegMax);
+  IntActivations a{seg, ceil_div(p.k, seg), std::vector<int8_t>(static_cast<size_t>(p.k / kIntBlock * kIntBlockBytes)),
+                   std::vector<int32_t>(static_cast<size_t>(ceil_div(p.k, seg) * 8))};
+  const auto& table = plane_table();
+  std::atomic<bool> nan{false};
+  parallel_for(0, a.segs, std::max<int64_t>(1, 2048 / seg), [&](int64_t s0, int64_t s1) {
+    bool seen_nan = false;
+    for (int64_t k = s0 * seg; k < std::min(s1 * seg, p.k); ++k) {
+      const CodePlanes& c = table[x.codes[k]];
+      seen_nan |= c.nan;
+      const int64_t pos = int_position(k);
+      int8_t* block = a.planes.data() + k / kIntBlock * kIntBlockBytes + pos;
+      block[0] = static_cast<int8_t>(c.planes);
+      block[kIntBlock] = static_cast<int8_t>(c.planes >> 8);
+      block[2 * kIntBlock] = static_cast<int8_t>(c.planes >> 16);
+      a.offset[(k / seg) * 8 + (pos & 31) / 4] += c.offset;
+    }
+    if (seen_nan) nan.store(true, std::memory_order_relaxed);
+  });
+  if (nan.load()) return std::nullopt;
   return a;
 }
 
-// sum_g scale[g] * sum_{k in g} int4(w[k]) x[k] for the one row of x, in integers per group.
-float row_dot_int(const uint8_t* w, const float* ws, const IntActivations& a, int64_t k, int64_t group) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  // Nibble -> its two's-complement int4 value as a byte (vpshufb looks up each 128-bit half).
-  const __m256i sign_extend = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5,
-                                               6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+// tot[r] += scale * (sum over segments [s0, s1) of int4(w) . x in units) for R weight rows from `row`.
+template <int R>
+void int_rows(const GemmParams& p, const IntActivations& a, int64_t row, int64_t s0, int64_t s1, __m256* tot) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
   const auto load = [](const void* ptr) { return _mm256_loadu_si256(static_cast<const __m256i*>(ptr)); };
-  __m256 tot = _mm256_setzero_ps();
-  for (int64_t g = 0; g < k / group; ++g) {
-    __m256i acc[kPlanes] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int64_t kk = g * group; kk < (g + 1) * group; kk += kIntBlock) {
-      const __m256i bytes = load(w + kk / 2);
-      const __m256i lo = _mm256_shuffle_epi8(sign_extend, _mm256_and_si256(bytes, nibble));
-      const __m256i hi = _mm256_shuffle_epi8(sign_extend, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
-      const __m256i w_lo = _mm256_sign_epi8(lo, load(a.signs.data() + kk));
-      const __m256i w_hi = _mm256_sign_epi8(hi, load(a.signs.data() + kk + 32));
+  const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t c0 = s * a.seg, steps = (std::min(c0 + a.seg, p.k) - c0) / kIntBlock;
+    const uint8_t* w[R];
+    for (int r = 0; r < R; ++r) w[r] = p.w + (row + r) * row_bytes + c0 / 2;
+    const int8_t* planes = a.planes.data() + c0 / kIntBlock * kIntBlockBytes;
+    __m256i acc[R][kPlanes];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < kPlanes; ++i) acc[r][i] = _mm256_setzero_si256();
+    for (int64_t st = 0; st < steps; ++st, planes += kIntBlockBytes) {
+      __m256i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i bytes = _mm256_xor_si256(load(w[r] + st * kIntBlock / 2), _mm256_set1_epi8(char(0x88)));
+        lo[r] = _mm256_and_si256(bytes, nibble);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+      }
       for (int i = 0; i < kPlanes; ++i) {
-        const uint8_t* plane = a.planes.data() + i * k + kk;
-        // Pair sums are at most 2 * 63 * 8: no int16 saturation.
-        const __m256i pairs =
-            _mm256_add_epi16(_mm256_maddubs_epi16(load(plane), w_lo), _mm256_maddubs_epi16(load(plane + 32), w_hi));
-        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+        const __m256i p_lo = load(planes + i * kIntBlock), p_hi = load(planes + i * kIntBlock + 32);
+        for (int r = 0; r < R; ++r)
+          acc[r][i] = _mm256_add_epi16(
+              acc[r][i], _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], p_lo), _mm256_maddubs_epi16(hi[r], p_hi)));
       }
     }
-    // The planes combine in float: each plane's lane sums are exact int32 (< 2^22 per 2^13 columns), but
-    // hi * 4096 + mid * 64 + lo overflows int32 for long groups (group_size -1 at K ~ 9000 and a row of
-    // large values).
-    __m256 units = _mm256_cvtepi32_ps(acc[2]);
-    units = _mm256_fmadd_ps(units, _mm256_set1_ps(64.0f), _mm256_cvtepi32_ps(acc[1]));
-    units = _mm256_fmadd_ps(units, _mm256_set1_ps(64.0f), _mm256_cvtepi32_ps(acc[0]));
-    tot = _mm256_fmadd_ps(units, _mm256_set1_ps(ws[g] * (1.0f / 512.0f)), tot);  // units: 2^-9
+    const __m256i offset = load(a.offset.data() + s * 8);
+    const int64_t g = c0 / p.group;
+    for (int r = 0; r < R; ++r) {
+      const __m256i units = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(acc[r][2], _mm256_set1_epi16(4096)),
+                                                              _mm256_madd_epi16(acc[r][1], _mm256_set1_epi16(64))),
+                                             _mm256_madd_epi16(acc[r][0], _mm256_set1_epi16(1)));
+      const float scale = p.w_scales[(row + r) * groups + g] * (1.0f / 512.0f);  // units: 2^-9
+      tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(units, offset)), _mm256_set1_ps(scale), tot[r]);
+    }
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, tot);
-  float r = 0.0f;
-  for (float l : lanes) r += l;
-  return r;
 }
 
 void gemv_int(const GemmParams& p, const IntActivations& a, const std::vector<float>& x_scale) {
-  const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
-  parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      store(p, 0, n, row_dot_int(p.w + n * row_bytes, p.w_scales + n * groups, a, p.k, p.group), x_scale);
+  // Segments per pass: the planes of a pass fit kIntL1Bytes, the passes about equal.
+  const int64_t seg_bytes = a.seg / kIntBlock * kIntBlockBytes;
+  const int64_t passes = ceil_div(a.segs * seg_bytes, kIntL1Bytes);
+  const int64_t segs_per_pass = ceil_div(a.segs, passes);
+  parallel_for(0, p.n, kIntRowChunk, [&](int64_t begin, int64_t end) {
+    __m256 tot[kIntRowChunk];
+    for (int64_t r0 = begin; r0 < end; r0 += kIntRowChunk) {
+      const int64_t rows = std::min(kIntRowChunk, end - r0);
+      for (int64_t r = 0; r < rows; ++r) tot[r] = _mm256_setzero_ps();
+      for (int64_t s0 = 0; s0 < a.segs; s0 += segs_per_pass) {
+        const int64_t s1 = std::min(a.segs, s0 + segs_per_pass);
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) int_rows<2>(p, a, r0 + r, s0, s1, tot + r);
+        if (r < rows) int_rows<1>(p, a, r0 + r, s0, s1, tot + r);
+      }
+      for (int64_t r = 0; r < rows; ++r) store(p, 0, r0 + r, lane_sum(tot[r]), x_scale);
+    }
   });
 }
 #endif
@@ -495,6 +624,12 @@ void blocked(const GemmParams& p) {
         std::fill(tot, tot + kTokenBlock * kBlockRows, 0.0f);
         const float* xr = x.data() + m0 * p.k;
         switch (mb) {
+          case 6:
+            panel_micro<6>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
+          case 5:
+            panel_micro<5>(panel.data(), scales.data(), xr, p.k, p.group, tot);
+            break;
           case 4:
             panel_micro<4>(panel.data(), scales.data(), xr, p.k, p.group, tot);
             break;
