@@ -4,6 +4,9 @@ time with a one-line error and exit status 2, `--list` names every op, `--csv` w
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import json
 
 import pytest
@@ -173,3 +176,18 @@ def slab_version():
     import slab
 
     return slab.__version__
+
+
+@pytest.mark.parametrize("entry", ["bench", "slab"])
+def test_failed_library_load_is_one_line(entry, tmp_path):
+    """The console scripts (slab_cli) print the loader's message, not a traceback, when the op
+    library cannot be loaded."""
+    import slab_cli
+
+    env = dict(os.environ, SLAB_LIBRARY=str(tmp_path / "missing.so"))
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(slab_cli.__file__)) + os.pathsep + env.get("PYTHONPATH", "")
+    code = f"import sys, slab_cli; sys.exit(slab_cli.{entry}())"
+    run = subprocess.run([sys.executable, "-c", code, "info"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "op library not found" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
