@@ -11,7 +11,7 @@ from torch import fx, nn
 
 import slab  # noqa: F401  (loads the op library)
 from slab.deploy import deploy
-from slab.nn import ChannelAffine, PRepBN, RepBN
+from slab.nn import ChannelAffine, PRepBN, RepBN, SimplifiedLinearAttention
 
 NORMS = (RepBN, PRepBN, nn.modules.batchnorm._BatchNorm)
 
@@ -266,6 +266,52 @@ def test_shared_linear_is_not_folded():
         assert rel_err(dep(x), ref) < 1e-5
 
 
+class PreNormBlock(nn.Module):
+    """``x + SLA(norm1(x))``, ``x + down(silu(gate(norm2(x))) * up(norm2(x)))``: every norm feeds
+    only Linears (the attention reads its input through its qkv Linear alone)."""
+
+    def __init__(self, dim=8, causal=False):
+        super().__init__()
+        self.norm1, self.norm2 = PRepBN(dim), RepBN(dim)
+        self.attn = SimplifiedLinearAttention(dim, 2, causal=causal, dwc_kernel_size=3)
+        self.gate, self.up, self.down = nn.Linear(dim, 16, bias=False), nn.Linear(dim, 16), nn.Linear(16, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_norm_folds_into_every_linear_and_the_attention_qkv(causal):
+    model = randomize(PreNormBlock(causal=causal), 21).double().eval()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    dep, report = deploy_checked(model, x)
+    assert sorted(report.folded) == [("norm1", "attn.qkv"), ("norm2", "gate, up")]
+    assert report.converted == [] and report.left == []
+    assert count(dep, (RepBN, PRepBN, ChannelAffine)) == 0
+    assert dep.gate.bias is not None  # the affine's shift became a bias
+    assert not torch.equal(dep.attn.qkv.weight, model.attn.qkv.weight)
+
+
+def test_norm_with_a_non_linear_consumer_is_not_folded_anywhere():
+    """One consumer that is not a Linear keeps the norm (as a ChannelAffine) for all of them."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc, self.attn = RepBN(8), nn.Linear(8, 8), SimplifiedLinearAttention(8, 2)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.fc(h) + self.attn(x, mask=h[..., 0] > 0)  # the attention reads h as its mask
+
+    model = randomize(Mixed(), 22).double().eval()
+    dep, report = deploy_checked(model, torch.randn(2, 9, 8, dtype=torch.float64))
+    assert report.folded == [] and isinstance(dep.norm, ChannelAffine)
+    assert torch.equal(dep.fc.weight, model.fc.weight) and torch.equal(dep.attn.qkv.weight, model.attn.qkv.weight)
+
+
 # ------------------------------------------------------------------------------------------------
 # Conv-BN CNN (Efficient ConvBN)
 # ------------------------------------------------------------------------------------------------
@@ -470,12 +516,12 @@ def test_report_names_every_norm():
     assert ("blocks.0.norm1", "blocks.0.attn.qkv") in report.folded
     assert ("blocks.1.norm2", "blocks.1.mlp.0") not in report.folded
     assert dict(report.converted) == {
-        "res.norm": "its output has 2 consumers",
+        "res.norm": "it feeds add(), not an nn.Linear",
         "norm": "it feeds .mean(), not an nn.Linear",
     }
     assert dict(report.left) == {"blocks.1.norm2": "in training mode (it normalises with batch statistics)"}
     assert "folded blocks.0.norm1 into blocks.0.attn.qkv" in str(report)
-    assert "res.norm -> ChannelAffine: its output has 2 consumers" in str(report)
+    assert "res.norm -> ChannelAffine: it feeds add(), not an nn.Linear" in str(report)
 
     _, report = deploy(randomize(TinyCNN(), 7).eval(), return_report=True)
     assert sorted(report.folded) == [("bn1", "conv1"), ("bn2", "conv2"), ("bn4", "fc")]

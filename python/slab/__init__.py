@@ -30,7 +30,7 @@ from . import nn  # noqa: E402
 from . import optim  # noqa: E402
 from . import sparse  # noqa: E402
 from . import quant  # noqa: E402
-from .deploy import deploy, register_bn_act, register_conv_bn_block  # noqa: E402
+from .deploy import deploy, register_bn_act, register_conv_bn_block, register_input_linear  # noqa: E402
 from .tune import tune, tuned, untune  # noqa: E402
 
 __all__ = [
@@ -46,5 +46,6 @@ __all__ = [
     "untune",
     "tuned",
     "register_conv_bn_block",
+    "register_input_linear",
     "register_bn_act",
 ]

@@ -2,15 +2,16 @@
 
 ``deploy(model)`` rewrites an eval-mode model so that its normalisations cost nothing at inference:
 
-* every eval-mode :class:`slab.nn.RepBN` / :class:`slab.nn.PRepBN` whose output feeds only a
-  ``nn.Linear`` is folded into that Linear (the eval norm is the per-channel affine
-  ``y = x * s + t``; the Linear becomes ``W' = W * s`` (per input column), ``b' = b + W @ t``);
+* every eval-mode :class:`slab.nn.RepBN` / :class:`slab.nn.PRepBN` whose output feeds only
+  ``nn.Linear`` layers (one, or several such as a gated MLP's gate and up projections) is folded
+  into each of them (the eval norm is the per-channel affine ``y = x * s + t``; a Linear becomes
+  ``W' = W * s`` (per input column), ``b' = b + W @ t``);
 * every ``Conv{1,2,3}d -> BatchNorm{1,2,3}d`` and ``Linear -> BatchNorm1d`` pair (eval BN after the
   layer) is folded into the layer (Efficient ConvBN): ``W' = W * g``, ``b' = (b - mean) * g + beta``
   with ``g = gamma / sqrt(var + eps)`` per output channel -- but only where the BN normalises the
   layer's output channels (see :func:`deploy`);
-* an eval-mode RepBN/PRepBN that cannot fold (it feeds a residual add, several consumers, or
-  anything but a Linear) becomes a single :class:`slab.nn.ChannelAffine`.
+* an eval-mode RepBN/PRepBN that cannot fold (it feeds a residual add or anything else but
+  Linears) becomes a single :class:`slab.nn.ChannelAffine`.
 
 All fold arithmetic runs in float64 and is cast back to the layer's dtype, so the deployed model
 equals the unfolded eval model up to float rounding. Every decision is recorded in a
@@ -32,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .nn._args import check_flag
 from .nn.prepbn import ChannelAffine, PRepBN, RepBN, norm_affine
+from .nn.sla import SimplifiedLinearAttention
 
 __all__ = [
     "deploy",
@@ -109,6 +111,7 @@ class _Block(NamedTuple):
 
 _BLOCKS: dict[str, _Block] = {}
 _BN_ACTS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+_INPUT_LINEARS: dict[str, tuple[str, ...]] = {}  # class -> the Linears (attribute names) that alone read its input
 
 
 def _qualname(cls: Union[type, str]) -> str:
@@ -139,6 +142,21 @@ def register_bn_act(cls: Union[type, str], tail: Callable[[nn.Module], nn.Module
     _BN_ACTS[_qualname(cls)] = tail
 
 
+def register_input_linear(cls: Union[type, str], linear: str, *more: str) -> None:
+    """Declares that modules of class ``cls`` (a class or its qualified name) read their first
+    input only through their ``nn.Linear`` attributes ``linear`` (and ``more``): an attention
+    layer's fused qkv projection, a gated MLP's gate and up projections. :func:`deploy` then
+    keeps such a module as one call (so later module swaps, e.g. :func:`slab.sparse.convert`,
+    still reach it) and folds a norm in front of it into those Linears. Registered by default:
+    :class:`slab.nn.SimplifiedLinearAttention` (``qkv``)."""
+    names = (linear, *more)
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"register_input_linear: linear names must be attribute names, got {name!r}")
+    _INPUT_LINEARS[_qualname(cls)] = names
+
+
+register_input_linear(SimplifiedLinearAttention, "qkv")
 register_conv_bn_block("ultralytics.nn.modules.conv.Conv")
 register_conv_bn_block("timm.layers.conv_bn_act.ConvNormAct")
 register_bn_act("timm.layers.norm_act.BatchNormAct2d", lambda bn: nn.Sequential(bn.drop, bn.act))
@@ -393,6 +411,8 @@ class _Tracer(fx.Tracer):
         # Registered BN-with-activation classes stay one call, so that the BN is seen after its conv.
         if isinstance(m, (RepBN, PRepBN, ChannelAffine)) or _registered(m, _BN_ACTS) is not None:
             return True
+        if _registered(m, _INPUT_LINEARS) is not None:  # its input reaches only its Linear
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -465,11 +485,17 @@ class _GraphFolder:
         self.replaced[target] = new
 
     def fold_into(
-        self, node: fx.Node, into: fx.Node, new: nn.Module, keep: fx.Node, tail: Optional[nn.Module] = None
+        self,
+        node: fx.Node,
+        into: list[str],
+        new: list[nn.Module],
+        keep: fx.Node,
+        tail: Optional[nn.Module] = None,
     ) -> None:
-        """Replaces the module of ``into`` by ``new`` and drops the norm call ``node`` (its uses
-        read ``keep`` instead), or, for a BN with an activation tail, makes ``node`` call the tail."""
-        self.replace(into.target, new)
+        """Replaces the modules at the paths ``into`` by ``new`` and drops the norm call ``node`` (its
+        uses read ``keep`` instead), or, for a BN with an activation tail, makes ``node`` call the tail."""
+        for target, layer in zip(into, new):
+            self.replace(target, layer)
         if tail is not None:
             self.replace(node.target, tail)
         else:
@@ -477,7 +503,7 @@ class _GraphFolder:
             self.graph.erase_node(node)
             self.calls[node.target] -= 1
             self.replaced[node.target] = nn.Identity()
-        self.report.folded.append(Folded(node.target, into.target))
+        self.report.folded.append(Folded(node.target, ", ".join(into)))
 
     def problem_dropping(self, node: fx.Node) -> Optional[str]:
         if self.write_back and (self.calls[node.target] != 1 or self.read_directly(node.target)):
@@ -495,7 +521,7 @@ class _GraphFolder:
             if why is not None:
                 self.report.left.append(Left(node.target, why))
             else:
-                self.fold_into(node, src, _fold_bn_into_layer(self.mod(src), bn), src, _bn_tail(bn))
+                self.fold_into(node, [src.target], [_fold_bn_into_layer(self.mod(src), bn)], src, _bn_tail(bn))
 
     def bn_problem(self, node: fx.Node, bn: nn.Module, src) -> Optional[str]:
         if not _is_eval_bn(bn):
@@ -539,23 +565,45 @@ class _GraphFolder:
             why = self.norm_problem(node, x, users)
             if why is not None:
                 self.why_not.setdefault(node.target, why)
-            else:  # the Linear, and shape reads, read x (the norm keeps its shape)
-                self.fold_into(node, users[0], fold_norm_into_linear(norm, self.mod(users[0])), x)
+            else:  # every Linear reading it (a gated MLP's gate and up projections) takes the affine
+                targets = [t for u in users for t in self.input_linear_paths(u)]
+                folded = [fold_norm_into_linear(norm, self.modules[t]) for t in targets]
+                self.fold_into(node, targets, folded, x)  # shape reads read x (the norm keeps its shape)
 
     def norm_problem(self, node: fx.Node, x, users: list[fx.Node]) -> Optional[str]:
         if not isinstance(x, fx.Node):
             return "its input is not a graph tensor"
-        if len(users) != 1:
-            return f"its output has {len(users)} consumers"
-        user = users[0]
-        linear = self.mod(user)
-        if linear is not None and not _is_linear(linear):
-            return f"it feeds {user.target} ({type(linear).__name__}), not an nn.Linear"
-        if linear is None:
+        if not users:
+            return "its output is not used"
+        for user in users:
+            why = self.linear_user_problem(node, user)
+            if why is not None:
+                return why
+        return self.problem_dropping(node)
+
+    def input_linear_paths(self, user: fx.Node) -> list[str]:
+        """The module paths of the Linears that read ``user``'s input: ``user`` itself, or the
+        registered input Linears of a module such as an attention layer (register_input_linear)."""
+        inner = _registered(self.mod(user), _INPUT_LINEARS)
+        return [user.target] if inner is None else [f"{user.target}.{name}" for name in inner]
+
+    def linear_user_problem(self, node: fx.Node, user: fx.Node) -> Optional[str]:
+        """Why the norm ``node`` cannot fold into its consumer ``user`` (None: it can)."""
+        mod = self.mod(user)
+        if mod is None:
             return f"it feeds {_describe(user)}, not an nn.Linear"
-        if _input_of(user, "input") is not node:
+        inner = _registered(mod, _INPUT_LINEARS)
+        if inner is not None:
+            if not user.args or user.args[0] is not node or node in (*user.args[1:], *user.kwargs.values()):
+                return f"{user.target} is called with more than its output as its first input"
+            for name in inner:
+                if not _is_linear(getattr(mod, name, None)):
+                    return f"{user.target}.{name} is not an nn.Linear"
+        elif not _is_linear(mod):
+            return f"it feeds {user.target} ({type(mod).__name__}), not an nn.Linear"
+        elif _input_of(user, "input") is not node:
             return f"{user.target} is called with more than its output"
-        return self.problem_rewriting(user) or self.problem_dropping(node)
+        return self.problem_rewriting(user)
 
     # 3. every remaining eval norm becomes one per-channel affine.
     def convert_rest(self) -> None:
@@ -838,10 +886,13 @@ def deploy(
 ) -> Union[nn.Module, tuple[nn.Module, DeployReport]]:
     """Returns ``model`` with its eval-mode norms folded away, for inference.
 
-    * Eval-mode ``slab.nn.RepBN``/``PRepBN`` whose output feeds only a ``nn.Linear`` are folded into
-      that Linear: with the eval affine ``s = w / sqrt(rv + eps) + alpha``,
-      ``t = b - rm * w / sqrt(rv + eps)``, the Linear becomes ``W' = W * s`` (per input column)
-      and ``b' = b + W @ t`` (a bias is added if it had none).
+    * Eval-mode ``slab.nn.RepBN``/``PRepBN`` whose output feeds only ``nn.Linear`` layers (one, or
+      several: a gated MLP's gate and up projections) are folded into each of them: with the eval
+      affine ``s = w / sqrt(rv + eps) + alpha``, ``t = b - rm * w / sqrt(rv + eps)``, a Linear
+      becomes ``W' = W * s`` (per input column) and ``b' = b + W @ t`` (a bias is added if it had
+      none). A module registered with :func:`register_input_linear` (by default
+      :class:`slab.nn.SimplifiedLinearAttention`, whose input only its ``qkv`` Linear reads) counts
+      as that Linear.
     * ``Conv1d/2d/3d -> BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``) and ``Linear -> BatchNorm1d``
       pairs with the BN in eval mode after the layer are folded into the layer (Efficient ConvBN),
       where the BN normalises the layer's output channels. A BN normalises dim 1, so the layer's
@@ -851,15 +902,15 @@ def deploy(
       SyncBatchNorm deploy must know the rank: from ``example_inputs``, or from the graph (a
       Linear fed by ``flatten(x, 1)``, ``nn.Flatten()``, ``x.view(n, -1)``). Pairs it cannot
       prove are left (a warning says so) and listed in the report.
-    * An eval-mode RepBN/PRepBN that cannot fold (feeds a residual add, several consumers, a
-      non-Linear) becomes a :class:`slab.nn.ChannelAffine` (``x * scale + shift``).
+    * An eval-mode RepBN/PRepBN that cannot fold (feeds a residual add or another non-Linear)
+      becomes a :class:`slab.nn.ChannelAffine` (``x * scale + shift``).
 
     Fold arithmetic is done in float64 and cast back to the layer dtype; the result equals the
     unfolded eval model within float rounding. Folded layers get new Parameter objects, so weights
     tied to other modules are never modified.
 
-    How the pairs are found: the model is traced with ``torch.fx`` (RepBN/PRepBN/ChannelAffine as
-    leaf modules) and a ``torch.fx.GraphModule`` is returned; a layer is only rewritten when it is
+    How the pairs are found: the model is traced with ``torch.fx`` (RepBN/PRepBN/ChannelAffine and
+    registered input-Linear modules as leaf modules) and a ``torch.fx.GraphModule`` is returned; a layer is only rewritten when it is
     called once in the graph. If the model does not trace (data-dependent control flow, ...), a
     warning is issued and the fallback folds adjacent children of plain ``nn.Sequential``
     containers only (``example_inputs`` unused), then turns every remaining eval-mode

@@ -5,9 +5,10 @@ depthwise-conv branch of V) and a gated SiLU MLP (``gate_proj``/``up_proj``/``do
 naming :mod:`slab.sparse` converts to CATS). Baseline side: ``nn.LayerNorm``/``nn.RMSNorm``,
 softmax attention through ``F.scaled_dot_product_attention`` and the same dense gated MLP.
 
-The attention's pre-norm lives inside its ``qkv`` projection (``qkv = nn.Sequential(norm,
-Linear)``): the norm's only consumer is that Linear, and :func:`slab.deploy` folds such an
-``nn.Sequential`` pair even though the attention module itself is not torch.fx-traceable.
+Every norm feeds only Linears: the attention's (``norm1``) its fused ``qkv`` projection, the
+MLP's (``norm2``) ``gate_proj`` and ``up_proj``; both modules are registered with
+:func:`slab.register_input_linear`, so :func:`slab.deploy` folds every norm and keeps the modules
+whole.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slab.deploy import fold_norm_into_linear
-from slab.nn import ChannelAffine, PRepBN, SimplifiedLinearAttention
+from slab.deploy import register_input_linear
+from slab.nn import PRepBN, SimplifiedLinearAttention
 
 __all__ = [
     "GatedMLP",
@@ -27,7 +28,6 @@ __all__ = [
     "SoftmaxBlock",
     "VisionNet",
     "LMNet",
-    "fold_mlp_affines",
     "prepbn_modules",
     "current_lam",
 ]
@@ -45,6 +45,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# deploy keeps the MLP one call (slab.sparse.convert swaps it for a CATS MLP afterwards) and folds
+# the norm in front of it into both projections that read its input
+register_input_linear(GatedMLP, "gate_proj", "up_proj")
 
 
 def _prepbn(dim: int, norm: str, warm: int, step: int, lm: bool) -> PRepBN:
@@ -72,23 +77,23 @@ class SlabBlock(nn.Module):
     ):
         super().__init__()
         lm = causal
+        self.norm1 = _prepbn(dim, norm, warm, step, lm)
         self.attn = SimplifiedLinearAttention(dim, heads, causal=causal, dwc_kernel_size=dwc, num_tokens=num_tokens)
-        self.attn.qkv = nn.Sequential(_prepbn(dim, norm, warm, step, lm), self.attn.qkv)
         self.norm2 = _prepbn(dim, norm, warm, step, lm)
         self.mlp = GatedMLP(dim, hidden)
 
     def forward(self, x: Tensor, grid=None) -> Tensor:
-        x = x + self.attn(x, grid=grid)
+        x = x + self.attn(self.norm1(x), grid=grid)
         return x + self.mlp(self.norm2(x))
 
     # causal decoding (eval): the attention's O(1) state, the MLP per token
     def prefill(self, x: Tensor):
-        y, cache = self.attn.prefill(x)
+        y, cache = self.attn.prefill(self.norm1(x))
         x = x + y
         return x + self.mlp(self.norm2(x)), cache
 
     def step(self, x: Tensor, cache) -> Tensor:
-        x = x + self.attn.step(x, cache)
+        x = x + self.attn.step(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -274,20 +279,3 @@ def current_lam(model: nn.Module) -> Optional[float]:
     if int(m.warm) > 0:
         return 1.0
     return m.current_lam()
-
-
-@torch.no_grad()
-def fold_mlp_affines(model: nn.Module) -> int:
-    """Folds a per-channel affine that :func:`slab.deploy` left before a gated MLP (its output
-    feeds both ``gate_proj`` and ``up_proj``, two consumers, so deploy keeps it as a
-    :class:`slab.nn.ChannelAffine`) into both projections; returns how many it folded."""
-    folded = 0
-    for blk in model.modules():
-        norm, mlp = getattr(blk, "norm2", None), getattr(blk, "mlp", None)
-        if not isinstance(norm, ChannelAffine) or not isinstance(mlp, GatedMLP):
-            continue
-        for name in ("gate_proj", "up_proj"):
-            setattr(mlp, name, fold_norm_into_linear(norm, getattr(mlp, name)))
-        blk.norm2 = nn.Identity()
-        folded += 1
-    return folded

@@ -19,7 +19,7 @@ import slab
 
 from . import _ddp
 from .common import interleaved_median, seed_all, train_loop
-from .models import VisionNet, fold_mlp_affines
+from .models import VisionNet
 
 LATENCY_BATCH = 32
 TARGETS = {
@@ -183,10 +183,7 @@ def run(args, world: _ddp.World, device: torch.device) -> Optional[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deploy warns that the SLA blocks are not fx-traceable
         deployed, report = slab.deploy(model, return_report=True)
-    n_mlp = fold_mlp_affines(deployed)
-    deploy_note = (
-        f"slab.deploy: {len(report.folded)} folded into Linear, {n_mlp} MLP affines folded into gate/up by the demo"
-    )
+    deploy_note = f"slab.deploy: {report.summary()}"
     w4a8 = slab.quant.convert(copy.deepcopy(deployed), group_size=32, skip=["embed", "head"])
     float_train_pred = predict(model, xtr)
     train_acc_float = float((float_train_pred == ytr).float().mean())
