@@ -462,8 +462,29 @@ def test_tiled_layout(n, k):
         assert torch.equal(tiles[tile], full[r0 + rows, c0 + cols]), tile
     # each (row, col) of the tile appears exactly once
     assert torch.unique(rows * 64 + cols).numel() == 16 * 64
-    with pytest.raises(RuntimeError, match="CUDA tile layout"):
+    with pytest.raises(RuntimeError, match="CUDA layout .tiled"):
         slab.ops.w4a8_gemm(*quant.quantize_fp8(torch.randn(2, k)), pw)
+
+
+@pytest.mark.parametrize("n,k", [(5, 64), (130, 256), (3, 130)], ids=param_id)
+def test_sm90_layout_holds_every_code(n, k):
+    """The Hopper layout on the CPU (for inspection): padded to 128 x 128 blocks, its nibbles are the
+    codes' nibbles plus zero padding; the CPU GEMM refuses it by name."""
+    packed, scales = random_codes(n, k, -1, "cpu")
+    pw = quant.prepack_w4(packed, scales, -1, "cpu", layout="sm90")
+    n_pad, k_pad = -(-n // 128) * 128, -(-k // 128) * 128
+    assert pw.layout == "sm90" and pw.packed.shape == (n_pad, k_pad // 2)
+
+    def nibbles(t):
+        return torch.cat([t & 15, t >> 4]).flatten().bincount(minlength=16)
+
+    padding = torch.zeros(16, dtype=torch.int64)
+    padding[0] = n_pad * k_pad - n * k
+    assert torch.equal(nibbles(pw.packed), nibbles(packed) + padding)
+    with pytest.raises(RuntimeError, match="CUDA layout 'sm90'"):
+        slab.ops.w4a8_linear(torch.randn(2, k), pw)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        quant.prepack_w4(packed, scales, -1, "cpu", layout="sm80")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -578,11 +599,16 @@ def test_opcheck():
         OPS.quantize_fp8.default, (torch.randn(2, 3, 40, dtype=torch.bfloat16),), test_utils=NO_SCHEMA
     )
     torch.library.opcheck(OPS.w4a8_tile_weights.default, (packed,))
+    torch.library.opcheck(OPS.w4a8_tile_weights.default, (packed, "sm90"))
     torch.library.opcheck(OPS.w4a8_int4_to_e4m3.default, (packed,))
-    torch.library.opcheck(OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, 0, torch.bfloat16), test_utils=NO_SCHEMA)
-    torch.library.opcheck(OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, 0, torch.float32), test_utils=NO_SCHEMA)
-    torch.library.opcheck(OPS.w4a8_linear.default, (x, packed, scales, 32, 0, torch.randn(12)))
-    torch.library.opcheck(OPS.w4a8_linear.default, (x.half(), packed, scales, 32, 0, None))
+    torch.library.opcheck(
+        OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, "rowmajor", torch.bfloat16), test_utils=NO_SCHEMA
+    )
+    torch.library.opcheck(
+        OPS.w4a8_gemm.default, (xq, xs, packed, scales, 32, "rowmajor", torch.float32), test_utils=NO_SCHEMA
+    )
+    torch.library.opcheck(OPS.w4a8_linear.default, (x, packed, scales, 32, "rowmajor", torch.randn(12)))
+    torch.library.opcheck(OPS.w4a8_linear.default, (x.half(), packed, scales, 32, "rowmajor", None))
 
 
 def test_compile_fullgraph():

@@ -10,8 +10,8 @@
 // Llama-7B projections 4096 x 4096 (q/k/v/o) and 11008 x 4096 (gate/up). The weights are random,
 // quantized here with SPEC section 4's formula written in ATen ops (scale = absmax / 7 per (row,
 // group), round half to even, clamp to [-8, 7], two's-complement nibbles, low nibble = even
-// column); the CPU kernels read that row-major layout (layout 0), the CUDA kernels the tiles that
-// slab::w4a8_tile_weights makes of it (layout 1).
+// column); the CPU kernels read that row-major layout ("rowmajor"), the CUDA kernels the tiles that
+// slab::w4a8_tile_weights makes of it ("tiled").
 //
 // Every (shape, dtype, device) configuration is first verified: slab::quantize_fp8 against the
 // SPEC formula in ATen (codes and scales exactly), then w4a8_gemm and w4a8_linear against the
@@ -48,11 +48,11 @@ using namespace slab_bench;
 
 // Signatures of the schemas in csrc/w4a8/w4a8_ops.cpp.
 using QuantFn = std::tuple<Tensor, Tensor>(const Tensor& x);
-using TileFn = Tensor(const Tensor& packed);
+using TileFn = Tensor(const Tensor& packed, c10::string_view layout);
 using GemmFn = Tensor(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w_packed, const Tensor& w_scales,
-                      int64_t group_size, int64_t layout, at::ScalarType out_dtype);
+                      int64_t group_size, c10::string_view layout, at::ScalarType out_dtype);
 using LinearFn = Tensor(const Tensor& x, const Tensor& w_packed, const Tensor& w_scales, int64_t group_size,
-                        int64_t layout, const OptTensor& bias);
+                        c10::string_view layout, const OptTensor& bias);
 
 // ---- options -----------------------------------------------------------------------------------
 struct Options {
@@ -154,7 +154,7 @@ std::pair<Tensor, Tensor> quantize_fp8(const Tensor& x) {
 struct Weights {
   Tensor packed, scales;  // row-major codes (N, K/2) and float32 scales (N, K/g)
   Tensor kernel;          // the codes in the layout of the device's kernels
-  int64_t layout;         // 0 row-major (CPU), 1 tiles (CUDA)
+  const char* layout;     // "rowmajor" (CPU) or "tiled" (CUDA)
   Tensor dense;           // the unquantized weights in the benchmarked dtype (at::matmul)
 };
 
@@ -169,8 +169,8 @@ const Weights& weights(int64_t n, int64_t k, int64_t dt, int64_t dev) {
   w.slice(1, 0, k, 256).mul_(8);
   Weights out;
   std::tie(out.packed, out.scales) = quantize_w4(w, group_columns(k));
-  out.layout = device.is_cuda() ? 1 : 0;
-  out.kernel = device.is_cuda() ? ops().tile.call(out.packed) : out.packed;
+  out.layout = device.is_cuda() ? "tiled" : "rowmajor";
+  out.kernel = device.is_cuda() ? ops().tile.call(out.packed, "tiled") : out.packed;
   out.dense = w.to(kDtypes[dt]);
   return cache.emplace(key, std::move(out)).first->second;
 }

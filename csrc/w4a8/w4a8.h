@@ -16,6 +16,16 @@
 //              warp, holding exactly the nibbles of that lane's mma A fragments for two k32 steps
 //              (see tile_position() and tiled_byte() in w4a8_math.h), so every lane issues one 16-byte load per tile
 //              and converts its nibbles to e4m3 in registers without shuffles.
+//   kSm90      the Hopper (sm_90a wgmma) layout: the same 512-byte 16 x 64 tiles as kTiled (a warp's
+//              tile is also its slice of the wgmma m64nNk32 register A fragment: for 8-bit types
+//              warp w of a warpgroup holds rows 16 w .. 16 w + 15 with the per-lane layout of
+//              mma.m16n8k32's A), rows padded to a multiple of 128 and columns to a multiple of
+//              128, the tiles ordered so that one 128-row x 128-column block (one CTA's k stage:
+//              8 row tiles x 2 column tiles, 8 KB) is contiguous: block (rb, kb) row-major over
+//              (n_pad / 128, k_pad / 128), inside it tile (row tile w, column tile h) at 2 w + h
+//              (sm90_tile_offset() / sm90_byte() in w4a8_math.h). The stage is then one linear
+//              8 KB copy (two 16-byte cp.async per thread of 256, each landing on the bytes that
+//              thread's own fragments need), and the padding lets the kernel skip bounds checks.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -26,11 +36,14 @@ struct CUstream_st;
 
 namespace slab::w4a8 {
 
-enum Layout : int { kRowMajor = 0, kTiled = 1 };
+enum Layout : int { kRowMajor = 0, kTiled = 1, kSm90 = 2 };
 
 constexpr int64_t kTileRows = 16;  // kTiled: rows of one tile (mma M of the weight operand)
 constexpr int64_t kTileCols = 64;  // kTiled: columns of one tile (two mma k32 steps)
 constexpr int64_t kTileBytes = kTileRows * kTileCols / 2;
+constexpr int64_t kSm90BlockRows = 128;  // kSm90: rows of one block (2 warpgroups x wgmma m64)
+constexpr int64_t kSm90BlockCols = 128;  // kSm90: columns of one block (one stage: 4 wgmma k32 steps)
+constexpr int64_t kSm90BlockBytes = kSm90BlockRows * kSm90BlockCols / 2;
 
 struct QuantFp8Params {
   DType dtype;
@@ -60,6 +73,9 @@ struct GemmParams {
   // the launch, and the partial sums of splits > 1 (splits * m * n floats).
   int splits, tiles_per_split;
   float* workspace;
+  // CUDA: take the first-draft mma.sync kernel for every M (kTiled weights only): the on-device
+  // oracle the decode and sm90 kernels are compared with (the binding sets it for SLAB_W4A8_ORACLE=1).
+  bool oracle;
 };
 
 // How gemm_cuda splits the k range (on the current device), or the CUDA error of the occupancy query.
@@ -82,6 +98,24 @@ void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream);
 void gemm_cuda(const GemmParams& p, CUstream_st* stream);
 void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, CUstream_st* stream);
 GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k);
+// The plan of gemm_cuda for weights in `layout` (kTiled or kSm90): M <= kDecodeMaxRows takes the
+// decode kernel for both layouts; larger M the tiled mma.sync kernel or the sm_90a wgmma kernel,
+// whose split is counted in 64-column tiles too but always covers whole 128-column blocks.
+// plan_gemm_cuda(m, n, k) is the kTiled plan.
+GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k, int layout, bool oracle = false);
+// The sm_90a wgmma GEMM (w4a8_sm90_cuda.cu) for p.layout == kSm90 and M > kDecodeMaxRows; gemm_cuda
+// calls it. Only on a compute capability 9.0 device with the sm_90a code compiled in.
+void gemm_sm90_cuda(const GemmParams& p, CUstream_st* stream);
+GemmPlan plan_sm90_cuda(int64_t m, int64_t n, int64_t k);  // its split (plan_gemm_cuda's kSm90 case)
+// Whether gemm_cuda can read weights in `layout` on the current device: kTiled everywhere, kSm90
+// only on compute capability 9.0 with the sm_90a kernel compiled in (probed once per device).
+bool layout_supported_cuda(int layout);
+// Reorders row-major packed weights (n, k/2) into the kSm90 layout (sm90_packed_rows(n),
+// sm90_packed_row_bytes(k)), zero padded.
+void tile_weights_sm90_cpu(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst);
+void tile_weights_sm90_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, CUstream_st* stream);
+// Rows of x up to which gemm_cuda takes the decode (memory-bound GEMV) kernel.
+constexpr int64_t kDecodeMaxRows = 16;
 // Rows of x one CUDA GEMM launch takes: tiles of up to 64 tokens over gridDim.y (at most 65535).
 constexpr int64_t kMaxCudaRows = 65535 * 64;
 

@@ -12,8 +12,8 @@
 //     activations, which the prologue decoded once through a 256-entry e4m3 -> fp32 table into a per-32-block (even,
 //     odd) column order matching the nibble order; per-group fp32 sums are scaled by the group scale.
 //   gemm, more rows: per block of 16 weight rows, the int4 values are decoded once into an fp32
-//     panel [k][16] (8 rows x 8 columns at a time, transposed in registers) and reused by every row of x (a 6 x 16
-//     broadcast-FMA micro-kernel, 12 accumulators), again with one fp32 sum per group scaled by the group scale.
+//     panel [k][16] (8 rows x 32 columns at a time, bytes transposed in registers) and reused by every row of x (a 6 x
+//     16 broadcast-FMA micro-kernel, 12 accumulators), again with one fp32 sum per group scaled by the group scale.
 // All compute y[m, n] = x_scale[m] * sum_g w_scale[n, g] * sum_{k in g} fp8(x)[m, k] int4(w)[n, k]
 // (+ bias[n]) with fp32 accumulation; they differ only in the summation order.
 
@@ -505,54 +505,52 @@ void gemv(const GemmParams& p) {
 // ---- blocked path ------------------------------------------------------------------------------
 
 // Decodes weight rows [n0, n0 + 16) into panel[k][16] (rows past n are zero) and their scales
-// into scales[g][16].
-#ifdef SLAB_W4A8_AVX2
-// 8 consecutive int4 values (4 packed bytes, natural column order) of one row as 8 floats: the
-// 32-bit word broadcast to every lane, lane j shifted right by 4 j, its low nibble sign-extended.
-inline __m256 int4x8_natural(const uint8_t* w) {
-  uint32_t word;
-  std::memcpy(&word, w, sizeof(word));
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
-  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
-}
-
-// In-register 8 x 8 transpose: r[i] holds row i; afterwards r[j] holds column j.
-inline void transpose8(__m256 (&r)[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int h = 0; h < 2; ++h) {
-    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0x44);
-    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], 0xEE);
-    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
-    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
-  }
-}
-#endif
-
-// Decodes weight rows [n0, n0 + 16) into panel[k][16] (rows past n are zero) and their scales
-// into scales[g][16]. AVX2: 8 rows x 8 columns at a time, decoded along the rows and transposed
-// in registers; the columns past the last multiple of 8 through a byte -> float pair table.
+// into scales[g][16]. AVX2: 8 rows x 32 columns (16 packed bytes each) at a time, the bytes
+// transposed in registers so that one 8-byte lane holds one packed column of the 8 rows, whose two
+// nibbles then become two 8-row fp32 vectors (sign-extended bytes, shifts); the columns past the
+// last multiple of 32 through a byte -> float pair table.
 void decode_panel(const GemmParams& p, int64_t n0, float* panel, float* scales) {
   const int64_t groups = p.k / p.group, row_bytes = p.k / 2;
   const int64_t rows = std::min(kBlockRows, p.n - n0);
   int64_t k_done = 0;
 #ifdef SLAB_W4A8_AVX2
-  k_done = p.k / 8 * 8;
+  k_done = p.k / 32 * 32;
+  // The 8-row vectors of packed column c (low nibble: column 2c, high: 2c + 1), from the low 8 bytes of b.
+  const auto store_column = [&](__m128i b, int64_t col, int64_t r0) {
+    const __m256i v = _mm256_cvtepi8_epi32(b);
+    _mm256_storeu_ps(panel + col * kBlockRows + r0,
+                     _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28)));
+    _mm256_storeu_ps(panel + (col + 1) * kBlockRows + r0, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4)));
+  };
   for (int64_t r0 = 0; r0 < kBlockRows; r0 += 8) {
-    for (int64_t k0 = 0; k0 < k_done; k0 += 8) {
-      __m256 v[8];
+    for (int64_t k0 = 0; k0 < k_done; k0 += 32) {
+      __m128i b[8];
       for (int64_t i = 0; i < 8; ++i)
-        v[i] = r0 + i < rows ? int4x8_natural(p.w + (n0 + r0 + i) * row_bytes + k0 / 2) : _mm256_setzero_ps();
-      transpose8(v);
-      for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k0 + j) * kBlockRows + r0, v[j]);
+        b[i] = r0 + i < rows
+                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + (n0 + r0 + i) * row_bytes + k0 / 2))
+                   : _mm_setzero_si128();
+      // byte transpose: after three unpack levels t[j] holds packed columns 2j' and 2j' + 1 (see
+      // below) of rows 0..7, 8 bytes each
+      __m128i u[8], v[8];
+      for (int i = 0; i < 4; ++i) {
+        u[2 * i] = _mm_unpacklo_epi8(b[2 * i], b[2 * i + 1]);      // cols 0..7, rows 2i, 2i+1
+        u[2 * i + 1] = _mm_unpackhi_epi8(b[2 * i], b[2 * i + 1]);  // cols 8..15
+      }
+      for (int h = 0; h < 2; ++h)                                                     // column half
+        for (int q = 0; q < 2; ++q) {                                                 // row quad
+          v[4 * h + 2 * q] = _mm_unpacklo_epi16(u[4 * q + h], u[4 * q + 2 + h]);      // cols 8h..8h+3, rows 4q..4q+3
+          v[4 * h + 2 * q + 1] = _mm_unpackhi_epi16(u[4 * q + h], u[4 * q + 2 + h]);  // cols 8h+4..8h+7
+        }
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e) {                                             // cols 8h + 4e .. 8h + 4e + 3
+          const __m128i lo = _mm_unpacklo_epi32(v[4 * h + e], v[4 * h + 2 + e]);  // cols c, c+1, rows 0..7
+          const __m128i hi = _mm_unpackhi_epi32(v[4 * h + e], v[4 * h + 2 + e]);  // cols c+2, c+3
+          const int64_t c = 8 * h + 4 * e;
+          store_column(lo, k0 + 2 * c, r0);
+          store_column(_mm_srli_si128(lo, 8), k0 + 2 * (c + 1), r0);
+          store_column(hi, k0 + 2 * (c + 2), r0);
+          store_column(_mm_srli_si128(hi, 8), k0 + 2 * (c + 3), r0);
+        }
     }
   }
 #endif

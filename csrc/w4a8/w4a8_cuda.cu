@@ -31,6 +31,7 @@
 #include "core/cuda_types.cuh"
 #include "core/vec_cuda.cuh"
 #include "w4a8/w4a8.h"
+#include "w4a8/w4a8_async.cuh"
 #include "w4a8/w4a8_math.h"
 
 namespace slab::w4a8 {
@@ -184,7 +185,8 @@ int sm_count() {
   return std::max(sms, 1);
 }
 
-int tokens_per_block(int64_t m) { return m <= 8 ? 8 : (m <= 16 ? 16 : (m <= 32 ? 32 : 64)); }
+// mma.sync kernel (M > kDecodeMaxRows): 32 or 64 tokens per block.
+int tokens_per_block(int64_t m) { return m <= 32 ? 32 : 64; }
 
 template <int MT, typename O>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p);
@@ -324,6 +326,175 @@ __global__ void reduce_kernel(GemmParams p) {
   }
 }
 
+// ---- decode (M <= kDecodeMaxRows) ---------------------------------------------------------------
+
+constexpr int kDecodeThreads = 32 * kDecodeWarps;  // the kDecode* shape: w4a8_math.h
+
+template <int MT>
+struct DecodeShape {
+  static constexpr int kWBytes = kDecodeWarps * kDecodeTiles * static_cast<int>(kTileBytes);  // per stage
+  static constexpr int kXBytes = 8 * MT * kDecodeXRow;
+};
+
+// Weights are mma operand A (one 16-row tile per warp), the M <= 8 MT tokens operand B (MT mma
+// tiles of 8). Each warp streams its row tile's chunks for the split's k range through a
+// kDecodeStages-deep cp.async ring (evict-first: read once), 2 tiles = 1 KB per warp and stage,
+// each lane copying and later reading back only its own 16-byte fragment chunks; the stage's
+// activation columns (M rows x 128 bytes) are copied once per CTA next to them and shared by its
+// 4 warps (one barrier per stage). Tokens past M are zero operands, not loaded.
+template <int MT, int L, typename O>
+__global__ void __launch_bounds__(kDecodeThreads) decode_kernel(GemmParams p) {
+  using Shape = DecodeShape<MT>;
+  __shared__ __align__(16) uint8_t ws[kDecodeStages][Shape::kWBytes];
+  __shared__ __align__(16) uint8_t xs[kDecodeStages][Shape::kXBytes];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t k_tiles = ceil_div(p.k, kTileCols), row_tiles = ceil_div(p.n, kTileRows);
+  const int64_t groups = p.k / p.group;
+  const int64_t rt = static_cast<int64_t>(blockIdx.x) * kDecodeWarps + warp;
+  const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * p.tiles_per_split;
+  const int64_t kt1 = std::min<int64_t>(k_tiles, kt0 + p.tiles_per_split);
+  const int64_t st_end = std::min<int64_t>(2 * kt1, ceil_div(p.k, 32));
+  const int64_t stages = ceil_div(kt1 - kt0, kDecodeTiles);
+  const bool active = rt < row_tiles;
+  const uint64_t policy = evict_first_policy();
+
+  const auto load_stage = [&](int64_t j) {
+    if (j < stages) {
+      const int buf = static_cast<int>(j % kDecodeStages);
+      for (int h = 0; h < kDecodeTiles; ++h) {
+        const int64_t kt = kt0 + kDecodeTiles * j + h;
+        if (active && kt < kt1)
+          cp_async16_stream(ws[buf] + decode_w_smem_offset(warp, h, lane),
+                            p.w + layout_tile_offset(L, rt, kt, p.k) + 16 * lane, policy);
+      }
+      const int64_t col0 = (kt0 + kDecodeTiles * j) * kTileCols;
+      for (int c = threadIdx.x; c < 8 * MT * 8; c += kDecodeThreads) {
+        const int r = c / 8, chunk = c % 8;
+        if (r < p.m && col0 + 16 * chunk < kt1 * kTileCols)
+          cp_async16_zfill(xs[buf] + decode_x_smem_offset(r, 16 * chunk), p.x_fp8 + r * p.x_stride + col0 + 16 * chunk,
+                           true);
+      }
+    }
+    cp_async_commit();  // empty groups past the split keep the wait count uniform
+  };
+
+  float acc[MT][4], gacc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = gacc[j][c] = 0.0f;
+  const int64_t n_lo = rt * kTileRows + g, n_hi = n_lo + 8;
+
+  for (int j = 0; j < kDecodeStages - 1; ++j) load_stage(j);
+  for (int64_t j = 0; j < stages; ++j) {
+    cp_async_wait<kDecodeStages - 2>();
+    __syncthreads();  // stage j visible to every warp; stage j - 1 read by all of them
+    load_stage(j + kDecodeStages - 1);
+    if (!active) continue;
+    const int buf = static_cast<int>(j % kDecodeStages);
+#pragma unroll
+    for (int h = 0; h < kDecodeTiles; ++h) {
+      const int64_t kt = kt0 + kDecodeTiles * j + h;
+      if (kt >= kt1) break;
+      const uint4 wv = *reinterpret_cast<const uint4*>(ws[buf] + decode_w_smem_offset(warp, h, lane));
+      const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int64_t st = 2 * kt + s;
+        if (st >= st_end) break;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        const uint32_t a[4] = {a_fragment_register(words, s, 0), a_fragment_register(words, s, 1),
+                               a_fragment_register(words, s, 2), a_fragment_register(words, s, 3)};
+#endif
+#pragma unroll
+        for (int jn = 0; jn < MT; ++jn) {
+          const int row = 8 * jn + g;
+          const uint8_t* xrow = xs[buf] + decode_x_smem_offset(row, kTileCols * h + 32 * s + 4 * t);
+          const uint32_t b0 = row < p.m ? *reinterpret_cast<const uint32_t*>(xrow) : 0u;
+          const uint32_t b1 = row < p.m ? *reinterpret_cast<const uint32_t*>(xrow + 16) : 0u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+          mma_k32(gacc[jn], a, b0, b1);
+#else
+          mma_k32_f16(gacc[jn], words[2 * s], words[2 * s + 1], b0, b1);
+#endif
+        }
+        const Fold f = fold_after_step(st, st_end, p.group, p.k);
+        if (!f.fold) continue;
+        if (f.group_index >= 0) {
+          const float s_lo = n_lo < p.n ? p.w_scales[n_lo * groups + f.group_index] : 0.0f;
+          const float s_hi = n_hi < p.n ? p.w_scales[n_hi * groups + f.group_index] : 0.0f;
+#pragma unroll
+          for (int jn = 0; jn < MT; ++jn) {
+            acc[jn][0] = fmaf(gacc[jn][0], s_lo, acc[jn][0]);
+            acc[jn][1] = fmaf(gacc[jn][1], s_lo, acc[jn][1]);
+            acc[jn][2] = fmaf(gacc[jn][2], s_hi, acc[jn][2]);
+            acc[jn][3] = fmaf(gacc[jn][3], s_hi, acc[jn][3]);
+          }
+        }
+#pragma unroll
+        for (int jn = 0; jn < MT; ++jn)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) gacc[jn][c] = 0.0f;
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if (!active) return;
+  const bool direct = gridDim.z == 1;
+  float* part = p.workspace + static_cast<int64_t>(blockIdx.z) * p.m * p.n;
+#pragma unroll
+  for (int jn = 0; jn < MT; ++jn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t m = 8 * jn + 2 * t + (c & 1), n = c < 2 ? n_lo : n_hi;
+      if (m >= p.m || n >= p.n) continue;
+      if (direct) {
+        float v = p.x_scale[m] * acc[jn][c];
+        if (p.bias != nullptr) v += p.bias[n];
+        static_cast<O*>(p.y)[m * p.n + n] = from_acc<O>(v);
+      } else {
+        part[m * p.n + n] = acc[jn][c];
+      }
+    }
+  }
+}
+
+// One wave: the row CTAs times as many k splits as the occupancy lets sit next to each other.
+template <int MT>
+GemmPlan plan_decode(int64_t n, int64_t k) {
+  int per_sm = 0;
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<MT, kTiled, float>, kDecodeThreads, 0);
+  if (err != cudaSuccess) return {0, 0, static_cast<int>(err)};
+  const int64_t ctas = ceil_div(ceil_div(n, kTileRows), kDecodeWarps);
+  const SplitPlan sp = split_to_fill(ctas, ceil_div(k, kTileCols), int64_t{std::max(per_sm, 1)} * sm_count());
+  return {static_cast<int>(sp.splits), static_cast<int>(sp.per), 0};
+}
+
+template <int MT, int L>
+void launch_decode(const GemmParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(ceil_div(p.n, kTileRows), kDecodeWarps), 1, p.splits);
+  switch (p.out_dtype) {  // float32 / bfloat16 / float16 (the binding allows no other)
+    case DType::kBFloat16:
+      decode_kernel<MT, L, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(p);
+      break;
+    case DType::kFloat16:
+      decode_kernel<MT, L, __half><<<grid, kDecodeThreads, 0, stream>>>(p);
+      break;
+    default:
+      decode_kernel<MT, L, float><<<grid, kDecodeThreads, 0, stream>>>(p);
+      break;
+  }
+}
+
+template <int MT>
+void launch_decode(const GemmParams& p, cudaStream_t stream) {
+  if (p.layout == kSm90)
+    launch_decode<MT, kSm90>(p, stream);
+  else
+    launch_decode<MT, kTiled>(p, stream);
+}
+
 template <int MT>
 void launch_gemm(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(round_up(p.n, kTileRows), kTileRows * kWarps), ceil_div(p.m, 8 * MT), p.splits);
@@ -342,18 +513,13 @@ void launch_gemm(const GemmParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k) {
-  switch (tokens_per_block(m)) {
-    case 8:
-      return plan_for<1>(m, n, k);
-    case 16:
-      return plan_for<2>(m, n, k);
-    case 32:
-      return plan_for<4>(m, n, k);
-    default:
-      return plan_for<8>(m, n, k);
-  }
+GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k, int layout, bool oracle) {
+  if (m <= kDecodeMaxRows && !oracle) return m <= 8 ? plan_decode<1>(n, k) : plan_decode<2>(n, k);
+  if (layout == kSm90) return plan_sm90_cuda(m, n, k);
+  return tokens_per_block(m) == 32 ? plan_for<4>(m, n, k) : plan_for<8>(m, n, k);
 }
+
+GemmPlan plan_gemm_cuda(int64_t m, int64_t n, int64_t k) { return plan_gemm_cuda(m, n, k, kTiled); }
 
 void quantize_fp8_cuda(const QuantFp8Params& p, CUstream_st* stream) {
   const int blocks = static_cast<int>(std::min<int64_t>(p.rows, 65535));
@@ -379,19 +545,18 @@ void tile_weights_cuda(const uint8_t* src, int64_t n, int64_t k, uint8_t* dst, C
 }
 
 void gemm_cuda(const GemmParams& p, CUstream_st* stream) {
-  switch (tokens_per_block(p.m)) {  // the same buckets as plan_gemm_cuda
-    case 8:
-      launch_gemm<1>(p, stream);
-      break;
-    case 16:
-      launch_gemm<2>(p, stream);
-      break;
-    case 32:
-      launch_gemm<4>(p, stream);
-      break;
-    default:
-      launch_gemm<8>(p, stream);
-      break;
+  // the same paths and buckets as plan_gemm_cuda
+  if (p.m <= kDecodeMaxRows && !p.oracle) {
+    if (p.m <= 8)
+      launch_decode<1>(p, stream);
+    else
+      launch_decode<2>(p, stream);
+  } else if (p.layout == kSm90) {
+    gemm_sm90_cuda(p, stream);
+  } else if (tokens_per_block(p.m) == 32) {
+    launch_gemm<4>(p, stream);
+  } else {
+    launch_gemm<8>(p, stream);
   }
   if (p.splits == 1) return;  // the GEMM wrote y itself
   const int blocks = grid_stride_blocks(p.m * p.n, 256);

@@ -173,4 +173,152 @@ SLAB_HD uint8_t tiled_byte(const uint8_t* src, int64_t n, int64_t k, int64_t i) 
   return v;
 }
 
+// ---- the Hopper layout (Layout::kSm90) ----------------------------------------------------------
+// The kTiled tiles, reordered into 128 x 128 blocks (w4a8.h): block (rb, kb) row-major over
+// (rows / 128, k_pad / 128), tile (row tile w in 0..7, column tile h in 0..1) of the block at 2 w + h.
+
+SLAB_HD int64_t sm90_packed_rows(int64_t n) { return round_up(n, kSm90BlockRows); }
+SLAB_HD int64_t sm90_packed_row_bytes(int64_t k) { return round_up(k, kSm90BlockCols) / 2; }
+
+// Byte offset of the 16 x 64 tile (row tile nt, column tile kt) in either tile layout; the decode
+// kernel reads both through it.
+SLAB_HD int64_t tiled_tile_offset(int64_t nt, int64_t kt, int64_t k) {
+  return (nt * ceil_div(k, kTileCols) + kt) * kTileBytes;
+}
+SLAB_HD int64_t sm90_tile_offset(int64_t nt, int64_t kt, int64_t k) {
+  const int64_t rows_per_block = kSm90BlockRows / kTileRows, cols_per_block = kSm90BlockCols / kTileCols;
+  const int64_t block = (nt / rows_per_block) * ceil_div(k, kSm90BlockCols) + kt / cols_per_block;
+  return block * kSm90BlockBytes + ((nt % rows_per_block) * cols_per_block + kt % cols_per_block) * kTileBytes;
+}
+SLAB_HD int64_t layout_tile_offset(int layout, int64_t nt, int64_t kt, int64_t k) {
+  return layout == kSm90 ? sm90_tile_offset(nt, kt, k) : tiled_tile_offset(nt, kt, k);
+}
+
+// Byte `byte` (0..15) of lane `lane`'s chunk of the tile whose element (0, 0) is (row0, col0) of
+// row-major packed weights src (n, k / 2): the nibbles tile_position names, zero outside the matrix.
+SLAB_HD uint8_t tile_chunk_byte(const uint8_t* src, int64_t n, int64_t k, int64_t row0, int64_t col0, int lane,
+                                int byte) {
+  uint8_t v = 0;
+  for (int half = 0; half < 2; ++half) {
+    const TilePos pos = tile_position(lane, 2 * byte + half);
+    const int64_t r = row0 + pos.row, c = col0 + pos.col;
+    const int nib = (r < n && c < k) ? (src[r * (k / 2) + c / 2] >> (4 * (c & 1))) & 15 : 0;
+    v |= static_cast<uint8_t>(nib << (4 * half));
+  }
+  return v;
+}
+
+// Byte i of the kSm90 layout of row-major packed weights src (n, k / 2).
+SLAB_HD uint8_t sm90_byte(const uint8_t* src, int64_t n, int64_t k, int64_t i) {
+  const int64_t block = i / kSm90BlockBytes, kb_count = ceil_div(k, kSm90BlockCols);
+  const int tile = static_cast<int>(i % kSm90BlockBytes / kTileBytes);
+  const int64_t row0 = block / kb_count * kSm90BlockRows + (tile / 2) * kTileRows;
+  const int64_t col0 = block % kb_count * kSm90BlockCols + (tile % 2) * kTileCols;
+  return tile_chunk_byte(src, n, k, row0, col0, static_cast<int>(i % kTileBytes) / 16, static_cast<int>(i % 16));
+}
+
+// ---- wgmma m64nNk32 (e4m3 x e4m3 -> f32) fragments ------------------------------------------------
+// Register A (8-bit types, PTX ISA "wgmma .m64nNk32 register fragments"): thread `tid` (0..127) of
+// the warpgroup, register r (0..3), byte j (0..3) holds A[row][col] of the 64 x 32 A tile. This is
+// mma.m16n8k32's A fragment, shifted by 16 rows per warp: so register r of k32 step s of a warp's
+// kTiled tile is int4x4_to_e4m3x4 of 16-bit half (r & 1) of chunk word 2 s + (r >> 1).
+SLAB_HD TilePos wgmma_a_position(int tid, int r, int j) {
+  const int warp = tid >> 5, lane = tid & 31;
+  return {16 * warp + (lane >> 2) + 8 * (r & 1), 16 * (r >> 1) + 4 * (lane & 3) + j};
+}
+// Accumulator D (f32): thread tid, register i (0..N/2-1) holds D[row][col] of the 64 x N tile.
+SLAB_HD TilePos wgmma_d_position(int tid, int i) {
+  const int warp = tid >> 5, lane = tid & 31;
+  return {16 * warp + (lane >> 2) + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * (lane & 3) + (i & 1)};
+}
+// The e4m3 A register r of k32 step s (0..1) from the lane's 16-byte tile chunk (four words): the
+// same for wgmma (per warp) and mma.m16n8k32.
+SLAB_HD uint32_t a_fragment_register(const uint32_t (&chunk)[4], int s, int r) {
+  return int4x4_to_e4m3x4((chunk[2 * s + (r >> 1)] >> (16 * (r & 1))) & 0xFFFFu);
+}
+
+// Operand B (the activations, tokens x k, K-major) in shared memory, 128-byte swizzle: one stage
+// holds `tokens` rows of 128 bytes (the stage's 128 columns); 16-byte chunk c of row r lies at
+// r * 128 + 16 (c ^ (r % 8)) from the stage base (1024-byte aligned), i.e. 8-row x 128-byte swizzle
+// atoms of 1024 bytes, the XOR the hardware applies to address bits [4, 7) with bits [7, 10).
+constexpr int kSm90SwizzleRow = 128;
+constexpr int kSm90SwizzleAtom = 1024;
+SLAB_HD int sm90_x_smem_offset(int row, int chunk) { return row * kSm90SwizzleRow + 16 * (chunk ^ (row & 7)); }
+// The wgmma matrix descriptor of k32 step s (0..3) of a stage at shared address `stage_addr`
+// (1024-aligned): start address (bits 0-13, in 16-byte units) advanced by the step's 32 bytes
+// inside the swizzle row, leading byte offset (bits 16-29) unused for a swizzled K-major operand
+// (set to 1), stride byte offset (bits 32-45) = one 8-row atom, base offset (bits 49-51) 0, layout
+// type (bits 62-63) 1 = 128-byte swizzle.
+SLAB_HD uint64_t sm90_b_descriptor(uint32_t stage_addr, int s) {
+  const uint64_t start = ((stage_addr + 32u * static_cast<uint32_t>(s)) & 0x3FFFFu) >> 4;
+  return start | (uint64_t{1} << 16) | (static_cast<uint64_t>(kSm90SwizzleAtom >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+// The 128-column blocks [begin, end) of k split z of the sm_90a GEMM when splits hold
+// `tiles_per_split` 64-column tiles: each block goes to the split holding its first tile, so any
+// split plan (an odd one too, e.g. the kTiled kernel's) covers every block exactly once; a split
+// may then be empty (it writes zero partial sums).
+struct BlockRange {
+  int64_t begin, end;
+};
+SLAB_HD BlockRange sm90_split_blocks(int64_t z, int64_t tiles_per_split, int64_t k) {
+  const int64_t k_tiles = ceil_div(k, kTileCols);
+  const int64_t t0 = z * tiles_per_split, t1 = t0 + tiles_per_split < k_tiles ? t0 + tiles_per_split : k_tiles;
+  const int64_t begin = ceil_div(t0, 2), end = ceil_div(t1, 2);
+  return {begin, end > begin ? end : begin};
+}
+
+// The epilogue's output tile (NT tokens x 128 weight rows, fp32) in shared memory, staged so that
+// a warp then stores 32 consecutive outputs of one token row: row m at m * kSm90OutRow floats (4 of
+// padding: the D fragment writes of a warp, 8 rows x 4 token pairs, hit 32 distinct banks).
+constexpr int kSm90OutRow = 128 + 4;
+SLAB_HD int sm90_out_smem_offset(int m, int n) { return m * kSm90OutRow + n; }
+
+// ---- schedules shared by the CUDA GEMMs --------------------------------------------------------
+// k32 steps (32 columns) are the unit of a group: group sizes are multiples of 32 or the whole row.
+// After step `st` (columns [32 st, 32 st + 32)) of a split ending at step `st_end` (exclusive), the
+// group sums are scaled into the fp32 total if a group ends there, the split does, or kFoldSteps
+// steps (128 columns) have gone by: the tensor cores' own FP8 accumulation keeps fewer bits than
+// fp32, so no sum runs longer than 128 columns inside them (whole-row groups included), as the
+// FP8 GEMMs of DeepSeek-V3 do. `group_index` is the scale's group (the last real column's), or -1
+// when the step lies wholly past k (nothing to add).
+constexpr int64_t kFoldSteps = 4;
+struct Fold {
+  bool fold;
+  int64_t group_index;
+};
+SLAB_HD Fold fold_after_step(int64_t st, int64_t st_end, int64_t group, int64_t k) {
+  const int64_t k_end = 32 * (st + 1);
+  const bool fold = k_end % group == 0 || st + 1 == st_end || (st + 1) % kFoldSteps == 0;
+  return {fold, fold && k_end - 32 < k ? ((k_end < k ? k_end : k) - 1) / group : -1};
+}
+
+// The decode kernel (M <= kDecodeMaxRows): CTAs of kDecodeWarps warps, one 16-row weight tile
+// each; a kDecodeStages-deep cp.async ring of kDecodeTiles 64-column tiles per warp and stage
+// (1 KB of weights); the stage's activation columns for up to 16 tokens staged once per CTA in
+// rows of kDecodeXRow bytes (128 + 16: the fragment reads of the 8 row groups hit 32 distinct banks).
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeStages = 4;
+constexpr int kDecodeTiles = 2;
+constexpr int kDecodeXRow = kDecodeTiles * 64 + 16;
+// Shared-memory offset of chunk byte `byte` of weight tile h of warp `warp`'s stage (what lane
+// `lane` copies and later reads: its own 16 bytes), and of activation byte col (0..127) of token row.
+SLAB_HD int decode_w_smem_offset(int warp, int h, int lane) { return (kDecodeTiles * warp + h) * 512 + 16 * lane; }
+SLAB_HD int decode_x_smem_offset(int row, int col) { return row * kDecodeXRow + col; }
+
+// Split of `units` k units (64-column tiles, or 128-column blocks) over `ctas` CTAs of a grid
+// that fits `wave` CTAs at once: as many splits as fit in one wave next to the others (at least
+// one, at most one unit each), then rebalanced so that none is empty.
+struct SplitPlan {
+  int64_t splits, per;
+};
+SLAB_HD SplitPlan split_to_fill(int64_t ctas, int64_t units, int64_t wave) {
+  if (units < 1 || ctas < 1) return {1, units > 1 ? units : 1};
+  int64_t splits = ctas >= wave ? 1 : wave / ctas;
+  splits = splits < units ? splits : units;
+  if (splits < 1) splits = 1;
+  const int64_t per = ceil_div(units, splits);
+  return {ceil_div(units, per), per};
+}
+
 }  // namespace slab::w4a8

@@ -1,11 +1,14 @@
 // W4A8 ops: schemas, input checks, and the CPU/CUDA bindings of the kernels in w4a8.h, on torch's
 // stable ABI (core/binding.h). Fake tensors are registered in python/slab/ops/w4a8.py.
 // Inference only: no autograd.
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "core/binding.h"
 #include "w4a8/w4a8.h"
+#include "w4a8/w4a8_math.h"  // the sm90 layout's padded shape
 
 #ifdef SLAB_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -33,8 +36,38 @@ DType out_kernel_dtype(ScalarType t, const char* name) {
   return t == ScalarType::Float ? DType::kFloat32 : (t == ScalarType::BFloat16 ? DType::kBFloat16 : DType::kFloat16);
 }
 
+// The weight layout named `layout`: the vocabulary of slab.ops.w4a8.LAYOUTS.
+Layout parse_layout(const std::string& layout) {
+  if (layout == "rowmajor") return kRowMajor;
+  if (layout == "tiled") return kTiled;
+  if (layout == "sm90") return kSm90;
+  fail("layout must be 'rowmajor', 'tiled' or 'sm90', got '", layout, "'");
+}
+
+const char* layout_name(Layout layout) {
+  return layout == kRowMajor ? "rowmajor" : (layout == kTiled ? "tiled" : "sm90");
+}
+
+// (rows, bytes per row) of n x k weights packed in `layout` (zero padded).
+std::pair<int64_t, int64_t> packed_shape(Layout layout, int64_t n, int64_t k) {
+  switch (layout) {
+    case kRowMajor:
+      return {n, k / 2};
+    case kTiled:
+      return {round_up(n, kTileRows), round_up(k, kTileCols) / 2};
+    case kSm90:
+      return {sm90_packed_rows(n), sm90_packed_row_bytes(k)};
+  }
+  fail("unknown weight layout ", static_cast<int>(layout));
+}
+
+#ifdef SLAB_WITH_CUDA
+// Columns the CUDA kernels of `layout` read per activation row: whole tiles (64) or blocks (128).
+int64_t padded_columns(Layout layout, int64_t k) { return round_up(k, layout == kSm90 ? kSm90BlockCols : kTileCols); }
+#endif
+
 // Checks the packed weights and scales against (n from w_scales, k from x); returns n.
-int64_t check_weights(const Tensor& w, const Tensor& w_scales, int64_t k, int64_t group, int64_t layout,
+int64_t check_weights(const Tensor& w, const Tensor& w_scales, int64_t k, int64_t group, Layout layout,
                       const Tensor& like, const char* like_name) {
   check_same_device(w, like, "w_packed", like_name);
   check_same_device(w_scales, like, "w_scales", like_name);
@@ -46,15 +79,10 @@ int64_t check_weights(const Tensor& w, const Tensor& w_scales, int64_t k, int64_
   SLAB_CHECK(w_scales.size(1) == k / group, "w_scales must have shape (N, ", k / group,
              ") = (N, K / group_size) for K = ", k, ", got ", w_scales.sizes());
   SLAB_CHECK(w.dim() == 2, "w_packed must be 2-D, got shape ", w.sizes());
-  if (layout == kRowMajor) {
-    SLAB_CHECK(w.size(0) == n && w.size(1) == k / 2, "w_packed must have shape (", n, ", ", k / 2,
-               ") = (N of w_scales, K / 2), got ", w.sizes());
-  } else {
-    SLAB_CHECK(layout == kTiled, "layout must be 0 (row-major) or 1 (CUDA tiles), got ", layout);
-    SLAB_CHECK(w.size(0) == round_up(n, kTileRows) && w.size(1) == round_up(k, kTileCols) / 2,
-               "w_packed in the CUDA tile layout must have shape (", round_up(n, kTileRows), ", ",
-               round_up(k, kTileCols) / 2, ") for N = ", n, ", K = ", k, ", got ", w.sizes());
-  }
+  const auto [rows, row_bytes] = packed_shape(layout, n, k);
+  SLAB_CHECK(w.size(0) == rows && w.size(1) == row_bytes, "w_packed must have shape (", rows, ", ", row_bytes,
+             ") for layout '", layout_name(layout), "', N = ", n, " (rows of w_scales) and K = ", k, ", got ",
+             w.sizes());
   return n;
 }
 
@@ -88,19 +116,25 @@ std::tuple<Tensor, Tensor> quantize_fp8_op(const Tensor& x) {
 
 // ---- weight tiles --------------------------------------------------------------------------------
 
-Tensor tile_weights_op(const Tensor& packed) {
+// Row-major codes (N, K/2) -> the CUDA layout `layout` ("tiled" or "sm90"), zero padded.
+Tensor tile_weights_op(const Tensor& packed, const std::string& layout_arg) {
   check_defined(packed, "packed");
+  const Layout layout = parse_layout(layout_arg);
+  SLAB_CHECK(layout != kRowMajor, "layout must be a tile layout ('tiled' or 'sm90'): 'rowmajor' is packed's own");
   SLAB_CHECK(packed.scalar_type() == ScalarType::Byte, "packed must be uint8, got ", packed.scalar_type());
   SLAB_CHECK(packed.dim() == 2 && packed.size(1) > 0, "packed must have shape (N, K / 2), got ", packed.sizes());
   const int64_t n = packed.size(0), k = 2 * packed.size(1);
   const Tensor src = contiguous(packed);
-  Tensor out = empty({round_up(n, kTileRows), round_up(k, kTileCols) / 2}, ScalarType::Byte, packed.device());
+  const auto [rows, row_bytes] = packed_shape(layout, n, k);
+  Tensor out = empty({rows, row_bytes}, ScalarType::Byte, packed.device());
   if (n == 0) return out;
   const uint8_t* in = src.const_data_ptr<uint8_t>();
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  const bool sm90 = layout == kSm90;
   run_on_device(
-      packed, [&] { tile_weights_cpu(in, n, k, dst); },
-      [&](CUstream_st* stream) { tile_weights_cuda(in, n, k, dst, stream); }, "slab w4a8_tile_weights CUDA kernel");
+      packed, [&] { (sm90 ? tile_weights_sm90_cpu : tile_weights_cpu)(in, n, k, dst); },
+      [&](CUstream_st* stream) { (sm90 ? tile_weights_sm90_cuda : tile_weights_cuda)(in, n, k, dst, stream); },
+      "slab w4a8_tile_weights CUDA kernel");
   return out;
 }
 
@@ -127,35 +161,49 @@ Tensor int4_to_e4m3_op(const Tensor& packed) {
 
 // ---- GEMM ----------------------------------------------------------------------------------------
 
-// The weights in the layout the kernels of this library's device read: CPU kernels read row-major;
-// CUDA kernels read tiles (row-major weights are tiled here, on every call: prepack once instead).
-Tensor kernel_weights(const Tensor& w, int64_t layout) {
+// The weights in a layout the kernels of this library's device read, and that layout: the CPU
+// kernels read row-major; the CUDA kernels read "tiled" (row-major weights are tiled here, on every
+// call: prepack once instead) or, on a compute capability 9.0 device, "sm90".
+std::pair<Tensor, Layout> kernel_weights(const Tensor& w, Layout layout) {
 #ifndef SLAB_WITH_CUDA
-  SLAB_CHECK(layout == kRowMajor,
-             "w_packed is in the CUDA tile layout (layout=1); the CPU kernels read the "
-             "row-major layout: prepack the weights for the CPU (slab.quant.prepack_w4(..., device='cpu'))");
-  return contiguous(w);
+  SLAB_CHECK(layout == kRowMajor, "w_packed is in the CUDA layout '", layout_name(layout),
+             "'; the CPU kernels read the row-major layout: prepack the weights for the CPU "
+             "(slab.quant.prepack_w4(..., device='cpu'))");
+  return {contiguous(w), kRowMajor};
 #else
-  // The CUDA GEMM reads each lane's tile chunk as one 16-byte word.
-  return layout == kTiled ? aligned_contiguous(w, 16) : tile_weights_op(w);
+  if (layout == kRowMajor) return {tile_weights_op(w, "tiled"), kTiled};
+  if (layout == kSm90) {
+    torch::stable::accelerator::DeviceGuard guard(w.get_device_index());
+    SLAB_CHECK(layout_supported_cuda(kSm90),
+               "w_packed is in the 'sm90' layout, which needs a compute capability 9.0 GPU (H100/H200) and slab's "
+               "sm_90a kernels; prepack for this device with layout='tiled' (slab.quant.prepack_w4)");
+  }
+  return {aligned_contiguous(w, 16), layout};  // the kernels read each lane's chunk as one 16-byte word
 #endif
 }
 
-Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, const Tensor& w_scales, const Tensor& y) {
-  const Tensor wk = kernel_weights(w, p.layout);
+Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, Layout layout, const Tensor& w_scales,
+                const Tensor& y) {
+  const auto [wk, kernel_layout] = kernel_weights(w, layout);
   const Tensor ws = contiguous(w_scales);
   p.w = wk.const_data_ptr<uint8_t>();
   p.w_scales = ws.const_data_ptr<float>();
+  p.layout = kernel_layout;
   Tensor workspace;
 #ifdef SLAB_WITH_CUDA
-  p.layout = kTiled;
   SLAB_CHECK(p.m <= kMaxCudaRows, "the CUDA W4A8 GEMM takes at most ", kMaxCudaRows, " rows of x per call, got ", p.m,
              "; split x along its rows");
+  // SLAB_W4A8_ORACLE=1: the first-draft mma.sync kernel for every M, to compare the others with on the device
+  const char* oracle = std::getenv("SLAB_W4A8_ORACLE");
+  p.oracle = oracle != nullptr && std::string(oracle) == "1";
+  SLAB_CHECK(!p.oracle || p.layout == kTiled,
+             "SLAB_W4A8_ORACLE=1 runs the first-draft kernel, which reads the 'tiled' layout; w_packed is in "
+             "layout 'sm90'");
   GemmPlan plan{};
   {
     // the split plan reads the current device's SM count
     torch::stable::accelerator::DeviceGuard guard(like.get_device_index());
-    plan = plan_gemm_cuda(p.m, p.n, p.k);
+    plan = plan_gemm_cuda(p.m, p.n, p.k, p.layout, p.oracle);
   }
   SLAB_CHECK(plan.cuda_error == 0, "the CUDA W4A8 GEMM could not plan its launch: CUDA error: ",
              cudaGetErrorString(static_cast<cudaError_t>(plan.cuda_error)));
@@ -165,22 +213,20 @@ Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, const Tensor&
                       ScalarType::Float, like.device());
     p.workspace = workspace.mutable_data_ptr<float>();
   }
-#else
-  p.layout = kRowMajor;
 #endif
   launch(like, p, gemm_cpu, SLAB_CUDA_FN(gemm_cuda));
   return y;
 }
 
-// CUDA reads activation rows with 16-byte loads over whole 64-column tiles: rows padded with
-// zeros to a multiple of 64 columns and 16-byte aligned. The CPU reads x as it is.
-Tensor kernel_activations(const Tensor& x_fp8, int64_t k) {
+// CUDA reads activation rows with 16-byte loads over whole tiles (64 columns; 128 for "sm90"): rows
+// padded with zeros to that multiple and 16-byte aligned. The CPU reads x as it is.
+Tensor kernel_activations(const Tensor& x_fp8, int64_t k, Layout layout) {
   Tensor xb = aten("aten::view", "dtype", contiguous(x_fp8), ScalarType::Byte);
 #ifndef SLAB_WITH_CUDA
-  (void)k;
+  (void)k, (void)layout;
   return xb;
 #else
-  const int64_t kp = round_up(k, kTileCols);
+  const int64_t kp = padded_columns(layout, k);
   if (kp == k && reinterpret_cast<uintptr_t>(xb.data_ptr()) % 16 == 0) return xb;
   Tensor padded = zeros({xb.size(0), kp}, ScalarType::Byte, xb.device());
   Tensor head = torch::stable::narrow(padded, 1, 0, k);
@@ -190,13 +236,14 @@ Tensor kernel_activations(const Tensor& x_fp8, int64_t k) {
 }
 
 Tensor w4a8_gemm_op(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w, const Tensor& w_scales,
-                    int64_t group_size, int64_t layout, ScalarType out_dtype) {
+                    int64_t group_size, const std::string& layout_arg, ScalarType out_dtype) {
   check_defined(x_fp8, "x_fp8");
   SLAB_CHECK(x_fp8.scalar_type() == ScalarType::Float8_e4m3fn, "x_fp8 must be float8_e4m3fn (from quantize_fp8), got ",
              x_fp8.scalar_type());
   SLAB_CHECK(x_fp8.dim() == 2, "x_fp8 must have shape (M, K), got ", x_fp8.sizes());
   const int64_t m = x_fp8.size(0), k = x_fp8.size(1);
   const int64_t group = group_columns(group_size, k);
+  const Layout layout = parse_layout(layout_arg);
   const DType odt = out_kernel_dtype(out_dtype, "out_dtype");
   check_same_device(x_scale, x_fp8, "x_scale", "x_fp8");
   SLAB_CHECK(x_scale.scalar_type() == ScalarType::Float, "x_scale must be float32, got ", x_scale.scalar_type());
@@ -205,18 +252,18 @@ Tensor w4a8_gemm_op(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w,
   const int64_t n = check_weights(w, w_scales, k, group, layout, x_fp8, "x_fp8");
   Tensor y = empty({m, n}, out_dtype, x_fp8.device());
   if (m == 0 || n == 0) return y;
-  const Tensor xb = kernel_activations(x_fp8, k);
+  const Tensor xb = kernel_activations(x_fp8, k, layout);
   const Tensor xs = contiguous(torch::stable::reshape(x_scale, {m}));
   GemmParams p{};
-  p.m = m, p.n = n, p.k = k, p.group = group, p.layout = static_cast<int>(layout);
+  p.m = m, p.n = n, p.k = k, p.group = group;
   p.x_fp8 = xb.const_data_ptr<uint8_t>(), p.x_stride = xb.size(1), p.x_scale = xs.const_data_ptr<float>();
   p.x = nullptr, p.x_dtype = DType::kFloat32;
   p.bias = nullptr, p.y = y.mutable_data_ptr(), p.out_dtype = odt;
-  return run_gemm(p, x_fp8, w, w_scales, y);
+  return run_gemm(p, x_fp8, w, layout, w_scales, y);
 }
 
-Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, int64_t group_size, int64_t layout,
-                      const OptTensor& bias) {
+Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, int64_t group_size,
+                      const std::string& layout_arg, const OptTensor& bias) {
   check_defined(x, "x");
   SLAB_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16 ||
                  x.scalar_type() == ScalarType::Half,
@@ -224,6 +271,7 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
   SLAB_CHECK(x.dim() == 2, "x must have shape (M, K), got ", x.sizes());
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t group = group_columns(group_size, k);
+  const Layout layout = parse_layout(layout_arg);
   const int64_t n = check_weights(w, w_scales, k, group, layout, x, "x");
   Tensor b;
   if (bias.has_value()) {
@@ -236,7 +284,7 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
   Tensor y = empty({m, n}, x.scalar_type(), x.device());
   if (m == 0 || n == 0) return y;
   GemmParams p{};
-  p.m = m, p.n = n, p.k = k, p.group = group, p.layout = static_cast<int>(layout);
+  p.m = m, p.n = n, p.k = k, p.group = group;
   p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   p.y = y.mutable_data_ptr(), p.out_dtype = kernel_dtype(x, "x");
   const Tensor xc = contiguous(x);
@@ -246,15 +294,15 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
   p.x = xc.data_ptr(), p.x_dtype = kernel_dtype(x, "x");
 #else
   // CUDA: one small quantize pass (M x K bytes; the weights dominate the traffic) into rows
-  // padded to whole 64-column tiles, then the GEMM.
-  q = zeros({m, round_up(k, kTileCols)}, ScalarType::Byte, x.device());
+  // padded to whole tiles (kernel_activations), then the GEMM.
+  q = zeros({m, padded_columns(layout, k)}, ScalarType::Byte, x.device());
   qs = empty({m}, ScalarType::Float, x.device());
   QuantFp8Params qp{kernel_dtype(x, "x"),        m, k, xc.data_ptr(), q.mutable_data_ptr<uint8_t>(), q.size(1),
                     qs.mutable_data_ptr<float>()};
   launch(x, qp, quantize_fp8_cpu, SLAB_CUDA_FN(quantize_fp8_cuda));
   p.x_fp8 = q.const_data_ptr<uint8_t>(), p.x_stride = q.size(1), p.x_scale = qs.const_data_ptr<float>();
 #endif
-  return run_gemm(p, x, w, w_scales, y);
+  return run_gemm(p, x, w, layout, w_scales, y);
 }
 
 }  // namespace
@@ -263,12 +311,12 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
 #ifndef SLAB_WITH_CUDA
 STABLE_TORCH_LIBRARY_FRAGMENT(slab, m) {
   m.def("quantize_fp8(Tensor x) -> (Tensor, Tensor)");
-  m.def("w4a8_tile_weights(Tensor packed) -> Tensor");
+  m.def("w4a8_tile_weights(Tensor packed, str layout=\"tiled\") -> Tensor");
   m.def("w4a8_int4_to_e4m3(Tensor packed) -> Tensor");
   m.def(
-      "w4a8_gemm(Tensor x_fp8, Tensor x_scale, Tensor w_packed, Tensor w_scales, int group_size, int layout, "
+      "w4a8_gemm(Tensor x_fp8, Tensor x_scale, Tensor w_packed, Tensor w_scales, int group_size, str layout, "
       "ScalarType out_dtype) -> Tensor");
-  m.def("w4a8_linear(Tensor x, Tensor w_packed, Tensor w_scales, int group_size, int layout, Tensor? bias) -> Tensor");
+  m.def("w4a8_linear(Tensor x, Tensor w_packed, Tensor w_scales, int group_size, str layout, Tensor? bias) -> Tensor");
 }
 #endif
 

@@ -968,6 +968,8 @@ op(
     dtype("packed", torch.int8),
     dtype("packed", torch.float32),
     dtype("packed", torch.int32),
+    bad("layout=rowmajor", "layout", layout="rowmajor"),
+    bad("layout=unknown", "layout", layout="sm80"),
 )
 
 
@@ -989,7 +991,7 @@ def _w4a8_gemm():
         w_packed=_uint8(5, 32),
         w_scales=pos(5, 2),
         group_size=32,
-        layout=0,
+        layout="rowmajor",
         out_dtype=torch.bfloat16,
     )
 
@@ -1020,8 +1022,9 @@ op(
         w_scales=lambda a: a["w_scales"][:, :1],
         group_size=-1,
     ),
-    bad("layout=2", "layout", layout=2),
-    bad("layout=tiled_on_cpu", ("layout", "w_packed"), layout=1),
+    bad("layout=colmajor", "layout", layout="colmajor"),
+    bad("layout=tiled_on_cpu", ("layout", "w_packed"), layout="tiled"),
+    bad("layout=sm90_on_cpu", ("layout", "w_packed"), layout="sm90"),
     bad("out_dtype=int32", "out_dtype", out_dtype=torch.int32),
     bad("out_dtype=float64", "out_dtype", out_dtype=torch.float64),
     meta("x_scale"),
@@ -1029,7 +1032,9 @@ op(
 
 
 def _w4a8_linear():
-    return dict(x=rand(3, 64), w_packed=_uint8(5, 32), w_scales=pos(5, 2), group_size=32, layout=0, bias=rand(5))
+    return dict(
+        x=rand(3, 64), w_packed=_uint8(5, 32), w_scales=pos(5, 2), group_size=32, layout="rowmajor", bias=rand(5)
+    )
 
 
 op(
@@ -1049,7 +1054,7 @@ op(
     dtype("bias", torch.int32),
     bad("group_size=96", "group_size", group_size=96),
     bad("group_size=-2", "group_size", group_size=-2),
-    bad("layout=-1", "layout", layout=-1),
+    bad("layout=Tiled", "layout", layout="Tiled"),
     meta("bias"),
     variants=(("valid:strided", lambda: dict(_w4a8_linear(), x=swap_last(rand(3, 64)), bias=None)),),
 )

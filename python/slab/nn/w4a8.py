@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.w4a8 import GROUP_SIZES, PackedW4, group_columns, w4a8_linear
+from ..ops.w4a8 import GROUP_SIZES, PackedW4, dequantize_w4, group_columns, prepack_w4, quantize_w4, w4a8_linear
 from ._args import check_choice, check_flag, check_size
 
 __all__ = ["W4A8Linear"]
@@ -62,8 +62,6 @@ class W4A8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "W4A8Linear":
         """Quantizes ``linear.weight`` with :func:`slab.quant.quantize_w4` (``linear`` is unchanged)."""
-        from ..quant import quantize_w4
-
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -89,16 +87,12 @@ class W4A8Linear(nn.Module):
         """The dequantized weights (float32, (out_features, in_features)), computed on every access:
         for inspection and for code that reads ``layer.weight`` (not a parameter, not trained, not
         in the state_dict)."""
-        from ..quant import dequantize_w4
-
         return dequantize_w4(self.packed, self.scales, self.group_size)
 
     def kernel_weights(self) -> PackedW4:
         """The prepacked weights for the buffers' device (built once, cached)."""
         kw = self._kernel_w
         if kw is None or kw.device != self.packed.device:
-            from ..quant import prepack_w4
-
             kw = prepack_w4(self.packed, self.scales, self.group_size, self.packed.device)
             self._kernel_w = kw
         return kw

@@ -15,26 +15,42 @@ weights are not trained through); a backward through them raises a RuntimeError 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from ._fake import register_fake
 
-__all__ = ["w4a8_gemm", "w4a8_linear", "PackedW4", "GROUP_SIZES"]
+__all__ = [
+    "quantize_w4",
+    "dequantize_w4",
+    "unpack_int4",
+    "prepack_w4",
+    "quantize_fp8",
+    "w4a8_gemm",
+    "w4a8_linear",
+    "PackedW4",
+    "GROUP_SIZES",
+    "LAYOUTS",
+]
 
 _lib = torch.ops.slab
 
 #: Supported weight group sizes (-1: one scale per output row).
 GROUP_SIZES = (32, 64, 128, -1)
 
-_LAYOUT_IDS = {"rowmajor": 0, "tiled": 1}
+#: Weight layouts (PackedW4.layout and the ops' ``layout`` argument): ``"rowmajor"`` the
+#: ``quantize_w4`` codes (N, K/2), read by the CPU kernels; ``"tiled"`` the CUDA mma.sync tiles;
+#: ``"sm90"`` the sm_90a wgmma kernel's blocks (csrc/w4a8/w4a8.h documents each byte map).
+LAYOUTS = ("rowmajor", "tiled", "sm90")
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def group_columns(group_size: int, k: int) -> int:
     """Columns per scale for ``group_size`` (``k`` for -1); ValueError unless it divides an even ``k``."""
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if type(group_size) is not int or group_size not in GROUP_SIZES:  # not 128.0, not True
         raise ValueError(f"group_size must be one of {GROUP_SIZES} (-1: one scale per row), got {group_size!r}")
     if k <= 0 or k % 2:
         raise ValueError(
@@ -65,13 +81,114 @@ class PackedW4:
     device: torch.device
     layout: str
 
-    @property
-    def layout_id(self) -> int:
-        return _LAYOUT_IDS[self.layout]
+
+# ---- quantizers -----------------------------------------------------------------------------------
+
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_w4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
+    """Quantizes weights ``w`` (N, K) (float32 / bfloat16 / float16) to int4 with group scales.
+
+    Returns ``(packed, scales)``: ``packed`` uint8 (N, K/2), byte ``[n, j]`` = ``q[n, 2j] & 15 |
+    (q[n, 2j+1] & 15) << 4``; ``scales`` float32 (N, K / group_size) (``group_size=-1``: (N, 1),
+    one scale per row). ``K`` must be even and a multiple of ``group_size`` (ValueError otherwise);
+    ``w`` must be finite. Runs on ``w``'s device with plain torch ops.
+    """
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise ValueError(f"w must be a 2-D (N, K) tensor, got {getattr(w, 'shape', type(w).__name__)}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"w must be float32, bfloat16 or float16, got {w.dtype}")
+    n, k = w.shape
+    g = group_columns(group_size, k)
+    wf = w.detach().float().reshape(n, k // g, g)
+    if not bool(torch.isfinite(wf).all()):
+        raise ValueError("w must be finite (found NaN or Inf)")
+    absmax = wf.abs().amax(-1)
+    tiny = torch.finfo(torch.float32).tiny  # absmax / 7 underflows to 0 below ~1e-44: w / 0 would be NaN
+    scales = torch.where(absmax == 0, torch.ones_like(absmax), (absmax / 7).clamp(min=tiny))
+    q = torch.clamp(torch.round(wf / scales.unsqueeze(-1)), -8, 7).to(torch.int32).reshape(n, k)
+    packed = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).to(torch.uint8)
+    return packed, scales.contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The int4 values (int8, (N, K)) of row-major packed codes (N, K/2)."""
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor (N, K/2), got {getattr(packed, 'dtype', type(packed))}")
+    p = packed.to(torch.int16)
+    nib = torch.stack([p & 15, p >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return (nib - ((nib & 8) << 1)).to(torch.int8)
+
+
+def _check_scales(scales: Tensor, n: int, k: int, g: int) -> None:
+    if not isinstance(scales, Tensor) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be a float32 tensor, got {getattr(scales, 'dtype', type(scales).__name__)}")
+    if tuple(scales.shape) != (n, k // g):
+        raise ValueError(f"scales must have shape {(n, k // g)} = (N, K / group_size), got {tuple(scales.shape)}")
+
+
+def dequantize_w4(packed: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    """float32 (N, K) weights ``int4 * scale`` from ``quantize_w4``'s ``(packed, scales)``."""
+    q = unpack_int4(packed)
+    n, k = q.shape
+    g = group_columns(group_size, k)
+    _check_scales(scales, n, k, g)
+    if scales.device != packed.device:
+        raise ValueError(f"scales is on {scales.device} but packed is on {packed.device}")
+    return (q.float().reshape(n, k // g, g) * scales.unsqueeze(-1)).reshape(n, k)
+
+
+def prepack_w4(
+    packed: Tensor,
+    scales: Tensor,
+    group_size: int,
+    device: Union[str, torch.device, None] = None,
+    layout: Optional[str] = None,
+) -> PackedW4:
+    """The weights in the layout the kernels of ``device`` read (default: ``packed``'s device).
+
+    ``layout`` (one of :data:`LAYOUTS`) defaults to the device's: ``"rowmajor"`` on the CPU (the
+    ``quantize_w4`` codes as they are), ``"tiled"`` on CUDA (16 x 64 tiles, rows padded to 16 and
+    columns to 64 with zero codes); ``"sm90"`` is the layout of the Hopper (sm_90a) wgmma kernel
+    (the same tiles in 128 x 128 blocks, rows and columns padded to 128). Do this once (offline /
+    at load time), not per call. A CUDA layout on the CPU only serves to inspect it (the CPU
+    kernels need ``"rowmajor"``).
+    """
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor (N, K/2), got {getattr(packed, 'dtype', type(packed))}")
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    g = group_columns(group_size, k)
+    _check_scales(scales, n, k, g)
+    device = torch.device(device) if device is not None else packed.device
+    if layout is None:
+        layout = "tiled" if device.type == "cuda" else "rowmajor"
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    codes = packed.contiguous()
+    if layout != "rowmajor":
+        codes = _lib.w4a8_tile_weights(codes, layout)  # on packed's device (CPU or CUDA)
+    return PackedW4(codes.to(device), scales.to(device).contiguous(), int(group_size), n, k, device, layout)
+
+
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (last dimension) float8_e4m3fn quantization: returns ``(x_fp8, scale)``, ``x_fp8``
+    of ``x``'s shape, ``scale`` float32 of shape ``x.shape[:-1]`` = ``absmax / 448`` (1 for an
+    all-zero or empty row; at least ``torch.finfo(torch.float32).tiny`` otherwise, where
+    ``absmax / 448`` would be subnormal or underflow to 0); ``x_fp8 = (x.float() / scale)``
+    rounded to nearest even, saturating at +-448,
+    NaN staying NaN. ``x`` float32 / bfloat16 / float16, any strides. One fused kernel."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    return torch.ops.slab.quantize_fp8(x)
+
+
+# ---- GEMM ----------------------------------------------------------------------------------------
 
 
 def _arguments(fn: str, w, args, kwargs, extra: str, default):
-    """(packed, scales, group_size, layout id, extra) from either call form:
+    """(packed, scales, group_size, layout, extra) from either call form:
     ``(w: PackedW4, [extra])`` or ``(w_packed, w_scales, group_size, [extra])``, positional or by
     keyword; ``extra`` is ``out_dtype`` (w4a8_gemm) or ``bias`` (w4a8_linear)."""
     if isinstance(w, PackedW4):
@@ -95,10 +212,10 @@ def _arguments(fn: str, w, args, kwargs, extra: str, default):
         vals[key] = v
     value = vals.get(extra, default)
     if isinstance(w, PackedW4):
-        return w.packed, w.scales, w.group_size, w.layout_id, value
+        return w.packed, w.scales, w.group_size, w.layout, value
     if "w_scales" not in vals or "group_size" not in vals:
         raise TypeError(f"{fn}: with a uint8 w_packed tensor, w_scales and group_size are required")
-    return w, vals["w_scales"], vals["group_size"], 0, value
+    return w, vals["w_scales"], vals["group_size"], "rowmajor", value
 
 
 def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args, **kwargs) -> Tensor:
@@ -161,7 +278,8 @@ def _fake_n(w_packed, w_scales, k, group_size, layout):
     g = k if group_size == -1 else group_size
     torch._check(k % g == 0 and k % 2 == 0, lambda: "group_size must divide K (even)")
     torch._check(w_scales.shape[1] == k // g, lambda: "w_scales must have shape (N, K / group_size)")
-    if layout == 0:
+    torch._check(layout in LAYOUTS, lambda: f"layout must be one of {LAYOUTS}")
+    if layout == "rowmajor":
         torch._check(
             w_packed.shape[0] == n and w_packed.shape[1] == k // 2, lambda: "w_packed must have shape (N, K / 2)"
         )
@@ -175,10 +293,12 @@ def _(x):
 
 
 @register_fake("w4a8_tile_weights")
-def _(packed):
+def _(packed, layout="tiled"):
     torch._check(packed.dim() == 2, lambda: "packed must have shape (N, K / 2)")
+    torch._check(layout in ("tiled", "sm90"), lambda: "layout must be 'tiled' or 'sm90'")
     n, kh = packed.shape
-    return packed.new_empty(((n + 15) // 16 * 16, (2 * kh + 63) // 64 * 32))
+    rows, cols = (16, 64) if layout == "tiled" else (128, 128)
+    return packed.new_empty(((n + rows - 1) // rows * rows, (2 * kh + cols - 1) // cols * cols // 2))
 
 
 @register_fake("w4a8_int4_to_e4m3")
