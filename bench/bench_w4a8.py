@@ -10,13 +10,18 @@ y (M, N) = x (M, K) W^T with W (N, K) quantized to int4 (group scales) and x to 
   deq         the reference: dequantize_w4 + dequantized x, then an fp32 matmul, every call
   deq_comp    torch.compile of deq
   scaled_mm   (GPU) torch._scaled_mm with fp8 weights (per-row scales), bf16 output
+  sm90        (GPU, compute capability 9.0) slab.ops.w4a8_gemm with the weights prepacked in the
+              "sm90" layout (the wgmma kernel for M > 16); `slab` then uses "tiled"
+  oracle      (GPU) the first-draft mma.sync kernel (SLAB_W4A8_ORACLE=1) on the "tiled" weights
   int4        (CPU) torch's int4 weight-only kernel, aten._weight_int4pack_mm_for_cpu, on the same
               int4 codes and group scales (bf16 x): what a CPU user would pick instead; compared
               with `linear` (both take bf16 activations), column int4/linear
 Floor: the bytes the W4A8 job must move (packed weights N K / 2, fp32 scales, fp8 x, bf16 y)
 divided by the MEASURED copy bandwidth (bytes read + written per second of a large copy), and
-the fraction of it slab reaches. Every shape is verified against a float64 reference of the SPEC
-formula before it is timed.
+the fraction of it slab reaches; and `int4 of read BW`: the packed int4 bytes over slab's time,
+as a fraction of the MEASURED read bandwidth (a large tensor's sum), the limit of a GEMV that
+streams its weights once. Every shape is verified against a float64 reference of the SPEC formula
+before it is timed.
 
 Accuracy (--accuracy): relative error ||y - y_ref|| / ||y_ref|| of W4A8Linear against the float
 nn.Linear it was made from, for normal and heavy-tailed (Student t, 3 degrees of freedom)
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
@@ -73,6 +79,19 @@ def verify(cfg, xq, xs, weights, packed, scales):
             sys.exit(f"{cfg}: slab disagrees with slab.reference.w4a8: {c.message}")
 
 
+def oracle_call(fn):
+    """``fn`` run with SLAB_W4A8_ORACLE=1: the first-draft CUDA kernel for every M."""
+
+    def call():
+        os.environ["SLAB_W4A8_ORACLE"] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ["SLAB_W4A8_ORACLE"]
+
+    return call
+
+
 def torch_int4_weights(packed, scales, group):
     """The same int4 weights for torch's CPU int4 kernel: codes q + 8 in [0, 15] packed by
     aten._convert_weight_to_int4pack_for_cpu, scales_and_zeros (K / group, N, 2) = (scale, 0) in
@@ -95,8 +114,12 @@ def run_speed(args, device):
         B.Column("deq_ms", "deq ms", ".3f"),
         B.Column("comp_ms", "deq compile", ".3f"),
     ]
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     if device.type == "cuda":
         cols.append(B.Column("smm_ms", "scaled_mm ms", ".3f"))
+        cols.append(B.Column("oracle_ms", "oracle ms", ".3f"))
+        if sm90:
+            cols += [B.Column("sm90_ms", "sm90 ms", ".3f"), B.Column("vs_smm", "smm/sm90", ".2f")]
     else:
         cols += [B.Column("int4_ms", "torch int4 ms", ".3f"), B.Column("vs_int4", "int4/linear", ".2f")]
     cols += [
@@ -104,9 +127,11 @@ def run_speed(args, device):
         B.Column("vs_fp32", "fp32/slab", ".2f"),
         B.Column("floor_ms", "floor ms", ".3f"),
         B.Column("of_floor", "of floor", ".0%"),
+        B.Column("of_read", "int4 of read BW", ".0%"),
     ]
     table = B.Table(cols, title=f"w4a8_gemm on {B.device_description(device)}")
     copy_bw = B.copy_bandwidth(device)
+    read_bw = B.read_bandwidth(device)
     deq = lambda xq, xs, p, s, g: (xq.float() * xs.unsqueeze(1)) @ quant.dequantize_w4(p, s, g).t()
     deq_comp = torch.compile(deq) if args.compile else None
     tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
@@ -125,8 +150,9 @@ def run_speed(args, device):
             gen = torch.Generator().manual_seed(0)
             w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
             packed, scales = quant.quantize_w4(w, c.group)
-            cache[key] = (w, w.bfloat16(), packed, scales, quant.prepack_w4(packed, scales, c.group, device))
-        w, wb, packed, scales, weights = cache[key]
+            w_sm90 = quant.prepack_w4(packed, scales, c.group, device, layout="sm90") if sm90 else None
+            cache[key] = (w, w.bfloat16(), packed, scales, quant.prepack_w4(packed, scales, c.group, device), w_sm90)
+        w, wb, packed, scales, weights, w_sm90 = cache[key]
         x = torch.randn(c.m, k, device=device)
         xb = x.bfloat16()
         xq, xs = quant.quantize_fp8(x)
@@ -146,7 +172,11 @@ def run_speed(args, device):
         if device.type == "cpu" and c.group != -1:
             wi, sz = torch_int4_weights(packed, scales, c.group)
             fns["int4"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wi, c.group, sz)
+        if w_sm90 is not None:
+            verify(c, xq, xs, w_sm90, packed, scales)
+            fns["sm90"] = lambda: slab.ops.w4a8_gemm(xq, xs, w_sm90)
         if device.type == "cuda":
+            fns["oracle"] = oracle_call(lambda: slab.ops.w4a8_gemm(xq, xs, weights))
             w8, ws8 = quant.quantize_fp8(w)
             w8t, ws8r = w8.t(), ws8.reshape(1, -1)
             fns["smm"] = lambda: torch._scaled_mm(
@@ -167,17 +197,24 @@ def run_speed(args, device):
             deq_ms=times["deq"],
             comp_ms=times.get("comp"),
             smm_ms=times.get("smm"),
+            oracle_ms=times.get("oracle"),
+            sm90_ms=times.get("sm90"),
+            vs_smm=times["smm"] / times["sm90"] if "sm90" in times else None,
             int4_ms=times.get("int4"),
             vs_int4=times["int4"] / times["linear"] if "int4" in times else None,
             vs_bf16=times["bf16"] / times["slab"],
             vs_fp32=times["fp32"] / times["slab"],
             floor_ms=floor_ms,
             of_floor=floor_ms / times["slab"],
+            of_read=n * k / 2 / read_bw / (times["slab"] * 1e-3),
         )
         table.add(row)
         print(table.render().splitlines()[-1], flush=True)
     print()
-    table.notes.append(f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s; floor = W4A8 bytes / that")
+    table.notes.append(
+        f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s; floor = W4A8 bytes / that; "
+        f"read bandwidth measured: {read_bw / 1e9:.1f} GB/s"
+    )
     table.print()
     return table
 

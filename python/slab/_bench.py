@@ -338,6 +338,27 @@ def time_fns(
 _BW_CACHE: dict[Any, float] = {}
 
 
+def read_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
+    """Measured read bandwidth of ``device`` in bytes/s: ``src.sum()`` of a float32 tensor far larger
+    than the last-level cache (CPU: 256 MiB, with torch's current thread count; GPU: 1 GiB), the
+    best of several runs. The limit of a kernel that only streams its operand in (a GEMV's weights).
+    Cached per device (and CPU thread count)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = ("read", device.type, device.index, nbytes, torch.get_num_threads())
+    if key in _BW_CACHE:
+        return _BW_CACHE[key]
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    t = time_fn(lambda: src.sum(), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)  # noqa: F821 (del below)
+    bw = src.numel() * 4 / (t.min_ms * 1e-3)
+    del src
+    _BW_CACHE[key] = bw
+    return bw
+
+
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
     """Measured copy bandwidth of ``device`` in bytes/s, counting bytes read + bytes written.
 
