@@ -410,6 +410,11 @@ void int_rows(const GemmParams& p, const IntActivations& a, int64_t row, int64_t
     for (int64_t st = 0; st < steps; ++st, planes += kIntBlockBytes) {
       __m256i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
+        // The same line of the next R rows (the next call's): each row pair reads only a few KB
+        // before the next pair starts, too short a stream for the hardware prefetcher to run
+        // ahead of; measured 1.2-1.4x faster from DRAM at 2 threads.
+        if (st % 2 == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w[r] + st * kIntBlock / 2 + R * row_bytes), _MM_HINT_T0);
         const __m256i bytes = _mm256_xor_si256(load(w[r] + st * kIntBlock / 2), _mm256_set1_epi8(char(0x88)));
         lo[r] = _mm256_and_si256(bytes, nibble);
         hi[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
