@@ -7,6 +7,8 @@ Providers (forward, or forward + backward of all of q, k, v):
             cumsum over tokens of phi(k_j) v_j^T, a (B, H, N, D, Dv) tensor)
   compile   torch.compile of the eager composite
   sdpa      softmax attention, F.scaled_dot_product_attention (is_causal for causal shapes)
+  exact     CUDA only: slab.ops.sla on the exact per-token kernel (SLAB_SLA_EXACT=1), the baseline
+            of the bf16/fp16 tensor-core path (timed on the full shape)
 The slow baselines (eager / compile / SDPA) of the long causal shapes are timed on a slice of
 `--baseline-heads` (batch x head) slices and scaled linearly to the full shape (every slice is the
 same independent work; marked "*"); slab is always timed on the full shape.
@@ -154,6 +156,20 @@ def verify(b, h, n, d, dtype, device, causal):
         sys.exit(f"slab disagrees with slab.reference.sla at {(b, h, n, d)} causal={causal}: {c.message}")
 
 
+def time_exact(q, k, v, causal, mode, device, tm):
+    """slab.ops.sla with SLAB_SLA_EXACT=1 (read per call): the exact CUDA kernel on the same inputs."""
+    old = os.environ.get("SLAB_SLA_EXACT")
+    os.environ["SLAB_SLA_EXACT"] = "1"
+    try:
+        fn = step_fn(lambda a, bb, cc: slab.ops.sla(a, bb, cc, causal=causal), q, k, v, mode)
+        return B.time_fns({"exact": fn}, device, **tm)["exact"].median_ms
+    finally:
+        if old is None:
+            del os.environ["SLAB_SLA_EXACT"]
+        else:
+            os.environ["SLAB_SLA_EXACT"] = old
+
+
 def run_grid(cfgs, args, device):
     table = B.Table(
         [
@@ -164,9 +180,11 @@ def run_grid(cfgs, args, device):
             B.Column("eager_ms", "eager ms", ".1f"),
             B.Column("compile_ms", "compile ms", ".1f"),
             B.Column("sdpa_ms", "sdpa ms", ".1f"),
+            B.Column("exact_ms", "exact ms", ".2f"),
             B.Column("vs_eager", "eager/slab", ".1f"),
             B.Column("vs_compile", "compile/slab", ".1f"),
             B.Column("vs_sdpa", "sdpa/slab", ".2f"),
+            B.Column("vs_exact", "exact/slab", ".2f"),
             B.Column("gflops", "slab GFLOP/s", ".1f"),
             B.Column("of_mm", "vs mm", ".0%"),
             B.Column("floor_ms", "floor ms", ".2f"),
@@ -186,6 +204,7 @@ def run_grid(cfgs, args, device):
         t_slab = B.time_fns(
             {"slab": step_fn(lambda a, bb, cc: slab.ops.sla(a, bb, cc, causal=causal), q, k, v, c.mode)}, device, **tm
         )["slab"].median_ms
+        t_exact = time_exact(q, k, v, causal, c.mode, device, tm) if device.type == "cuda" and args.exact else None
         del q, k, v
         # baselines: the full shape, or a slice of heads scaled up (long causal shapes)
         sub = causal and n >= 2048 and b * h > args.baseline_heads
@@ -213,9 +232,11 @@ def run_grid(cfgs, args, device):
             eager_ms=base.get("eager"),
             compile_ms=base.get("compile"),
             sdpa_ms=base.get("sdpa"),
+            exact_ms=t_exact,
             vs_eager=ratio("eager"),
             vs_compile=ratio("compile"),
             vs_sdpa=ratio("sdpa"),
+            vs_exact=None if t_exact is None else t_exact / t_slab,
             gflops=fl / (t_slab * 1e-3) / 1e9,
             of_mm=fl / (t_slab * 1e-3) / rate,
             floor_ms=floor_bytes(b, h, n, d, d, elem, c.mode) / bw * 1e3,
@@ -340,6 +361,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-eager", dest="eager", action="store_false")
     ap.add_argument("--no-sdpa", dest="sdpa", action="store_false")
+    ap.add_argument("--no-exact", dest="exact", action="store_false", help="CUDA: skip the exact-kernel baseline")
     ap.add_argument("--no-grid", dest="grid", action="store_false")
     ap.add_argument("--baseline-heads", type=int, default=4)
     ap.add_argument("--memory", action="store_true")

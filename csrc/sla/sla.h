@@ -8,14 +8,19 @@
 //   forward:  CPU: causal -> chunks of kChunkCpu tokens (sla_cpu.cpp): masked quadratic inside a
 //             chunk, fp32 running state (S, z) between chunks; non-causal -> the quadratic form when
 //             use_quadratic(N, D, Dv) (one chunk of N tokens), else two passes (reduce S, z; apply).
-//             CUDA (sla_cuda.cu): one exact per-token recurrence over the slice, no chunks.
+//             CUDA (sla_cuda.cu): bf16/fp16 -> chunks of 64 tokens on tensor cores (sla_chunk.h:
+//             per-chunk states, a fixed-order scan, then the chunk outputs; non-causal: the states
+//             reduced, then applied); float32/float64, other shapes, SLAB_SLA_EXACT=1 -> one exact
+//             per-token recurrence over the slice, no chunks.
 //             Writes o, den_i (the denominator, for backward) and the final state (S, z over
 //             all tokens) -- the state a decode continues from.
 //   backward: from grad_o, o and den: g_i = grad_o_i / den_i, gden_i = -(grad_o_i . o_i) / den_i;
 //             dphi(q_i) = S_i g_i + z_i gden_i, dphi(k_j) = dS_j v_j + dz_j, dv_j = dS_j^T phi(k_j),
 //             with dS_j = sum_{i >= j} phi(q_i) g_i^T, dz_j = sum_{i >= j} phi(q_i) gden_i (all i
-//             for non-causal). Causal runs the chunks twice: backwards for dk, dv (reverse running
-//             dS, dz), forwards for dq (running S, z recomputed, never stored).
+//             for non-causal). CPU: causal runs the chunks twice: backwards for dk, dv (reverse
+//             running dS, dz), forwards for dq (running S, z recomputed, never stored). CUDA bf16
+//             (sla_chunk.h): per-chunk S and dS states, prefix / suffix scans, then dq and dk, dv
+//             per chunk from chunk-level products; otherwise the exact per-token recurrence.
 //   step:     one decode token: S += phi(k) v^T, z += phi(k) (in place), then o as above.
 #pragma once
 #include <cstdint>
@@ -53,6 +58,7 @@ struct SlaFwdParams {
   void* den;         // [B, H, N] accumulation type
   void* state;       // [B, H, D, Dv] accumulation type: S over all (kept) tokens
   void* z;           // [B, H, D] accumulation type
+  void* workspace;   // CUDA tensor-core path only: forward_workspace_elems_cuda fp32 values; else null
 };
 
 struct SlaBwdParams {
@@ -69,12 +75,13 @@ struct SlaBwdParams {
   RowStrides o_stride;
   const void* grad_o;
   RowStrides grad_o_stride;
-  const void* den;   // [B, H, N] accumulation type, from the forward
-  const bool* mask;  // as in SlaFwdParams
-  void* dq;          // [B, H, N, D] contiguous
-  void* dk;          // [B, H, N, D] contiguous
-  void* dv;          // [B, H, N, Dv] contiguous
-  void* workspace;   // CUDA only: [B, H, N] accumulation type (gden); unused on CPU
+  const void* den;          // [B, H, N] accumulation type, from the forward
+  const bool* mask;         // as in SlaFwdParams
+  void* dq;                 // [B, H, N, D] contiguous
+  void* dk;                 // [B, H, N, D] contiguous
+  void* dv;                 // [B, H, N, Dv] contiguous
+  void* workspace;          // CUDA only: backward_workspace_elems_cuda accumulation-type values, gden first
+  int64_t workspace_elems;  // its size, from backward_workspace_elems_cuda
 };
 
 // Decode: q, k (B, H, D), v (B, H, Dv) with strides (b, h) (the n stride unused), state and z
@@ -163,7 +170,15 @@ void sla_forward_cpu(const SlaFwdParams& p);
 void sla_backward_cpu(const SlaBwdParams& p);
 void sla_step_cpu(const SlaStepParams& p);
 
+// fp32 workspace elements the CUDA forward needs for p (all fields but workspace filled): nonzero
+// exactly when it runs the tensor-core chunked path (sla/sla_chunk.h: bf16 / fp16, D and Dv
+// multiples of 16 up to 128, 16-byte aligned rows, SLAB_SLA_EXACT unset); 0 selects the exact kernel.
+int64_t forward_workspace_elems_cuda(const SlaFwdParams& p);
 void sla_forward_cuda(const SlaFwdParams& p, CUstream_st* stream);
+// Accumulation-type workspace elements the CUDA backward needs for p (workspace fields unset): B H N
+// (gden) for the exact kernel; more for the tensor-core chunked path (bf16, the forward's shape and
+// alignment rules, SLAB_SLA_EXACT unset), which then runs where the device's shared memory allows.
+int64_t backward_workspace_elems_cuda(const SlaBwdParams& p);
 void sla_backward_cuda(const SlaBwdParams& p, CUstream_st* stream);
 void sla_step_cuda(const SlaStepParams& p, CUstream_st* stream);
 

@@ -101,7 +101,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sla_forward_op(const Tensor& q_in, co
                  o.data_ptr(),
                  den.data_ptr(),
                  state.data_ptr(),
-                 z.data_ptr()};
+                 z.data_ptr(),
+                 nullptr};
+  Tensor ws;  // CUDA tensor-core path: per-chunk states
+#ifdef SLAB_WITH_CUDA
+  if (const int64_t elems = forward_workspace_elems_cuda(p); elems > 0) {
+    ws = empty({elems}, ScalarType::Float, dev);
+    p.workspace = ws.data_ptr();
+  }
+#endif
   launch(q, p, sla_forward_cpu, SLAB_CUDA_FN(sla_forward_cuda));
   return {o, den, state, z};
 }
@@ -132,10 +140,6 @@ std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, cons
   }
   const Tensor q = rows_view(q_in), k = rows_view(k_in), v = rows_view(v_in), o = rows_view(o_in);
   const Tensor go = rows_view(grad_o_in), den = contiguous(den_in);
-  Tensor ws;  // CUDA: gden per row
-#ifdef SLAB_WITH_CUDA
-  ws = empty({s.batch, s.heads, s.len}, den.scalar_type(), den.device());
-#endif
   SlaBwdParams p{kernel_dtype(q, "q"),
                  s,
                  causal,
@@ -154,7 +158,14 @@ std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, cons
                  dq.data_ptr(),
                  dk.data_ptr(),
                  dv.data_ptr(),
-                 data_or_null(ws)};
+                 nullptr,
+                 0};
+  Tensor ws;  // CUDA: gden per row, and the chunked path's states
+#ifdef SLAB_WITH_CUDA
+  p.workspace_elems = backward_workspace_elems_cuda(p);
+  ws = empty({p.workspace_elems}, den.scalar_type(), den.device());
+  p.workspace = ws.data_ptr();
+#endif
   launch(q, p, sla_backward_cpu, SLAB_CUDA_FN(sla_backward_cuda));
   return {dq, dk, dv};
 }
