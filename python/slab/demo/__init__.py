@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="write a PNG (training curves, latency/quality per model)")
-    p.add_argument("--epochs", type=_positive, default=None, help="vision: training epochs (default 80, quick 2)")
+    p.add_argument("--epochs", type=_positive, default=None, help="vision: training epochs (default 120, quick 2)")
     p.add_argument("--steps", type=_positive, default=None, help="lm: training steps (default 600, quick 8)")
     p.add_argument(
         "--optim",
