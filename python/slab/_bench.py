@@ -338,51 +338,43 @@ def time_fns(
 _BW_CACHE: dict[Any, float] = {}
 
 
-def read_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
-    """Measured read bandwidth of ``device`` in bytes/s: ``src.sum()`` of a float32 tensor far larger
-    than the last-level cache (CPU: 256 MiB, with torch's current thread count; GPU: 1 GiB), the
-    best of several runs. The limit of a kernel that only streams its operand in (a GEMV's weights).
-    Cached per device (and CPU thread count)."""
+def _stream_bandwidth(kind: str, device: torch.device | str, nbytes: Optional[int]) -> float:
+    """Bytes/s of the best of several runs of a streaming op over a float32 tensor far larger than
+    the last-level cache (CPU: 256 MiB, GPU: 1 GiB): ``"copy"`` counts the bytes ``dst.copy_(src)``
+    reads and writes, ``"read"`` the bytes ``src.sum()`` reads. The best run is the limit, least
+    disturbed by other processes (a median would drop with every other process on a shared
+    machine). Cached per kind, device, size and CPU thread count."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = ("read", device.type, device.index, nbytes, torch.get_num_threads())
+    key = (kind, device.type, device.index, nbytes, torch.get_num_threads())
     if key in _BW_CACHE:
         return _BW_CACHE[key]
     if nbytes is None:
         nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    t = time_fn(lambda: src.sum(), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)  # noqa: F821 (del below)
-    bw = src.numel() * 4 / (t.min_ms * 1e-3)
-    del src
-    _BW_CACHE[key] = bw
-    return bw
+    if kind == "copy":
+        dst = torch.empty_like(src)
+        call, moved = (lambda: dst.copy_(src)), 2 * src.numel() * 4
+    else:
+        call, moved = (lambda: src.sum()), src.numel() * 4
+    t = time_fn(call, device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)
+    _BW_CACHE[key] = moved / (t.min_ms * 1e-3)
+    return _BW_CACHE[key]
+
+
+def read_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
+    """Measured read bandwidth of ``device`` in bytes/s (``src.sum()`` of a large tensor, with
+    torch's current thread count on the CPU): the limit of a kernel that only streams its operand
+    in (a GEMV's weights)."""
+    return _stream_bandwidth("read", device, nbytes)
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
-    """Measured copy bandwidth of ``device`` in bytes/s, counting bytes read + bytes written.
-
-    Times ``dst.copy_(src)`` of a tensor far larger than the last-level cache (CPU: 256 MiB,
-    GPU: 1 GiB) and returns ``2 * nbytes / fastest_time`` (the limit is the best run; a median
-    would drop with every other process on a shared machine). This is the practical limit a
-    memory-bound kernel can reach; the benchmarks report their times against it. Cached per device.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index, nbytes)
-    if key in _BW_CACHE:
-        return _BW_CACHE[key]
-    if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
-    n = nbytes // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)  # noqa: F821 (del below)
-    bw = 2 * n * 4 / (t.min_ms * 1e-3)  # the best run: the limit, least disturbed by other processes
-    del src, dst
-    _BW_CACHE[key] = bw
-    return bw
+    """Measured copy bandwidth of ``device`` in bytes/s, counting bytes read + bytes written
+    (``dst.copy_(src)`` of a large tensor). This is the practical limit a memory-bound kernel can
+    reach; the benchmarks report their times against it."""
+    return _stream_bandwidth("copy", device, nbytes)
 
 
 def fmt_bytes(n: float) -> str:
