@@ -12,7 +12,7 @@ namespace {
 Tensor cats_op(const Tensor& x, double threshold) {
   const DType dtype = kernel_dtype(x, "x");
   check_finite(threshold, "threshold", /*non_negative=*/false);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor y = torch::stable::empty_like(xc);
   if (xc.numel() == 0) return y;
   CatsParams p{dtype, xc.numel(), xc.data_ptr(), y.data_ptr(), threshold};
@@ -26,7 +26,7 @@ Tensor cats_backward_op(const Tensor& dy, const Tensor& x, double threshold) {
   check_same_device(dy, x, "grad");
   SLAB_CHECK(dy.sizes().equals(x.sizes()) && dy.scalar_type() == x.scalar_type(), "grad must have the shape ",
              x.sizes(), " and dtype ", x.scalar_type(), " of x, got ", dy.sizes(), " ", dy.scalar_type());
-  const Tensor xc = contiguous(x), dyc = contiguous(dy);
+  const Tensor xc = as_contiguous(x), dyc = as_contiguous(dy);
   Tensor dx = torch::stable::empty_like(xc);
   if (xc.numel() == 0) return dx;
   CatsBwdParams p{dtype, xc.numel(), dyc.data_ptr(), xc.data_ptr(), dx.data_ptr(), threshold};
@@ -60,7 +60,7 @@ Tensor cats_mlp_op(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, co
   check_weight(w_down_t, x, F, "w_down_t");
   // Weights are read in place; a non-contiguous one (e.g. W_down.t() instead of a transposed copy)
   // is copied here, which costs a full pass over it.
-  const Tensor xc = contiguous(x), wg = contiguous(w_gate), wu = contiguous(w_up), wd = contiguous(w_down_t);
+  const Tensor xc = as_contiguous(x), wg = as_contiguous(w_gate), wu = as_contiguous(w_up), wd = as_contiguous(w_down_t);
   Tensor y = empty({M, D}, x.scalar_type(), x.device());
   Tensor act = empty({F, M}, acc_dtype(x.scalar_type()), x.device());
   Tensor keep = empty({F}, ScalarType::Byte, x.device());
@@ -99,12 +99,12 @@ Tensor token_select_index_op(const Tensor& scores, int64_t keep) {
   if (B == 0) return index;
   // NaN scores rank lowest; kth = the keep-th largest score of each sequence, n_greater = scores above it.
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  const Tensor s = contiguous(aten("aten::nan_to_num", "", scores, std::optional<double>(neg_inf),
+  const Tensor s = as_contiguous(aten("aten::nan_to_num", "", scores, std::optional<double>(neg_inf),
                                    std::optional<double>(), std::optional<double>()));
   const Tensor top = aten2("aten::topk", "", s, keep, int64_t{-1}, true, true).first;
-  const Tensor kth = contiguous(torch::stable::select(top, -1, keep - 1));
+  const Tensor kth = as_contiguous(torch::stable::select(top, -1, keep - 1));
   const Tensor above = aten("aten::gt", "Tensor", s, torch::stable::unsqueeze(kth, -1));
-  const Tensor n_greater = contiguous(torch::stable::sum(above, std::vector<int64_t>{-1}, false, ScalarType::Long));
+  const Tensor n_greater = as_contiguous(torch::stable::sum(above, std::vector<int64_t>{-1}, false, ScalarType::Long));
   const Tensor kth_acc = to_dtype(kth, acc_dtype(scores.scalar_type()));
   TokenIndexParams p{dtype,
                      B,
@@ -152,7 +152,7 @@ void move_rows(const Tensor& full, const Tensor& index, const Tensor& src, const
 
 Tensor token_gather_op(const Tensor& x, const Tensor& index) {
   check_rows(x, index, "x");
-  const Tensor xc = contiguous(x), ic = contiguous(index);
+  const Tensor xc = as_contiguous(x), ic = as_contiguous(index);
   check_index_values(ic, x.size(1));
   Tensor out = empty({x.size(0), index.size(1), x.size(2)}, x.scalar_type(), x.device());
   move_rows(xc, ic, xc, out, true);
@@ -167,9 +167,9 @@ Tensor token_scatter_op(const Tensor& x, const Tensor& y, const Tensor& index) {
   SLAB_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == index.size(1) && y.size(2) == x.size(2),
              "y must have shape (", x.size(0), ", ", index.size(1), ", ", x.size(2),
              ") = (batch, keep, channels), got ", y.sizes());
-  const Tensor yc = contiguous(y), ic = contiguous(index);
+  const Tensor yc = as_contiguous(y), ic = as_contiguous(index);
   check_index_values(ic, x.size(1));
-  Tensor out = torch::stable::clone(contiguous(x));
+  Tensor out = torch::stable::clone(as_contiguous(x));
   move_rows(out, ic, yc, out, false);
   return out;
 }

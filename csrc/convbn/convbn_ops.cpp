@@ -32,7 +32,7 @@ Tensor channel_vec(const Tensor& t, const Tensor& weight, int64_t channels, cons
   const ScalarType wt = weight.scalar_type(), acc = acc_dtype(wt);
   SLAB_CHECK(t.scalar_type() == wt || t.scalar_type() == acc, name, " must be ", wt, wt == acc ? "" : " or float32",
              " to match weight, got ", t.scalar_type());
-  return contiguous(to_dtype(t, acc));
+  return as_contiguous(to_dtype(t, acc));
 }
 
 OptTensor channel_vec(const OptTensor& t, const Tensor& weight, int64_t channels, const char* name) {
@@ -51,7 +51,7 @@ std::tuple<Tensor, Tensor> fold_op(const Tensor& weight, const OptTensor& bias, 
   const Tensor mean = channel_vec(running_mean, weight, s.channels, "running_mean");
   const Tensor var = channel_vec(running_var, weight, s.channels, "running_var");
   check_finite(eps, "eps");
-  const Tensor w = contiguous(weight);
+  const Tensor w = as_contiguous(weight);
   Tensor out_w = empty(shape_of(weight), weight.scalar_type(), weight.device());
   Tensor out_b = empty({s.channels}, weight.scalar_type(), weight.device());
   if (s.channels == 0) return {out_w, out_b};
@@ -87,8 +87,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fold_backward_op(const Tensor& grad_w
   Tensor d_bias = empty({s.channels}, acc, dev), d_beta = empty({s.channels}, acc, dev);
   Tensor d_gamma = empty({bn_weight_grad ? s.channels : 0}, acc, dev);
   if (s.channels == 0) return {dw, d_bias, d_gamma, d_beta};
-  const Tensor gw = contiguous(grad_weight);
-  const Tensor w = bn_weight_grad ? contiguous(weight) : Tensor();
+  const Tensor gw = as_contiguous(grad_weight);
+  const Tensor w = bn_weight_grad ? as_contiguous(weight) : Tensor();
   Tensor workspace;
 #ifdef SLAB_WITH_CUDA
   workspace = empty({fold_backward_workspace_elems(s.channels, s.k)}, acc, dev);

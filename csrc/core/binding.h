@@ -113,7 +113,9 @@ std::pair<Tensor, Tensor> aten2(const char* op, const char* overload, const Args
   return {torch::stable::detail::to<Tensor>(stack[0]), torch::stable::detail::to<Tensor>(stack[1])};
 }
 
-using torch::stable::contiguous;
+// `t` itself when it is contiguous: torch::stable::contiguous is a dispatcher round trip (a few
+// microseconds, more than a small op's kernel) even when it has nothing to do.
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 inline Tensor to_dtype(const Tensor& t, ScalarType dt) { return t.scalar_type() == dt ? t : torch::stable::to(t, dt); }
 inline Tensor empty(std::vector<int64_t> shape, ScalarType dt, const Device& device) {
   return torch::stable::empty(shape, dt, std::nullopt, device);
@@ -211,7 +213,7 @@ inline Tensor channel_vector(const Tensor& t, const Tensor& x, int64_t channels,
     SLAB_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, name, " must be ", x.scalar_type(), " or ",
                acc, " to match x, got ", t.scalar_type());
   }
-  return contiguous(to_dtype(t, acc));
+  return as_contiguous(to_dtype(t, acc));
 }
 
 inline OptTensor channel_vector(const OptTensor& t, const Tensor& x, int64_t channels, const char* name) {
@@ -225,7 +227,7 @@ inline void* data_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() :
 // `t` contiguous with its data aligned to `bytes`, for kernels that read it in words of that size:
 // a view with a misaligned storage offset is copied into a fresh (aligned) allocation.
 inline Tensor aligned_contiguous(const Tensor& t, int64_t bytes) {
-  Tensor c = contiguous(t);
+  Tensor c = as_contiguous(t);
   if (c.numel() > 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % bytes != 0) c = torch::stable::clone(c);
   return c;
 }

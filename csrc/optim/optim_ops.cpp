@@ -108,7 +108,7 @@ Tensor acc_vector(const Tensor& t, const Tensor& like, int64_t n, const char* na
   const ScalarType acc = acc_dtype(like.scalar_type());
   SLAB_CHECK(t.numel() == n && t.scalar_type() == acc, name, " must be a ", acc, " tensor of ", n, " elements, got ",
              t.scalar_type(), " ", t.sizes());
-  return contiguous(torch::stable::reshape(t, {n}));
+  return as_contiguous(torch::stable::reshape(t, {n}));
 }
 
 // LAMB's and AdamP's bias corrections: per tensor [1 / bc1, 1 / sqrt(bc2)] (each tensor counts its
@@ -118,13 +118,13 @@ Tensor bias_corrections(const Tensor& t, const Tensor& like, int64_t n) {
   const ScalarType acc = acc_dtype(like.scalar_type());
   SLAB_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2 && t.scalar_type() == acc, "bias_corr must be a ", acc,
              " tensor of shape (", n, ", 2) (one row per tensor), got ", t.scalar_type(), " ", t.sizes());
-  return contiguous(t);
+  return as_contiguous(t);
 }
 
 TensorVec contiguous_list(const TensorVec& ts) {
   TensorVec out;
   out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(contiguous(t));
+  for (const auto& t : ts) out.push_back(as_contiguous(t));
   return out;
 }
 

@@ -45,7 +45,7 @@ OptTensor check_mask(const OptTensor& mask, const Tensor& x) {
   SLAB_CHECK(mask->scalar_type() == ScalarType::Bool, "mask must be a bool tensor, got ", mask->scalar_type());
   const IntArrayRef lead = x.sizes().slice(0, x.dim() - 1);
   SLAB_CHECK(mask->sizes().equals(lead), "mask must have shape x.shape[:-1] = ", lead, ", got ", mask->sizes());
-  return contiguous(*mask);
+  return as_contiguous(*mask);
 }
 
 void check_norm_weight(Norm norm, const OptTensor& norm_weight, const std::string& norm_name) {
@@ -61,14 +61,14 @@ Tensor alpha_scalar(const Tensor& alpha, const Tensor& x) {
   SLAB_CHECK(alpha.numel() == 1, "alpha must hold one element (shape (1,) or ()), got shape ", alpha.sizes());
   SLAB_CHECK(is_floating_point(alpha.scalar_type()), "alpha must be a floating-point (real) tensor, got ",
              alpha.scalar_type());
-  return contiguous(to_dtype(torch::stable::reshape(alpha, {1}), acc_dtype(x.scalar_type())));
+  return as_contiguous(to_dtype(torch::stable::reshape(alpha, {1}), acc_dtype(x.scalar_type())));
 }
 
 Tensor stat_vector(const Tensor& t, const Tensor& x, int64_t n, const char* name) {
   check_same_device(t, x, name);
   SLAB_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == acc_dtype(x.scalar_type()), name, " must be a ",
              acc_dtype(x.scalar_type()), " tensor of shape (", n, ",), got ", t.scalar_type(), " ", t.sizes());
-  return contiguous(t);
+  return as_contiguous(t);
 }
 
 // Scratch of the CUDA column reductions; none on the CPU.
@@ -99,7 +99,7 @@ Tensor rsqrt(const Tensor& a) { return aten("aten::rsqrt", "", a); }
 std::tuple<Tensor, Tensor, Tensor> stats_op(const Tensor& x, const OptTensor& mask_in) {
   const auto [rows, channels] = check_x(x);
   const auto mask = check_mask(mask_in, x);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   const ScalarType acc = acc_dtype(x.scalar_type());
   Tensor mean = empty({channels}, acc, x.device()), m2 = empty({channels}, acc, x.device()),
          count = empty({1}, acc, x.device());
@@ -139,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor> apply_impl(const Tensor& x, const OptTensor& 
   const Tensor al = alpha_scalar(alpha, x);
   const Tensor mean = stat_vector(bn_mean, x, channels, "bn_mean");
   const Tensor rstd = stat_vector(bn_rstd, x, channels, "bn_rstd");
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor y = torch::stable::empty_like(xc);
   const ScalarType acc = acc_dtype(x.scalar_type());
   const int64_t row_stats = norm == Norm::kNone ? 0 : rows;
@@ -193,7 +193,7 @@ std::tuple<Tensor, Tensor> bwd_reduce_impl(const Tensor& dy, const Tensor& x, co
   const Tensor mean = stat_vector(bn_mean, x, channels, "bn_mean");
   const Tensor rstd = stat_vector(bn_rstd, x, channels, "bn_rstd");
   const auto mask = check_mask(mask_in, x);
-  const Tensor xc = contiguous(x), dyc = contiguous(dy);
+  const Tensor xc = as_contiguous(x), dyc = as_contiguous(dy);
   const ScalarType acc = acc_dtype(x.scalar_type());
   Tensor sums = empty({3, channels}, acc, x.device()), count = empty({1}, acc, x.device());
   Tensor ws = workspace(x, rows, channels);
@@ -250,10 +250,10 @@ Tensor bwd_apply_op(const Tensor& dy, const Tensor& x, const OptTensor& norm_wei
                  sums.scalar_type() == acc_dtype(x.scalar_type()),
              "sums must be a ", acc_dtype(x.scalar_type()), " tensor of shape (3, ", channels, "), got ",
              sums.scalar_type(), " ", sums.sizes());
-  const Tensor sc = contiguous(sums);
+  const Tensor sc = as_contiguous(sums);
   const Tensor cnt = stat_vector(count, x, 1, "count");
   const auto mask = check_mask(mask_in, x);
-  const Tensor xc = contiguous(x), dyc = contiguous(dy);
+  const Tensor xc = as_contiguous(x), dyc = as_contiguous(dy);
   Tensor dx = torch::stable::empty_like(xc);
   BwdApplyParams p{kernel_dtype(x, "x"),
                    norm,
@@ -315,7 +315,7 @@ FwdOutputs fwd_cuda(const Tensor& x, const OptTensor& norm_weight, const OptTens
   const ScalarType acc = acc_dtype(x.scalar_type());
   Tensor bn_mean = empty({channels}, acc, x.device()), bn_rstd = empty({channels}, acc, x.device()),
          bn_var = empty({channels}, acc, x.device());
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   if (training) {
     check_training_rows(x, rows);
     const auto mask = check_mask(mask_in, x);

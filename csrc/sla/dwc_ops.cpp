@@ -17,7 +17,7 @@ namespace {
 RowStrides token_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Channels must be contiguous; other dimensions may be strided.
-Tensor channels_contiguous(const Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : contiguous(t); }
+Tensor channels_contiguous(const Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : as_contiguous(t); }
 
 struct Kernel {
   int64_t h, w;
@@ -40,7 +40,7 @@ Kernel check_weight(const Tensor& weight, const Tensor& v) {
 Tensor tap_major(const Tensor& weight, ScalarType acc, bool flip) {
   Tensor w = to_dtype(torch::stable::reshape(weight, std::vector<int64_t>{weight.size(0), -1}), acc);
   if (flip) w = aten("aten::flip", "", w, std::vector<int64_t>{1});
-  return contiguous(torch::stable::transpose(w, 0, 1));
+  return as_contiguous(torch::stable::transpose(w, 0, 1));
 }
 
 DwcGeometry geometry(const Tensor& v, Kernel k, int64_t grid_h, int64_t grid_w, int64_t pad_top, int64_t pad_left) {
@@ -81,8 +81,8 @@ OptTensor checked_residual(const OptTensor& residual, const Tensor& v, Tensor (*
   return layout(*residual);
 }
 
-// contiguous() as a plain function (torch::stable::contiguous takes a defaulted memory format).
-Tensor fully_contiguous(const Tensor& t) { return contiguous(t); }
+// as_contiguous() as a plain function (torch::stable::contiguous takes a defaulted memory format).
+Tensor fully_contiguous(const Tensor& t) { return as_contiguous(t); }
 
 OptTensor checked_bias(const OptTensor& bias, const Tensor& v) {
   if (!bias) return std::nullopt;
@@ -90,7 +90,7 @@ OptTensor checked_bias(const OptTensor& bias, const Tensor& v) {
   SLAB_CHECK(bias->dim() == 1 && bias->size(0) == v.size(3) && is_floating_point(bias->scalar_type()),
              "bias must be a floating-point vector of the ", v.size(3), " channels of v, got ", bias->sizes(), " ",
              bias->scalar_type());
-  return contiguous(to_dtype(*bias, acc_dtype(v.scalar_type())));
+  return as_contiguous(to_dtype(*bias, acc_dtype(v.scalar_type())));
 }
 
 Tensor dwc_op(const Tensor& v, const Tensor& weight, const OptTensor& bias, const OptTensor& residual, int64_t grid_h,
@@ -146,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> dwc_backward_op(const Tensor& grad, const Ten
     launch(v, p, dwc_weight_grad_cpu, SLAB_CUDA_FN(dwc_weight_grad_cuda));
   }
   Tensor grad_weight = torch::stable::view(
-      contiguous(to_dtype(torch::stable::transpose(grad_taps, 0, 1), weight.scalar_type())), weight.sizes());
+      as_contiguous(to_dtype(torch::stable::transpose(grad_taps, 0, 1), weight.scalar_type())), weight.sizes());
   return {grad_v, grad_weight, to_dtype(grad_bias, weight.scalar_type())};
 }
 
@@ -176,7 +176,7 @@ Tensor dwc_step_op(const Tensor& v, const Tensor& cache, const Tensor& weight, c
       .check();
   const OptTensor res = checked_residual(residual, v, fully_contiguous);
   const ScalarType acc = acc_dtype(v.scalar_type());
-  const Tensor vc = contiguous(v), taps = tap_major(weight, acc, false);
+  const Tensor vc = as_contiguous(v), taps = tap_major(weight, acc, false);
   const OptTensor b = checked_bias(bias, v4);
   Tensor out = torch::stable::empty_like(vc);
   if (out.numel() == 0) return out;

@@ -22,7 +22,7 @@ void check_dtype(const Tensor& t, const Tensor& q, const char* name) {
 
 // A (B, H, N, X) operand whose last dimension the kernels read contiguously: returned as is when
 // it already is (any strides elsewhere, e.g. a view of a fused qkv projection), else a copy.
-Tensor rows_view(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : contiguous(t); }
+Tensor rows_view(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : as_contiguous(t); }
 RowStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 #ifdef SLAB_WITH_CUDA
@@ -64,7 +64,7 @@ OptTensor check_mask(const OptTensor& mask, const Tensor& q) {
              mask->scalar_type());
   SLAB_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
              "mask must have shape (B, N) = (", q.size(0), ", ", q.size(2), "), got ", mask->sizes());
-  return contiguous(*mask);
+  return as_contiguous(*mask);
 }
 
 const bool* mask_ptr(const OptTensor& m) { return m.has_value() ? m->const_data_ptr<bool>() : nullptr; }
@@ -139,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor> sla_backward_op(const Tensor& grad_o_in, cons
     return {dq, dk, dv};
   }
   const Tensor q = rows_view(q_in), k = rows_view(k_in), v = rows_view(v_in), o = rows_view(o_in);
-  const Tensor go = rows_view(grad_o_in), den = contiguous(den_in);
+  const Tensor go = rows_view(grad_o_in), den = as_contiguous(den_in);
   SlaBwdParams p{kernel_dtype(q, "q"),
                  s,
                  causal,
@@ -175,7 +175,7 @@ Tensor step_operand(const Tensor& t, const char* name) {
   SLAB_CHECK(t.dim() == 3 || (t.dim() == 4 && t.size(2) == 1), name,
              " must have shape (B, H, X) or (B, H, 1, X) (one decode token), got ", t.sizes());
   const Tensor t3 = t.dim() == 4 ? torch::stable::select(t, 2, 0) : t;
-  return t3.size(2) <= 1 || t3.stride(2) == 1 ? t3 : contiguous(t3);
+  return t3.size(2) <= 1 || t3.stride(2) == 1 ? t3 : as_contiguous(t3);
 }
 
 // The decode state: float32; float64 too for float64 q (gradcheck-style checks), whose arithmetic is

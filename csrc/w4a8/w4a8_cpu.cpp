@@ -32,9 +32,14 @@
 
 #include "core/cpu_types.h"
 #include "w4a8/w4a8.h"
+#include "w4a8/w4a8_cpu_internal.h"
 #include "w4a8/w4a8_math.h"
 
 namespace slab::w4a8 {
+using cpu::fp8_rows;
+using cpu::Fp8Rows;
+using cpu::store;
+
 namespace {
 
 // x rows up to which the streaming GEMV path is used: it re-decodes the weights once per 4 rows
@@ -161,16 +166,6 @@ void quantize_fp8_impl(const QuantFp8Params& p) {
 
 // ---- activation prologue -----------------------------------------------------------------------
 
-// The e4m3 codes of x and their per-row scales: w4a8_gemm's inputs as given, or for w4a8_linear
-// the rows quantized here with the same functions as quantize_fp8 (so linear == quantize_fp8 +
-// gemm bit for bit).
-struct Fp8Rows {
-  std::vector<uint8_t> own;  // (m, k) when quantized here
-  const uint8_t* codes;      // row r at codes + r * stride
-  int64_t stride;
-  std::vector<float> scale;  // (m)
-};
-
 template <typename T>
 void quantize_rows_into(const GemmParams& p, std::vector<uint8_t>& codes, std::vector<float>& scale) {
   const T* x = static_cast<const T*>(p.x);
@@ -179,7 +174,9 @@ void quantize_rows_into(const GemmParams& p, std::vector<uint8_t>& codes, std::v
   });
 }
 
-Fp8Rows fp8_rows(const GemmParams& p) {
+}  // namespace
+
+Fp8Rows cpu::fp8_rows(const GemmParams& p) {
   Fp8Rows x{{}, p.x_fp8, p.x_stride, std::vector<float>(static_cast<size_t>(p.m))};
   if (p.x != nullptr) {
     x.own.resize(static_cast<size_t>(p.m * p.k));
@@ -191,6 +188,8 @@ Fp8Rows fp8_rows(const GemmParams& p) {
   }
   return x;
 }
+
+namespace {
 
 // The activations as fp32 (decoded e4m3 values), (m, k), each row in GEMV order when `gemv_order`.
 std::vector<float> decode_activations(const GemmParams& p, const Fp8Rows& x, bool gemv_order) {
@@ -216,7 +215,9 @@ void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, cons
   static_cast<O*>(p.y)[row * p.n + col] = static_cast<O>(v);
 }
 
-void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
+}  // namespace
+
+void cpu::store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
   switch (p.out_dtype) {
     case DType::kFloat32:
       store_output<float>(p, row, col, acc, x_scale);
@@ -232,6 +233,8 @@ void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::
       break;
   }
 }
+
+namespace {
 
 #ifdef SLAB_W4A8_AVX2
 // The sum of the 8 lanes, in lane order.
@@ -460,8 +463,7 @@ void gemv_int(const GemmParams& p, const IntActivations& a, const std::vector<fl
 }
 #endif
 
-void gemv(const GemmParams& p) {
-  const Fp8Rows rows = fp8_rows(p);
+void gemv(const GemmParams& p, const Fp8Rows& rows) {
 #ifdef SLAB_W4A8_AVX2
   // One row only: with more rows the float path shares each weight conversion between them,
   // while the integer path's cost (three planes) grows with every row.
@@ -610,8 +612,7 @@ void panel_micro(const float* panel, const float* scales, const float* x, int64_
 #endif
 }
 
-void blocked(const GemmParams& p) {
-  const Fp8Rows x_rows = fp8_rows(p);
+void blocked(const GemmParams& p, const Fp8Rows& x_rows) {
   const std::vector<float> x = decode_activations(p, x_rows, /*gemv_order=*/false);
   const int64_t groups = p.k / p.group;
   const int64_t blocks = ceil_div(p.n, kBlockRows);
@@ -660,10 +661,12 @@ void quantize_fp8_cpu(const QuantFp8Params& p) {
 }
 
 void gemm_cpu(const GemmParams& p) {
+  const Fp8Rows x = fp8_rows(p);
+  if (cpu::vnni_usable() && cpu::gemm_vnni(p, x)) return;
   if (p.m <= kGemvMaxRows)
-    gemv(p);
+    gemv(p, x);
   else
-    blocked(p);
+    blocked(p, x);
 }
 
 void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {

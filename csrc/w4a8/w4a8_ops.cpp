@@ -91,7 +91,7 @@ int64_t check_weights(const Tensor& w, const Tensor& w_scales, int64_t k, int64_
 std::tuple<Tensor, Tensor> quantize_fp8_op(const Tensor& x) {
   const DType dtype = kernel_dtype(x, "x");
   SLAB_CHECK(x.dim() >= 1, "x must have at least one dimension (rows are quantized along the last), got a scalar");
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   const int64_t cols = x.size(-1);
   std::vector<int64_t> lead = shape_of(x);
   Tensor q = empty(lead, ScalarType::Float8_e4m3fn, x.device());
@@ -124,7 +124,7 @@ Tensor tile_weights_op(const Tensor& packed, const std::string& layout_arg) {
   SLAB_CHECK(packed.scalar_type() == ScalarType::Byte, "packed must be uint8, got ", packed.scalar_type());
   SLAB_CHECK(packed.dim() == 2 && packed.size(1) > 0, "packed must have shape (N, K / 2), got ", packed.sizes());
   const int64_t n = packed.size(0), k = 2 * packed.size(1);
-  const Tensor src = contiguous(packed);
+  const Tensor src = as_contiguous(packed);
   const auto [rows, row_bytes] = packed_shape(layout, n, k);
   Tensor out = empty({rows, row_bytes}, ScalarType::Byte, packed.device());
   if (n == 0) return out;
@@ -169,7 +169,7 @@ std::pair<Tensor, Layout> kernel_weights(const Tensor& w, Layout layout) {
   SLAB_CHECK(layout == kRowMajor, "w_packed is in the CUDA layout '", layout_name(layout),
              "'; the CPU kernels read the row-major layout: prepack the weights for the CPU "
              "(slab.quant.prepack_w4(..., device='cpu'))");
-  return {contiguous(w), kRowMajor};
+  return {as_contiguous(w), kRowMajor};
 #else
   if (layout == kRowMajor) return {tile_weights_op(w, "tiled"), kTiled};
   if (layout == kSm90) {
@@ -185,7 +185,7 @@ std::pair<Tensor, Layout> kernel_weights(const Tensor& w, Layout layout) {
 Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, Layout layout, const Tensor& w_scales,
                 const Tensor& y) {
   const auto [wk, kernel_layout] = kernel_weights(w, layout);
-  const Tensor ws = contiguous(w_scales);
+  const Tensor ws = as_contiguous(w_scales);
   p.w = wk.const_data_ptr<uint8_t>();
   p.w_scales = ws.const_data_ptr<float>();
   p.layout = kernel_layout;
@@ -219,13 +219,13 @@ Tensor run_gemm(GemmParams p, const Tensor& like, const Tensor& w, Layout layout
 }
 
 // CUDA reads activation rows with 16-byte loads over whole tiles (64 columns; 128 for "sm90"): rows
-// padded with zeros to that multiple and 16-byte aligned. The CPU reads x as it is.
+// padded with zeros to that multiple and 16-byte aligned (as bytes). The CPU reads x as it is.
 Tensor kernel_activations(const Tensor& x_fp8, int64_t k, Layout layout) {
-  Tensor xb = aten("aten::view", "dtype", contiguous(x_fp8), ScalarType::Byte);
 #ifndef SLAB_WITH_CUDA
   (void)k, (void)layout;
-  return xb;
+  return as_contiguous(x_fp8);
 #else
+  Tensor xb = aten("aten::view", "dtype", as_contiguous(x_fp8), ScalarType::Byte);
   const int64_t kp = padded_columns(layout, k);
   if (kp == k && reinterpret_cast<uintptr_t>(xb.data_ptr()) % 16 == 0) return xb;
   Tensor padded = zeros({xb.size(0), kp}, ScalarType::Byte, xb.device());
@@ -253,10 +253,10 @@ Tensor w4a8_gemm_op(const Tensor& x_fp8, const Tensor& x_scale, const Tensor& w,
   Tensor y = empty({m, n}, out_dtype, x_fp8.device());
   if (m == 0 || n == 0) return y;
   const Tensor xb = kernel_activations(x_fp8, k, layout);
-  const Tensor xs = contiguous(torch::stable::reshape(x_scale, {m}));
+  const Tensor xs = as_contiguous(x_scale);  // (M) or (M, 1): the same M floats
   GemmParams p{};
   p.m = m, p.n = n, p.k = k, p.group = group;
-  p.x_fp8 = xb.const_data_ptr<uint8_t>(), p.x_stride = xb.size(1), p.x_scale = xs.const_data_ptr<float>();
+  p.x_fp8 = static_cast<const uint8_t*>(xb.data_ptr()), p.x_stride = xb.size(1), p.x_scale = xs.const_data_ptr<float>();
   p.x = nullptr, p.x_dtype = DType::kFloat32;
   p.bias = nullptr, p.y = y.mutable_data_ptr(), p.out_dtype = odt;
   return run_gemm(p, x_fp8, w, layout, w_scales, y);
@@ -279,7 +279,7 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
     SLAB_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must have shape (", n, ",) = (N,), got ", bias->sizes());
     SLAB_CHECK(is_floating_point(bias->scalar_type()), "bias must be a floating-point tensor, got ",
                bias->scalar_type());
-    b = contiguous(to_dtype(*bias, ScalarType::Float));
+    b = as_contiguous(to_dtype(*bias, ScalarType::Float));
   }
   Tensor y = empty({m, n}, x.scalar_type(), x.device());
   if (m == 0 || n == 0) return y;
@@ -287,7 +287,7 @@ Tensor w4a8_linear_op(const Tensor& x, const Tensor& w, const Tensor& w_scales, 
   p.m = m, p.n = n, p.k = k, p.group = group;
   p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   p.y = y.mutable_data_ptr(), p.out_dtype = kernel_dtype(x, "x");
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor q, qs;
 #ifndef SLAB_WITH_CUDA
   // Quantized inside the GEMM prologue, straight into the fp32 values the kernel multiplies.

@@ -1,0 +1,36 @@
+#pragma once
+// What the CPU GEMM kernels share between their translation units: the activation prologue, the
+// output epilogue, and the AVX-512 VNNI integer kernels (w4a8_vnni_cpu.cpp), which w4a8_cpu.cpp's
+// gemm_cpu calls when this CPU has them.
+#include <cstdint>
+#include <vector>
+
+#include "w4a8/w4a8.h"
+
+namespace slab::w4a8::cpu {
+
+// The e4m3 codes of x and their per-row scales: w4a8_gemm's inputs as given, or for w4a8_linear
+// the rows quantized here with the same functions as quantize_fp8 (so linear == quantize_fp8 +
+// gemm bit for bit).
+struct Fp8Rows {
+  std::vector<uint8_t> own;  // (m, k) when quantized here
+  const uint8_t* codes;      // row r at codes + r * stride
+  int64_t stride;
+  std::vector<float> scale;  // (m)
+};
+
+Fp8Rows fp8_rows(const GemmParams& p);
+
+// y[row, col] = x_scale[row] * acc (+ bias[col]) in the output dtype.
+void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale);
+
+// True when the AVX-512 VNNI kernels may run: the CPU and the OS support AVX-512 F/BW/VNNI and
+// SLAB_CPU_ISA (read once) is not "avx2", which keeps every CPU kernel on AVX2 + FMA.
+bool vnni_usable();
+
+// y = the SPEC's w4a8_gemm for row-major weights on integer dot products (vpdpbusd), exact per
+// segment: false, with nothing written, where they do not apply (a NaN among x's codes, or a
+// shape they do not take); the caller then runs the float kernels.
+bool gemm_vnni(const GemmParams& p, const Fp8Rows& x);
+
+}  // namespace slab::w4a8::cpu

@@ -1,0 +1,136 @@
+"""The CPU W4A8 GEMM's kernel paths, each against the float64 reference of the SPEC formula.
+
+On a CPU with AVX-512 VNNI and VBMI (csrc/w4a8/w4a8_vnni_cpu.cpp) one row of x takes the integer
+GEMV over 16-bit windows of x's units (per 128-column block a shift e of 0, 1 or 2, or a third
+plane when the block's values span more), more rows the transposed-panel kernel (8 tokens per
+pass, token tiles of 64, 16-row panels). Elsewhere, and with SLAB_CPU_ISA=avx2, the AVX2 kernels
+run (tested here in a subprocess, since the ISA is chosen once per process). The inputs are built
+to reach every branch: block shifts and third planes, signs, tails of rows and panels, remainder
+tokens, segments of long groups.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slab.ops
+from slab import quant
+from slab.reference import w4a8 as RW
+
+from conftest import assert_close, param_id
+
+E4M3_MAX = 448.0
+
+
+def codes(n, k, group_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = k if group_size == -1 else group_size
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // g, generator=gen) + 0.05
+    return packed, scales
+
+
+def activations(m, k, kind, seed):
+    """Rows of x whose 128-column blocks reach every window case: values spread over every e4m3
+    exponent (third planes), blocks topped by E4M3_MAX with the rest at least 2^-3 (shift 2) or
+    within [2^-8, 100] (shift 0 or 1), and signs of both kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.rand(m, k, generator=gen) < 0.5, -1.0, 1.0)
+    if kind == "spread":  # every exponent, in every block
+        mag = torch.exp2(torch.rand(m, k, generator=gen) * 17.8 - 9)
+    elif kind == "narrow":  # blocks whose largest value is 448 and smallest above 0.2: shift 2
+        mag = torch.exp2(torch.rand(m, k, generator=gen) * 11 - 2.2)
+    else:  # per block, a random top exponent and a 12-bit range below it, zeros between
+        top = torch.randint(-2, 9, (m, (k + 127) // 128), generator=gen).repeat_interleave(128, 1)[:, :k]
+        mag = torch.exp2(top - torch.rand(m, k, generator=gen) * 12)
+        mag[torch.rand(m, k, generator=gen) < 0.2] = 0.0
+    x = sign * mag
+    x[:, 0] = E4M3_MAX  # one full-scale value per row: the per-row scale is 1
+    return x
+
+
+def check(m, n, k, group_size, kind, seed=0, out_dtype=torch.float32):
+    packed, scales = codes(n, k, group_size, seed)
+    x = activations(m, k, kind, seed + 1)
+    xq, xs = quant.quantize_fp8(x)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=out_dtype)
+    assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, group_size), name=f"y m={m} n={n} k={k} g={group_size}")
+
+
+@pytest.mark.parametrize("kind", ["spread", "narrow", "blocks"])
+@pytest.mark.parametrize(
+    "n,k,group_size",
+    [(4, 128, 128), (9, 256, 128), (35, 1024, 128), (6, 4096, -1), (5, 600, -1), (3, 200, -1), (70, 11008, 128)],
+    ids=param_id,
+)
+def test_one_row(n, k, group_size, kind):
+    """The GEMV path: rows in groups of four and single ones, segments of 128 and 512 columns, a
+    row's short last block (K % 128), every window shift and the third plane."""
+    check(1, n, k, group_size, kind)
+
+
+@pytest.mark.parametrize("kind", ["spread", "blocks"])
+@pytest.mark.parametrize("m", [2, 3, 8, 9, 15, 16, 64, 65, 130])
+def test_rows_of_tokens(m, kind):
+    """The panel path: every remainder of 8 tokens, token tiles of 64 and their remainders, a panel
+    of fewer than 16 rows, a short last 128-column block."""
+    check(m, 37, 384, 64, kind)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,group_size",
+    [(4, 16, 1024, -1), (5, 33, 1600, -1), (2, 17, 136, -1), (7, 20, 8, -1), (3, 48, 4096, 32)],
+    ids=param_id,
+)
+def test_rows_of_tokens_shapes(m, n, k, group_size):
+    """Long groups in 512-column segments (and a group of 1600 = 8 x 200), K a multiple of 8 only,
+    small groups."""
+    check(m, n, k, group_size, "spread")
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_largest_sums(m):
+    """Every x at +-448 against weights of -8 over one group of 11008 columns: the largest segment
+    sums the int32 accumulators must hold."""
+    k = 11008
+    packed = torch.full((5, k // 2), 0x88, dtype=torch.uint8)
+    scales = torch.ones(5, 1)
+    x = torch.full((m, k), E4M3_MAX)
+    x[:, 1::3] = -E4M3_MAX
+    xq, xs = quant.quantize_fp8(x)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, -1, out_dtype=torch.float32)
+    assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, -1), name="y")
+
+
+def test_nan_falls_back_to_float_kernels():
+    """Integers cannot carry a NaN: with one in x the float kernels run, and only its row is NaN."""
+    packed, scales = codes(20, 256, 128, 3)
+    for m in (1, 5):
+        x = activations(m, 256, "spread", 4)
+        x[m // 2, 7] = float("nan")
+        xq, xs = quant.quantize_fp8(x)
+        y = slab.ops.w4a8_gemm(xq, xs, packed, scales, 128, out_dtype=torch.float32)
+        others = [r for r in range(m) if r != m // 2]
+        assert torch.isnan(y[m // 2]).all() and torch.isfinite(y[others]).all()
+        assert_close(y[others], RW.w4a8_gemm(xq[others], xs[others], packed, scales, 128), name="y")
+
+
+def test_avx2_kernels_in_a_subprocess():
+    """SLAB_CPU_ISA=avx2 keeps every CPU kernel on AVX2 + FMA: the same checks in a process that
+    chose so at its first GEMM (on a CPU without AVX-512 VNNI this repeats the above)."""
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:]\n"
+        "import test_w4a8_cpu_paths as t\n"
+        "for kind in ('spread', 'blocks'):\n"
+        "    t.check(1, 35, 1024, 128, kind); t.check(1, 5, 600, -1, kind)\n"
+        "    for m in (3, 9, 16): t.check(m, 37, 384, 64, kind)\n"
+        "t.test_largest_sums(1); t.test_nan_falls_back_to_float_kernels()\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SLAB_CPU_ISA="avx2")
+    subprocess.run([sys.executable, "-c", script, here], env=env, check=True, timeout=300)
