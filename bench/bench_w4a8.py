@@ -49,6 +49,7 @@ import slab
 import slab.nn
 import slab.ops
 from slab import _bench as B
+from slab import info as slab_info
 from slab import quant
 from slab.reference import w4a8 as RW
 from slab.reference.compare import compare
@@ -215,6 +216,8 @@ def run_speed(args, device):
         f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s; floor = W4A8 bytes / that; "
         f"read bandwidth measured: {read_bw / 1e9:.1f} GB/s"
     )
+    if device.type == "cpu":
+        table.notes.append(f"slab's CPU GEMM kernels: {slab_info.collect()['cpu']['w4a8_kernels']} (slab info)")
     table.print()
     return table
 

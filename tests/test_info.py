@@ -35,7 +35,7 @@ SECTIONS = {
         "device_count",
         "devices",
     },
-    "cpu": {"isa", "isa_flags", "supported", "torch_capability", "model", "threads", "cores"},
+    "cpu": {"isa", "isa_flags", "supported", "w4a8_kernels", "torch_capability", "model", "threads", "cores"},
     "python": {"version", "implementation", "executable", "platform"},
 }
 TEXT_LABELS = [
@@ -50,6 +50,7 @@ TEXT_LABELS = [
     "CUDA driver",
     "CUDA devices",
     "CPU ISA",
+    "W4A8 CPU GEMM",
     "torch CPU",
     "python",
     "platform",
@@ -191,6 +192,18 @@ def test_report_with_and_without_build_info(monkeypatch):
     assert "torch built     2.11.0+cu128 (CUDA 12.8); stable ABI target 2.11" in text
     assert "built for 80;89;90a with nvcc 12.8.93" in text
     assert "x86-64 AVX2+FMA+F16C: " in text
+
+
+def test_w4a8_kernels(monkeypatch):
+    """The W4A8 GEMM's CPU kernels as reported: AVX-512 VNNI only with every flag it needs."""
+    monkeypatch.delenv("SLAB_CPU_ISA", raising=False)
+    isa = "x86-64 AVX2+FMA+F16C"
+    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS) | {"avx2"}) == "AVX-512 VNNI"
+    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS) - {"avx512vbmi"}) == "AVX2"
+    assert info._w4a8_kernels(isa, None) == "unknown (no /proc/cpuinfo flags)"
+    assert info._w4a8_kernels("portable", set(info.W4A8_VNNI_FLAGS)) == "portable"
+    monkeypatch.setenv("SLAB_CPU_ISA", "avx2")
+    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS)) == "AVX2 (SLAB_CPU_ISA=avx2)"
 
 
 def test_cpu_isa_verdict(monkeypatch):

@@ -177,6 +177,23 @@ def _cuda_facts() -> dict[str, Any]:
     return facts
 
 
+# The /proc/cpuinfo flags the W4A8 GEMM's AVX-512 kernels need (csrc/w4a8/w4a8_vnni_cpu.cpp, which
+# checks the same with __builtin_cpu_supports when it first runs).
+W4A8_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
+
+
+def _w4a8_kernels(isa: Any, flags: Optional[set[str]]) -> str:
+    """The CPU W4A8 GEMM kernels this process runs: AVX-512 VNNI where the CPU has them and
+    SLAB_CPU_ISA is not "avx2", else the build's own ISA."""
+    if isa == "portable":
+        return "portable"
+    if os.environ.get("SLAB_CPU_ISA") == "avx2":
+        return "AVX2 (SLAB_CPU_ISA=avx2)"
+    if flags is None:
+        return _unknown("no /proc/cpuinfo flags")
+    return "AVX-512 VNNI" if all(f in flags for f in W4A8_VNNI_FLAGS) else "AVX2"
+
+
 def _cpu_facts() -> dict[str, Any]:
     isa = _build("cpu_isa")
     wanted = _build("cpu_isa_flags")
@@ -198,6 +215,7 @@ def _cpu_facts() -> dict[str, Any]:
         "isa_flags": wanted,
         "flags_present": {f: (f in flags) for f in wanted} if flags is not None else _unknown("no /proc/cpuinfo flags"),
         "supported": supported,
+        "w4a8_kernels": _w4a8_kernels(isa, _cpu_flags()) if machine in ("x86_64", "amd64") else "portable",
         "torch_capability": _try(torch.backends.cpu.get_cpu_capability),
         "model": _try(_cpu_model),
         "threads": _try(torch.get_num_threads),
@@ -307,6 +325,7 @@ def format_text(facts: dict[str, Any]) -> str:
         *_cuda_lines(facts),
         ("CPU ISA", _cpu_isa_line(facts)),
         ("CPU", f"{c('model')}, {c('cores')} cores"),
+        ("W4A8 CPU GEMM", str(c("w4a8_kernels"))),
         ("torch CPU", f"{c('threads')} threads, capability {c('torch_capability')}"),
         ("python", f"{p('version')} ({p('implementation')}) at {p('executable')}"),
         ("platform", str(p("platform"))),
