@@ -231,8 +231,7 @@ const std::array<std::array<int8_t, 64>, 3>& weight_tables() {
 }
 
 // tot[r][0] + tot[r][1] (lanes) = sum over segments of scale * segment integer, for R weight rows
-// from `row`. Even and odd nibbles accumulate apart, and segments alternate between two totals,
-// for independent dependency chains.
+// from `row`; segments alternate between two totals (independent FMA chains).
 template <int R>
 SLAB_VNNI void gemv_rows(const GemmParams& p, const GemvPlanes& a, int64_t row, __m512 (*tot)[2]) {
   const int64_t row_bytes = p.k / 2, groups = p.k / p.group;
@@ -242,8 +241,8 @@ SLAB_VNNI void gemv_rows(const GemmParams& p, const GemvPlanes& a, int64_t row, 
   for (int r = 0; r < R; ++r) tot[r][0] = tot[r][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < a.segs; ++s) {
     const int64_t c0 = s * a.seg, c1 = std::min(c0 + a.seg, p.k);
-    __m512i lo_acc[R][2], hi_acc[R][2];
-    for (int r = 0; r < R; ++r) lo_acc[r][0] = lo_acc[r][1] = hi_acc[r][0] = hi_acc[r][1] = zero;
+    __m512i lo_acc[R], hi_acc[R];
+    for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = zero;
     for (int64_t b = c0 / kBlockCols; b < ceil_div(c1, kBlockCols); ++b) {
       const GemvBlock& blk = a.block[b];
       const uint8_t* pb = a.bytes.data() + b * kBlockBytes;
@@ -265,22 +264,19 @@ SLAB_VNNI void gemv_rows(const GemmParams& p, const GemvPlanes& a, int64_t row, 
         __m512i odd = _mm512_permutexvar_epi8(_mm512_srli_epi16(bytes, 4), table);
         even = _mm512_mask_sub_epi8(even, neg_even, zero, even);
         odd = _mm512_mask_sub_epi8(odd, neg_odd, zero, odd);
-        lo_acc[r][0] = _mm512_dpbusd_epi32(lo_acc[r][0], lo_even, even);
-        lo_acc[r][1] = _mm512_dpbusd_epi32(lo_acc[r][1], lo_odd, odd);
-        hi_acc[r][0] = _mm512_dpbusd_epi32(hi_acc[r][0], hi_even, even);
-        hi_acc[r][1] = _mm512_dpbusd_epi32(hi_acc[r][1], hi_odd, odd);
+        lo_acc[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(lo_acc[r], lo_even, even), lo_odd, odd);
+        hi_acc[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(hi_acc[r], hi_even, even), hi_odd, odd);
         if (top) {
           const __m512i t =
               _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(pb + 2 * kBlockCols), even),
                                   _mm512_loadu_si512(pb + 2 * kBlockCols + 64), odd);
-          hi_acc[r][0] = _mm512_add_epi32(hi_acc[r][0], _mm512_slli_epi32(t, 8));
+          hi_acc[r] = _mm512_add_epi32(hi_acc[r], _mm512_slli_epi32(t, 8));
         }
       }
     }
     const int64_t g = c0 / p.group;
     for (int r = 0; r < R; ++r) {
-      const __m512i units = _mm512_add_epi32(_mm512_add_epi32(lo_acc[r][0], lo_acc[r][1]),
-                                             _mm512_slli_epi32(_mm512_add_epi32(hi_acc[r][0], hi_acc[r][1]), 8));
+      const __m512i units = _mm512_add_epi32(lo_acc[r], _mm512_slli_epi32(hi_acc[r], 8));
       __m512& t = tot[r][s & 1];
       t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(units), _mm512_set1_ps(p.w_scales[(row + r) * groups + g]), t);
     }
