@@ -36,8 +36,12 @@
 #include "w4a8/w4a8_math.h"
 
 namespace slab::w4a8 {
+using cpu::CodePlanes;
 using cpu::fp8_rows;
 using cpu::Fp8Rows;
+using cpu::kPlaneBits;
+using cpu::kPlanes;
+using cpu::plane_table;
 using cpu::store;
 
 namespace {
@@ -189,6 +193,22 @@ Fp8Rows cpu::fp8_rows(const GemmParams& p) {
   return x;
 }
 
+const std::array<CodePlanes, 256>& cpu::plane_table() {
+  static const std::array<CodePlanes, 256> table = [] {
+    std::array<CodePlanes, 256> t{};
+    for (int c = 0; c < 256; ++c) {
+      const int units = static_cast<int>(e4m3_magnitude_units(static_cast<uint8_t>(c)));
+      const int sign = (c & 0x80) ? -1 : 1;
+      uint32_t packed = 0;
+      for (int i = 0; i < kPlanes; ++i)
+        packed |= static_cast<uint32_t>(static_cast<uint8_t>(sign * ((units >> (kPlaneBits * i)) & 63))) << (8 * i);
+      t[c] = {packed, 8 * sign * units, (c & 0x7F) == 0x7F};
+    }
+    return t;
+  }();
+  return table;
+}
+
 namespace {
 
 // The activations as fp32 (decoded e4m3 values), (m, k), each row in GEMV order when `gemv_order`.
@@ -330,8 +350,7 @@ void row_dot(const uint8_t* w, const float* ws, const float* x, int64_t k, int64
 // rows share each plane load, and for long rows the planes are walked in blocks that stay in L1
 // while a chunk of rows streams through. Used for one row of x, when groups are whole 64-column
 // blocks and x has no NaN (integers cannot carry it).
-constexpr int64_t kIntBlock = 64;  // columns per step: 32 packed bytes, low nibbles then high
-constexpr int kPlanes = 3, kPlaneBits = 6;
+constexpr int64_t kIntBlock = 64;                        // columns per step: 32 packed bytes, low nibbles then high
 constexpr int64_t kIntBlockBytes = kPlanes * kIntBlock;  // plane bytes of one 64-column block
 constexpr int64_t kIntSegMax = 512;                      // columns per int16 accumulation (see above)
 constexpr int64_t kIntL1Bytes = 16384;                   // plane bytes walked per pass over a chunk of rows
@@ -346,30 +365,6 @@ struct IntActivations {
   std::vector<int8_t> planes;   // per 64-column block: kPlanes x 64 bytes in int_position order
   std::vector<int32_t> offset;  // per segment, 8 int32 lanes: 8 * sum x (units) over each lane's columns
 };
-
-// Per e4m3 code: its three signed planes (byte i: plane i) and 8 * its signed units (the weight
-// offset's share); NaN codes are marked by `nan`.
-struct CodePlanes {
-  uint32_t planes;
-  int32_t offset;
-  bool nan;
-};
-
-const std::array<CodePlanes, 256>& plane_table() {
-  static const std::array<CodePlanes, 256> table = [] {
-    std::array<CodePlanes, 256> t{};
-    for (int c = 0; c < 256; ++c) {
-      const int units = static_cast<int>(e4m3_magnitude_units(static_cast<uint8_t>(c)));
-      const int sign = (c & 0x80) ? -1 : 1;
-      uint32_t packed = 0;
-      for (int i = 0; i < kPlanes; ++i)
-        packed |= static_cast<uint32_t>(static_cast<uint8_t>(sign * ((units >> (kPlaneBits * i)) & 63))) << (8 * i);
-      t[c] = {packed, 8 * sign * units, (c & 0x7F) == 0x7F};
-    }
-    return t;
-  }();
-  return table;
-}
 
 // The one row of x as planes and segment offsets (segments in parallel); none when some x code is NaN.
 std::optional<IntActivations> int_activations(const GemmParams& p, const Fp8Rows& x) {

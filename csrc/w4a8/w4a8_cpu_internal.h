@@ -2,6 +2,7 @@
 // What the CPU GEMM kernels share between their translation units: the activation prologue, the
 // output epilogue, and the AVX-512 VNNI integer kernels (w4a8_vnni_cpu.cpp), which w4a8_cpu.cpp's
 // gemm_cpu calls when this CPU has them.
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -20,6 +21,21 @@ struct Fp8Rows {
 };
 
 Fp8Rows fp8_rows(const GemmParams& p);
+
+// The integer kernels' split of an e4m3 value times 512 (an integer below 2^18,
+// e4m3_magnitude_units) into three signed 6-bit planes: hi * 4096 + mid * 64 + lo, each carrying
+// the value's sign.
+constexpr int kPlanes = 3, kPlaneBits = 6;
+
+// Per e4m3 code: its planes (byte i: plane i), 8 * its signed units (its share of the `8 * sum x`
+// offset that unsigned weight nibbles int4 + 8 bring in) and whether it is a NaN.
+struct CodePlanes {
+  uint32_t planes;
+  int32_t offset;
+  bool nan;
+};
+
+const std::array<CodePlanes, 256>& plane_table();
 
 // y[row, col] = x_scale[row] * acc (+ bias[col]) in the output dtype.
 void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale);

@@ -58,8 +58,7 @@ namespace slab::w4a8::cpu {
 #ifdef SLAB_VNNI_BUILD
 namespace {
 
-constexpr int64_t kBlockCols = 128;  // columns per plane block: one 64-byte vector of packed weights
-constexpr int kPlanes = 3, kPlaneBits = 6;
+constexpr int64_t kBlockCols = 128;                    // columns per plane block: one 64-byte vector of packed weights
 constexpr int64_t kBlockBytes = kPlanes * kBlockCols;  // plane bytes of one block
 constexpr int64_t kSegMax = 512;                       // columns per int32 segment (see the top)
 constexpr int kGemvRows = 4;                           // weight rows sharing the plane loads (gemv)
@@ -68,29 +67,6 @@ constexpr int64_t kGemvChunk = 32;                     // weight rows per parall
 constexpr int64_t kPanelRows = 16;                     // weight rows per panel (blocked): the lanes
 constexpr int kTokens = 8;                             // tokens per panel pass (blocked)
 constexpr int64_t kTokenTile = 64;                     // tokens whose planes stay in L2 (blocked)
-
-// Per e4m3 code: its three signed planes, 8 * its signed units (its share of the offset) and
-// whether it is a NaN.
-struct CodePlanes {
-  std::array<int8_t, kPlanes> plane;
-  int32_t offset;
-  bool nan;
-};
-
-const std::array<CodePlanes, 256>& plane_table() {
-  static const std::array<CodePlanes, 256> table = [] {
-    std::array<CodePlanes, 256> t{};
-    for (int c = 0; c < 256; ++c) {
-      const int units = static_cast<int>(e4m3_magnitude_units(static_cast<uint8_t>(c)));
-      const int sign = (c & 0x80) ? -1 : 1;
-      for (int i = 0; i < kPlanes; ++i) t[c].plane[i] = static_cast<int8_t>(sign * ((units >> (kPlaneBits * i)) & 63));
-      t[c].offset = 8 * sign * units;
-      t[c].nan = (c & 0x7F) == 0x7F;
-    }
-    return t;
-  }();
-  return table;
-}
 
 // Columns per segment: whole groups of at most kSegMax columns, or for larger groups the largest
 // divisor of the group that is a multiple of `unit` and at most kSegMax (one group per row: any).
@@ -129,7 +105,7 @@ bool build_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, Planes& a)
         const CodePlanes& c = table[codes[k]];
         seen_nan |= c.nan;
         int8_t* at = out + k / kBlockCols * kBlockBytes + (k & 1) * 64 + (k & 127) / 2;
-        for (int j = 0; j < kPlanes; ++j) at[j * kBlockCols] = c.plane[j];
+        for (int j = 0; j < kPlanes; ++j) at[j * kBlockCols] = static_cast<int8_t>(c.planes >> (8 * j));
         sum += c.offset;
       }
       a.offset[i] = -sum;
