@@ -96,6 +96,13 @@ SLAB_HD uint32_t e4m3_magnitude_units(uint8_t b) {
   return mag < 8 ? mag : (8u + (mag & 7u)) << ((mag >> 3) - 1u);
 }
 
+// The shift of e4m3_magnitude_units(b): its significant bits sit at bits shift .. shift + 3
+// (0 for subnormals and the first binade, up to 14).
+SLAB_HD int e4m3_units_shift(uint8_t b) {
+  const int mag = b & 0x7F;
+  return mag < 8 ? 0 : (mag >> 3) - 1;
+}
+
 // fp32 -> e4m3 with round-to-nearest-even, the way torch's `.to(torch.float8_e4m3fn)` does it:
 // NaN -> NaN (0x7F with the sign), |f| at or beyond the rounding boundary of 448 (and +-inf)
 // saturate to +-448, values below the normal range round to the nearest subnormal.

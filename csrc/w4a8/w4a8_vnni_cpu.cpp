@@ -155,9 +155,6 @@ struct GemvPlanes {
   std::vector<GemvBlock> block;
 };
 
-// The e of e4m3 magnitude code `mag` (nonzero): the lowest bit of its units.
-inline int units_shift(int mag) { return mag < 8 ? 0 : (mag >> 3) - 1; }
-
 // The planes of x's one row, blocks in parallel; false when some code is a NaN.
 bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvPlanes& a) {
   a.blocks = ceil_div(p.k, kBlockCols);
@@ -171,11 +168,11 @@ bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvP
       const int64_t k0 = b * kBlockCols, k1 = std::min(k0 + kBlockCols, p.k);
       int lowest = 14, highest = 0;
       for (int64_t k = k0; k < k1; ++k) {
-        const int mag = x.codes[k] & 0x7F;
-        if (mag == 0x7F) nan.store(true, std::memory_order_relaxed);
-        if (mag == 0) continue;
-        lowest = std::min(lowest, units_shift(mag));
-        highest = std::max(highest, units_shift(mag));
+        const uint8_t c = x.codes[k];
+        if ((c & 0x7F) == 0x7F) nan.store(true, std::memory_order_relaxed);
+        if ((c & 0x7F) == 0) continue;
+        lowest = std::min(lowest, e4m3_units_shift(c));
+        highest = std::max(highest, e4m3_units_shift(c));
       }
       GemvBlock& blk = a.block[b];
       const int e = std::clamp(highest - 12, 0, 2);
