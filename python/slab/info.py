@@ -215,7 +215,9 @@ def _cpu_facts() -> dict[str, Any]:
         "isa_flags": wanted,
         "flags_present": {f: (f in flags) for f in wanted} if flags is not None else _unknown("no /proc/cpuinfo flags"),
         "supported": supported,
-        "w4a8_kernels": _w4a8_kernels(isa, _cpu_flags()) if machine in ("x86_64", "amd64") else "portable",
+        "w4a8_kernels": _w4a8_kernels(isa, flags if flags is not None else _cpu_flags())
+        if machine in ("x86_64", "amd64")
+        else "portable",
         "torch_capability": _try(torch.backends.cpu.get_cpu_capability),
         "model": _try(_cpu_model),
         "threads": _try(torch.get_num_threads),
