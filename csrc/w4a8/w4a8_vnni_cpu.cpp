@@ -50,9 +50,6 @@
 #define SLAB_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
 #endif
 
-#ifndef SLAB_PF
-#define SLAB_PF 3
-#endif
 namespace slab::w4a8::cpu {
 
 #ifdef SLAB_VNNI_BUILD
@@ -84,36 +81,6 @@ struct Planes {
   std::vector<int32_t> offset;  // (m, segs): -8 * the sum of x in units over the segment
   const int8_t* row(int64_t t) const { return bytes.data() + t * blocks * kBlockBytes; }
 };
-
-// x's planes and negated offsets, rows and segments in parallel; false when some code is a NaN.
-bool build_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, Planes& a) {
-  a.blocks = ceil_div(p.k, kBlockCols);
-  a.seg = seg;
-  a.segs = ceil_div(p.k, seg);
-  a.bytes.assign(static_cast<size_t>(p.m * a.blocks * kBlockBytes), 0);
-  a.offset.assign(static_cast<size_t>(p.m * a.segs), 0);
-  const auto& table = plane_table();
-  std::atomic<bool> nan{false};
-  parallel_for(0, p.m * a.segs, std::max<int64_t>(1, 2048 / seg), [&](int64_t begin, int64_t end) {
-    bool seen_nan = false;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / a.segs, s = i % a.segs;
-      const uint8_t* codes = x.codes + t * x.stride;
-      int8_t* out = a.bytes.data() + t * a.blocks * kBlockBytes;
-      int32_t sum = 0;
-      for (int64_t k = s * seg; k < std::min((s + 1) * seg, p.k); ++k) {
-        const CodePlanes& c = table[codes[k]];
-        seen_nan |= c.nan;
-        int8_t* at = out + k / kBlockCols * kBlockBytes + (k & 1) * 64 + (k & 127) / 2;
-        for (int j = 0; j < kPlanes; ++j) at[j * kBlockCols] = static_cast<int8_t>(c.planes >> (8 * j));
-        sum += c.offset;
-      }
-      a.offset[i] = -sum;
-    }
-    if (seen_nan) nan.store(true, std::memory_order_relaxed);
-  });
-  return !nan.load();
-}
 
 // The unsigned nibbles (int4 + 8) of 64 packed bytes: low nibbles, then high ones; vpternlogd
 // 0x6A computes (a & b) ^ c.
@@ -155,38 +122,149 @@ struct GemvPlanes {
   std::vector<GemvBlock> block;
 };
 
+// Per shift e and plane i, byte i of (the units of magnitude code c) >> e, for the 128 magnitude
+// codes c that vpermi2b looks up.
+using GemvPlaneTables = std::array<std::array<std::array<uint8_t, 128>, kPlanes>, 3>;
+const GemvPlaneTables& gemv_plane_tables() {
+  static const GemvPlaneTables tables = [] {
+    GemvPlaneTables t{};
+    for (int e = 0; e < 3; ++e)
+      for (int i = 0; i < kPlanes; ++i)
+        for (int c = 0; c < 128; ++c)
+          t[e][i][c] = static_cast<uint8_t>((e4m3_magnitude_units(static_cast<uint8_t>(c)) >> e) >> (8 * i));
+    return t;
+  }();
+  return tables;
+}
+
+// The <= 128 codes of one block (zeros past `cols`) as its even columns and its odd ones.
+SLAB_VNNI inline void split_block(const uint8_t* codes, int64_t cols, __m512i* half) {
+  static constexpr auto kOrder = [] {
+    std::array<std::array<uint8_t, 64>, 2> order{};
+    for (int j = 0; j < 64; ++j)
+      order[0][j] = static_cast<uint8_t>(2 * j), order[1][j] = static_cast<uint8_t>(2 * j + 1);
+    return order;
+  }();
+  const __mmask64 first = byte_mask(cols), second = cols > 64 ? byte_mask(cols - 64) : 0;
+  const __m512i a = _mm512_maskz_loadu_epi8(first, codes), b = _mm512_maskz_loadu_epi8(second, codes + 64);
+  for (int h = 0; h < 2; ++h) half[h] = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(kOrder[h].data()), b);
+}
+
+// The smallest / largest byte of v.
+SLAB_VNNI inline int min_byte(__m512i v) {
+  v = _mm512_min_epu8(v, _mm512_shuffle_i64x2(v, v, 0x4E));
+  v = _mm512_min_epu8(v, _mm512_shuffle_i64x2(v, v, 0xB1));
+  alignas(16) uint8_t b[16];  // the 16 bytes of lane 0 now hold the minima over the four lanes
+  _mm_store_si128(reinterpret_cast<__m128i*>(b), _mm512_castsi512_si128(v));
+  return *std::min_element(b, b + 16);
+}
+
+// One block of the planes (see GemvPlanes) from its <= 128 codes: the even and the odd columns
+// split by byte permutes, the units' bytes looked up per plane, signs and NaNs as byte masks.
+// false when some code is a NaN.
+SLAB_VNNI bool gemv_block(const uint8_t* codes, int64_t cols, GemvBlock& blk, uint8_t* out) {
+  const __m512i low7 = _mm512_set1_epi8(0x7F);
+  __m512i half[2], mag[2];
+  split_block(codes, cols, half);
+  for (int h = 0; h < 2; ++h) {
+    mag[h] = _mm512_and_si512(half[h], low7);
+    const __mmask64 nonzero = _mm512_test_epi8_mask(half[h], low7);
+    blk.negative[h] = _mm512_movepi8_mask(half[h]) & nonzero;
+    if (_mm512_cmpeq_epi8_mask(mag[h], low7) != 0) return false;
+  }
+  // e4m3_units_shift grows with the magnitude code: the extremes come from the extreme codes.
+  const __m512i largest = _mm512_max_epu8(mag[0], mag[1]);
+  const __m512i none = _mm512_set1_epi8(static_cast<char>(0xFF));
+  const __m512i smallest = _mm512_min_epu8(_mm512_mask_mov_epi8(none, _mm512_test_epi8_mask(mag[0], low7), mag[0]),
+                                           _mm512_mask_mov_epi8(none, _mm512_test_epi8_mask(mag[1], low7), mag[1]));
+  const int highest = e4m3_units_shift(static_cast<uint8_t>(255 - min_byte(_mm512_sub_epi8(none, largest))));
+  const int low_code = min_byte(smallest);
+  const int lowest = low_code == 0xFF ? 14 : e4m3_units_shift(static_cast<uint8_t>(low_code));
+  const int e = std::clamp(highest - 12, 0, 2);
+  blk.top = lowest < e ? 1 : 0;
+  blk.shift = blk.top ? 0 : e;
+  const auto& tables = gemv_plane_tables()[blk.shift];
+  for (int i = 0; i < kPlanes; ++i) {
+    const __m512i lo = _mm512_loadu_si512(tables[i].data()), hi = _mm512_loadu_si512(tables[i].data() + 64);
+    for (int h = 0; h < 2; ++h)
+      _mm512_storeu_si512(out + i * kBlockCols + h * 64, _mm512_permutex2var_epi8(lo, mag[h], hi));
+  }
+  return true;
+}
+
 // The planes of x's one row, blocks in parallel; false when some code is a NaN.
-bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvPlanes& a) {
+SLAB_VNNI bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvPlanes& a) {
   a.blocks = ceil_div(p.k, kBlockCols);
   a.seg = seg;
   a.segs = ceil_div(p.k, seg);
-  a.bytes.assign(static_cast<size_t>(a.blocks * kBlockBytes), 0);
+  a.bytes.resize(static_cast<size_t>(a.blocks * kBlockBytes));
   a.block.assign(static_cast<size_t>(a.blocks), GemvBlock{});
   std::atomic<bool> nan{false};
   parallel_for(0, a.blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t k0 = b * kBlockCols, k1 = std::min(k0 + kBlockCols, p.k);
-      int lowest = 14, highest = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const uint8_t c = x.codes[k];
-        if ((c & 0x7F) == 0x7F) nan.store(true, std::memory_order_relaxed);
-        if ((c & 0x7F) == 0) continue;
-        lowest = std::min(lowest, e4m3_units_shift(c));
-        highest = std::max(highest, e4m3_units_shift(c));
-      }
-      GemvBlock& blk = a.block[b];
-      const int e = std::clamp(highest - 12, 0, 2);
-      blk.top = lowest < e ? 1 : 0;
-      blk.shift = blk.top ? 0 : e;
-      uint8_t* out = a.bytes.data() + b * kBlockBytes;
-      for (int64_t k = k0; k < k1; ++k) {
-        const uint8_t c = x.codes[k];
-        const uint32_t units = e4m3_magnitude_units(c) >> blk.shift;
-        const int64_t half = k & 1, at = half * 64 + (k & 127) / 2;
-        for (int i = 0; i < kPlanes; ++i) out[i * kBlockCols + at] = static_cast<uint8_t>(units >> (8 * i));
-        if ((c & 0x80) && (c & 0x7F)) blk.negative[half] |= uint64_t(1) << ((k & 127) / 2);
+      const int64_t k0 = b * kBlockCols;
+      if (!gemv_block(x.codes + k0, std::min(kBlockCols, p.k - k0), a.block[b], a.bytes.data() + b * kBlockBytes))
+        nan.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !nan.load();
+}
+
+// Per plane i, byte i of the three 6-bit planes of magnitude code c (plane_table's positive codes).
+using PanelPlaneTables = std::array<std::array<uint8_t, 128>, kPlanes>;
+const PanelPlaneTables& panel_plane_tables() {
+  static const PanelPlaneTables tables = [] {
+    PanelPlaneTables t{};
+    for (int i = 0; i < kPlanes; ++i)
+      for (int c = 0; c < 128; ++c) t[i][c] = static_cast<uint8_t>(plane_table()[c].planes >> (8 * i));
+    return t;
+  }();
+  return tables;
+}
+
+// Row t of x's planes, per block as in the gemv, the magnitudes' planes looked up and negated
+// where x is negative.
+SLAB_VNNI void row_planes(const uint8_t* codes, int64_t k, int8_t* out) {
+  const auto& planes = panel_plane_tables();
+  for (int64_t b = 0; b < ceil_div(k, kBlockCols); ++b) {
+    __m512i half[2];
+    split_block(codes + b * kBlockCols, std::min(kBlockCols, k - b * kBlockCols), half);
+    for (int i = 0; i < kPlanes; ++i) {
+      const __m512i lo = _mm512_loadu_si512(planes[i].data()), hi = _mm512_loadu_si512(planes[i].data() + 64);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i mag = _mm512_permutex2var_epi8(lo, half[h], hi);  // index bit 7 (the sign) unused
+        const __m512i plane = _mm512_mask_sub_epi8(mag, _mm512_movepi8_mask(half[h]), _mm512_setzero_si512(), mag);
+        _mm512_storeu_si512(out + b * kBlockBytes + i * kBlockCols + h * 64, plane);
       }
     }
+  }
+}
+
+// x's planes and negated offsets, a row of x per task; false when some code is a NaN.
+bool build_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, Planes& a) {
+  a.blocks = ceil_div(p.k, kBlockCols);
+  a.seg = seg;
+  a.segs = ceil_div(p.k, seg);
+  a.bytes.resize(static_cast<size_t>(p.m * a.blocks * kBlockBytes));
+  a.offset.resize(static_cast<size_t>(p.m * a.segs));
+  const auto& table = plane_table();
+  std::atomic<bool> nan{false};
+  parallel_for(0, p.m, 1, [&](int64_t begin, int64_t end) {
+    bool seen_nan = false;
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* codes = x.codes + t * x.stride;
+      row_planes(codes, p.k, a.bytes.data() + t * a.blocks * kBlockBytes);
+      for (int64_t s = 0; s < a.segs; ++s) {
+        int32_t sum = 0;
+        for (int64_t k = s * seg; k < std::min((s + 1) * seg, p.k); ++k) {
+          const CodePlanes& c = table[codes[k]];
+          seen_nan |= c.nan;
+          sum += c.offset;
+        }
+        a.offset[t * a.segs + s] = -sum;
+      }
+    }
+    if (seen_nan) nan.store(true, std::memory_order_relaxed);
   });
   return !nan.load();
 }
