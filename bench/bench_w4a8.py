@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import os
 import sys
 
@@ -103,6 +105,7 @@ def torch_int4_weights(packed, scales, group):
     return wi, sz
 
 
+@functools.cache
 def last_level_cache_bytes():
     """The largest CPU cache this host reports (sysfs), 0 where it reports none."""
     sizes = []
@@ -132,14 +135,8 @@ def cold_copies(make, nbytes, device):
 
 def cycling(fn, copies):
     """fn(copy) on the next copy, call by call."""
-    state = {"i": 0}
-
-    def call():
-        i = state["i"]
-        state["i"] = (i + 1) % len(copies)
-        return fn(copies[i])
-
-    return call
+    order = itertools.cycle(copies)
+    return lambda: fn(next(order))
 
 
 def run_speed(args, device):
@@ -268,7 +265,7 @@ def run_speed(args, device):
         table.notes.append(f"slab's CPU GEMM kernels: {slab_info.collect()['cpu']['w4a8_kernels']} (slab info)")
         table.notes.append(
             f"slab and torch int4 cycle through copies of their weights covering twice the last-level cache "
-            f"({last_level_cache_bytes() / 2**20:.0f} MiB), at most 64 or 1.5 GiB: weights from DRAM"
+            f"({last_level_cache_bytes() / 2**20:.0f} MiB), at most 64 or 1.5 GiB: from DRAM where 64 copies cover it"
         )
     table.print()
     return table

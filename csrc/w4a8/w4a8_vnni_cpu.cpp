@@ -150,7 +150,7 @@ SLAB_VNNI inline void split_block(const uint8_t* codes, int64_t cols, __m512i* h
   for (int h = 0; h < 2; ++h) half[h] = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(kOrder[h].data()), b);
 }
 
-// The smallest / largest byte of v.
+// The smallest byte of v (the largest: 255 - min_byte(255 - v)).
 SLAB_VNNI inline int min_byte(__m512i v) {
   v = _mm512_min_epu8(v, _mm512_shuffle_i64x2(v, v, 0x4E));
   v = _mm512_min_epu8(v, _mm512_shuffle_i64x2(v, v, 0xB1));
@@ -165,18 +165,19 @@ SLAB_VNNI inline int min_byte(__m512i v) {
 SLAB_VNNI bool gemv_block(const uint8_t* codes, int64_t cols, GemvBlock& blk, uint8_t* out) {
   const __m512i low7 = _mm512_set1_epi8(0x7F);
   __m512i half[2], mag[2];
+  __mmask64 nonzero[2];
   split_block(codes, cols, half);
   for (int h = 0; h < 2; ++h) {
     mag[h] = _mm512_and_si512(half[h], low7);
-    const __mmask64 nonzero = _mm512_test_epi8_mask(half[h], low7);
-    blk.negative[h] = _mm512_movepi8_mask(half[h]) & nonzero;
+    nonzero[h] = _mm512_test_epi8_mask(half[h], low7);
+    blk.negative[h] = _mm512_movepi8_mask(half[h]) & nonzero[h];
     if (_mm512_cmpeq_epi8_mask(mag[h], low7) != 0) return false;
   }
   // e4m3_units_shift grows with the magnitude code: the extremes come from the extreme codes.
   const __m512i largest = _mm512_max_epu8(mag[0], mag[1]);
   const __m512i none = _mm512_set1_epi8(static_cast<char>(0xFF));
-  const __m512i smallest = _mm512_min_epu8(_mm512_mask_mov_epi8(none, _mm512_test_epi8_mask(mag[0], low7), mag[0]),
-                                           _mm512_mask_mov_epi8(none, _mm512_test_epi8_mask(mag[1], low7), mag[1]));
+  const __m512i smallest =
+      _mm512_min_epu8(_mm512_mask_mov_epi8(none, nonzero[0], mag[0]), _mm512_mask_mov_epi8(none, nonzero[1], mag[1]));
   const int highest = e4m3_units_shift(static_cast<uint8_t>(255 - min_byte(_mm512_sub_epi8(none, largest))));
   const int low_code = min_byte(smallest);
   const int lowest = low_code == 0xFF ? 14 : e4m3_units_shift(static_cast<uint8_t>(low_code));
@@ -193,7 +194,7 @@ SLAB_VNNI bool gemv_block(const uint8_t* codes, int64_t cols, GemvBlock& blk, ui
 }
 
 // The planes of x's one row, blocks in parallel; false when some code is a NaN.
-SLAB_VNNI bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvPlanes& a) {
+bool build_gemv_planes(const GemmParams& p, const Fp8Rows& x, int64_t seg, GemvPlanes& a) {
   a.blocks = ceil_div(p.k, kBlockCols);
   a.seg = seg;
   a.segs = ceil_div(p.k, seg);
