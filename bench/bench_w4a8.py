@@ -133,9 +133,10 @@ def cold_copies(make, nbytes, device):
     return [make() for _ in range(count)]
 
 
-def cycling(fn, copies):
-    """fn(copy) on the next copy, call by call."""
-    order = itertools.cycle(copies)
+def cycling(fn, copies, start=0):
+    """fn(copy) on the next copy, call by call, from copies[start]. Two providers sharing copies
+    start half the list apart: one behind the other would find each copy just read (in cache)."""
+    order = itertools.cycle(copies[start:] + copies[:start])
     return lambda: fn(next(order))
 
 
@@ -208,7 +209,7 @@ def run_speed(args, device):
         fns = {
             "slab": cycling(lambda wc: slab.ops.w4a8_gemm(xq, xs, wc), w4_copies),
             "bf16": lambda: xb @ wb.t(),
-            "linear": cycling(lambda wc: slab.ops.w4a8_linear(xb, wc), w4_copies),
+            "linear": cycling(lambda wc: slab.ops.w4a8_linear(xb, wc), w4_copies, len(w4_copies) // 2),
             "fp32": lambda: x @ w.t(),
             "deq": lambda: deq(xq, xs, packed, scales, c.group),
         }

@@ -1,12 +1,14 @@
 """The CPU W4A8 GEMM's kernel paths, each against the float64 reference of the SPEC formula.
 
 On a CPU with AVX-512 VNNI and VBMI (csrc/w4a8/w4a8_vnni_cpu.cpp) one row of x takes the integer
-GEMV over 16-bit windows of x's units (per 128-column block a shift e of 0, 1 or 2, or a third
-plane when the block's values span more), more rows the transposed-panel kernel (8 tokens per
-pass, token tiles of 64, 16-row panels). Elsewhere, and with SLAB_CPU_ISA=avx2, the AVX2 kernels
-run (tested here in a subprocess, since the ISA is chosen once per process). The inputs are built
-to reach every branch: block shifts and third planes, signs, tails of rows and panels, remainder
-tokens, segments of long groups.
+GEMV over a 16-bit window of x's units (one shift e = 0 .. 3 per row, from its largest value, and
+a remainder plane in the blocks whose values reach below the window), more rows the
+transposed-panel kernel (8 tokens per pass, token tiles of 64, 16-row panels). Elsewhere, and with
+SLAB_CPU_ISA=avx2, the AVX2 kernels run (tested here in a subprocess, since the ISA is chosen once
+per process). The inputs are built to reach every branch: window shifts (only codes given as they
+are reach e < 3: quantize_fp8 scales every row's largest to 448) and remainder planes, signs,
+tails of rows and panels, remainder tokens, segments of long groups; and inputs whose exact result
+is a float32, which every path must return bit for bit.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ def codes(n, k, group_size, seed):
 
 
 def activations(m, k, kind, seed):
-    """Rows of x whose 128-column blocks reach every window case: values spread over every e4m3
-    exponent (third planes), blocks topped by E4M3_MAX with the rest at least 2^-3 (shift 2) or
-    within [2^-8, 100] (shift 0 or 1), and signs of both kinds."""
+    """Rows of x for every plane case: values spread over every e4m3 exponent (remainder planes
+    in most blocks), values within [0.22, 448] (none), and per block a random top exponent with a
+    12-bit range below it and zeros between (some); signs of both kinds."""
     gen = torch.Generator().manual_seed(seed)
     sign = torch.where(torch.rand(m, k, generator=gen) < 0.5, -1.0, 1.0)
     if kind == "spread":  # every exponent, in every block
         mag = torch.exp2(torch.rand(m, k, generator=gen) * 17.8 - 9)
-    elif kind == "narrow":  # blocks whose largest value is 448 and smallest above 0.2: shift 2
+    elif kind == "narrow":  # every value at least 0.22 (with 448 in column 0): no remainder plane
         mag = torch.exp2(torch.rand(m, k, generator=gen) * 11 - 2.2)
     else:  # per block, a random top exponent and a 12-bit range below it, zeros between
         top = torch.randint(-2, 9, (m, (k + 127) // 128), generator=gen).repeat_interleave(128, 1)[:, :k]
@@ -70,7 +72,7 @@ def check(m, n, k, group_size, kind, seed=0, out_dtype=torch.float32):
 )
 def test_one_row(n, k, group_size, kind):
     """The GEMV path: rows in groups of four and single ones, segments of 128 and 512 columns, a
-    row's short last block (K % 128), every window shift and the third plane."""
+    row's short last block (K % 128), blocks with and without the remainder plane."""
     check(1, n, k, group_size, kind)
 
 
@@ -107,6 +109,41 @@ def test_largest_sums(m):
     assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, -1), name="y")
 
 
+def exact_case(m, n, k, group_size, largest, seed):
+    """e4m3 codes and weights whose GEMM every kernel must reproduce bit for bit: per 128-column
+    block one large value (magnitude code 0x40 .. `largest`, which is also column 0: the row's
+    largest sets the GEMV's window shift, e = 3 for 0x78 and above, 0 up to 0x67) against a zero
+    weight, the rest at most 120 / 512 (codes below 0x28: values below the window, the remainder
+    plane), x's scales 1, weight scales 1/2 or 1. Every partial sum is then a multiple of 2^-10
+    below 2^13, exact in float32. The codes go to w4a8_gemm as they are (quantize_fp8 would scale
+    every row's largest to 448)."""
+    gen = torch.Generator().manual_seed(seed)
+    code = torch.randint(0, 0x28, (m, k), generator=gen, dtype=torch.uint8)
+    code |= torch.randint(0, 2, (m, k), generator=gen, dtype=torch.uint8) << 7
+    top = torch.arange(0, k, 128) + torch.randint(0, 128, ((k + 127) // 128,), generator=gen)
+    top = torch.cat([top.clamp(max=k - 1), torch.tensor([0])])
+    code[:, top] = torch.randint(0x40, largest + 1, (m, top.numel()), generator=gen, dtype=torch.uint8)
+    code[:, 0] = largest
+    nibbles = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    nibbles[:, top] = 0
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    g = k if group_size == -1 else group_size
+    scales = torch.randint(1, 3, (n, k // g), generator=gen).float() / 2
+    return code.view(torch.float8_e4m3fn), torch.ones(m), packed, scales
+
+
+@pytest.mark.parametrize("largest", [0x5F, 0x6C, 0x73, 0x7E])
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("n,k,group_size", [(9, 1024, 128), (5, 4096, -1), (6, 600, -1), (4, 1536, 64)], ids=param_id)
+def test_exact_integer_sums(m, n, k, group_size, largest):
+    """Where the exact result is a float32, every path returns it, for each GEMV window shift: an
+    error of one unit in a segment's offset, shift or planes shows (the tolerances would hide it)."""
+    xq, xs, packed, scales = exact_case(m, n, k, group_size, largest, seed=m * 1000 + k + largest)
+    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=torch.float32)
+    expected = RW.w4a8_gemm(xq, xs, packed, scales, group_size)
+    assert torch.equal(y.double(), expected), (y.double() - expected).abs().max()
+
+
 def test_nan_falls_back_to_float_kernels():
     """Integers cannot carry a NaN: with one in x the float kernels run, and only its row is NaN."""
     packed, scales = codes(20, 256, 128, 3)
@@ -130,6 +167,7 @@ def test_avx2_kernels_in_a_subprocess():
         "    t.check(1, 35, 1024, 128, kind); t.check(1, 5, 600, -1, kind)\n"
         "    for m in (3, 9, 16): t.check(m, 37, 384, 64, kind)\n"
         "t.test_largest_sums(1); t.test_nan_falls_back_to_float_kernels()\n"
+        "for m in (1, 3, 9): t.test_exact_integer_sums(m, 5, 4096, -1, 0x7E); t.test_exact_integer_sums(m, 9, 1024, 128, 0x6C)\n"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, SLAB_CPU_ISA="avx2")

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -287,9 +288,10 @@ def time_fns(
     flush_l2: Optional[bool] = None,
 ) -> dict[str, Timing]:
     """Median times of several providers, measured INTERLEAVED: after each provider's warm-up,
-    round after round times one call of every provider that still needs samples. A slow drift of
-    the machine (another process, clock or thermal changes) then affects all providers alike
-    instead of whichever ran during it. Each provider gets its own number of calls (about
+    round after round times one call of every provider that still needs samples, each round in a
+    new (seeded) random order. A slow drift of the machine (another process, clock or thermal
+    changes) then affects all providers alike instead of whichever ran during it, and no provider
+    always runs after the same one. Each provider gets its own number of calls (about
     ``budget_s`` seconds' worth, clamped to ``[min_reps, max_reps]``); otherwise as :func:`time_fn`.
     """
     device = torch.device(device)
@@ -310,8 +312,14 @@ def time_fns(
 
     samples: dict[str, list[float]] = {name: [] for name in fns}
     events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in fns}
+    names, shuffle = list(fns), random.Random(0).shuffle
     for r in range(max(need.values())):
-        for name, fn in fns.items():
+        # Each round in a fresh order, so that each provider follows every other about equally
+        # often: a call's time depends on the call before it (on a 2-core KVM guest, slab's GEMV
+        # took ~10% longer right after torch's int4 kernel than after a bf16 matmul).
+        shuffle(names)
+        for name in names:
+            fn = fns[name]
             if r >= need[name]:
                 continue
             if cuda:
