@@ -1,8 +1,9 @@
 // W4A8 CPU GEMM on AVX-512 VNNI integer dot products (row-major weights), for CPUs that have them
 // (AVX-512 VNNI and VBMI: Zen 4 and later, Intel from Ice Lake on); w4a8_cpu.cpp's gemm_cpu calls
-// gemm_vnni first and keeps its AVX2 float kernels for the rest. Only the functions marked SLAB_VNNI are compiled for
-// AVX-512 (a target attribute, not a flag for the whole file), so nothing reachable on an AVX2-only
-// CPU, inline library code included, holds an AVX-512 instruction.
+// gemm_vnni first and keeps its AVX2 float kernels for the rest. Only the functions marked
+// SLAB_VNNI are compiled for AVX-512 (a target attribute, not a flag for the whole file), so
+// nothing reachable on an AVX2-only CPU, inline library code included, holds an AVX-512
+// instruction.
 //
 // Arithmetic: exact integer dot products per segment (at most 512 columns of one group, which stay
 // below 2^31 in int32), then one conversion to float and one FMA with the group scale; the result
@@ -374,8 +375,9 @@ SLAB_VNNI void gemv_rows(const GemmParams& p, const GemvPlanes& a, int64_t row, 
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
   int64_t b = 0;
   for (int64_t s = 0; s < a.segs; ++s) {
-    const __m512i v_offset = _mm512_castsi128_si512(_mm_cvtsi32_si128(a.offset[2 * s]));  // lane 0 only
-    const __m512i r_offset = _mm512_castsi128_si512(_mm_cvtsi32_si128(a.offset[2 * s + 1]));
+    // Lane 0 only; zext, not cast: a cast leaves the upper lanes undefined.
+    const __m512i v_offset = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a.offset[2 * s]));
+    const __m512i r_offset = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a.offset[2 * s + 1]));
     __m512i lo_acc[R], hi_acc[R], rest_acc[R];
     for (int r = 0; r < R; ++r) lo_acc[r] = v_offset, hi_acc[r] = _mm512_setzero_si512(), rest_acc[r] = r_offset;
     const int64_t end = a.seg_end[s];
