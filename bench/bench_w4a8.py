@@ -3,7 +3,9 @@
 
 y (M, N) = x (M, K) W^T with W (N, K) quantized to int4 (group scales) and x to float8_e4m3fn
 (per-token scales). Providers (median times, interleaved call by call):
-  slab        slab.ops.w4a8_gemm on pre-quantized x (fp8 codes + row scales), bf16 output
+  slab        slab.ops.w4a8_gemm on pre-quantized x (fp8 codes + row scales), bf16 output; the
+              weights prepacked as W4A8Linear does (CPU: slab.quant.cpu_layout(), "panel" where
+              the AVX-512 VNNI kernels run)
   linear      slab.ops.w4a8_linear on bf16 x (per-token quantization fused / on the fly)
   bf16        torch matmul, bf16 x and bf16 dense weights
   fp32        torch matmul, fp32 x and fp32 dense weights
@@ -193,8 +195,9 @@ def run_speed(args, device):
             # weights (cold_copies), so that they come from DRAM as they would in a model far larger
             # than the cache; the dense providers stream more bytes than the quantized ones.
             w4_bytes = n * k // 2 + scales.numel() * 4
+            layout = quant.cpu_layout() if device.type == "cpu" else None  # what W4A8Linear uses
             w4_copies = cold_copies(
-                lambda: quant.prepack_w4(packed.clone(), scales.clone(), c.group, device), w4_bytes, device
+                lambda: quant.prepack_w4(packed.clone(), scales.clone(), c.group, device, layout), w4_bytes, device
             )
             int4_copies = None
             if device.type == "cpu" and c.group != -1:

@@ -466,6 +466,32 @@ def test_tiled_layout(n, k):
         slab.ops.w4a8_gemm(*quant.quantize_fp8(torch.randn(2, k)), pw)
 
 
+@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 6), (40, 4096)], ids=param_id)
+def test_panel_layout(n, k):
+    """The CPU panel layout, checked element by element against w4a8.h's formula: row-major byte
+    [r, c] at ((r // 16) * k_pad / 8 + c // 4) * 64 + (r % 16) * 4 + c % 4, zero codes pad; the
+    GEMM reads it as it reads the row-major codes (both in every dtype)."""
+    _, packed, scales = make_weights(n, k, -1, "cpu")
+    pw = quant.prepack_w4(packed, scales, -1, "cpu", layout="panel")
+    n_pad, k_pad = (n + 15) // 16 * 16, (k + 7) // 8 * 8
+    assert pw.layout == "panel" and pw.packed.shape == (n_pad, k_pad // 2) and pw.packed.dtype == torch.uint8
+    flat = pw.packed.reshape(-1)
+    r = torch.arange(n).reshape(-1, 1)
+    c = torch.arange(k // 2).reshape(1, -1)
+    at = ((r // 16) * (k_pad // 8) + c // 4) * 64 + (r % 16) * 4 + c % 4
+    assert torch.equal(flat[at], packed)
+    hit = torch.zeros(flat.numel(), dtype=torch.bool)
+    hit[at.reshape(-1)] = True
+    assert not flat[~hit].any()  # the padding holds zero codes
+    xq, xs = quant.quantize_fp8(torch.randn(3, k))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        expected = slab.ops.w4a8_gemm(xq, xs, packed, scales, -1, out_dtype=out_dtype)
+        assert_close(slab.ops.w4a8_gemm(xq, xs, pw, out_dtype=out_dtype), expected, name=f"panel {out_dtype}")
+    assert quant.cpu_layout() in ("panel", "rowmajor")
+    with pytest.raises(RuntimeError, match="tile layout"):
+        torch.ops.slab.w4a8_tile_weights(packed, "panel")
+
+
 @pytest.mark.parametrize("n,k", [(5, 64), (130, 256), (3, 130)], ids=param_id)
 def test_sm90_layout_holds_every_code(n, k):
     """The Hopper layout on the CPU (for inspection): padded to 128 x 128 blocks, its nibbles are the
@@ -609,6 +635,11 @@ def test_opcheck():
     )
     torch.library.opcheck(OPS.w4a8_linear.default, (x, packed, scales, 32, "rowmajor", torch.randn(12)))
     torch.library.opcheck(OPS.w4a8_linear.default, (x.half(), packed, scales, 32, "rowmajor", None))
+    panel = quant.prepack_w4(packed, scales, 32, "cpu", layout="panel").packed
+    torch.library.opcheck(
+        OPS.w4a8_gemm.default, (xq, xs, panel, scales, 32, "panel", torch.float32), test_utils=NO_SCHEMA
+    )
+    torch.library.opcheck(OPS.w4a8_linear.default, (x, panel, scales, 32, "panel", torch.randn(12)))
 
 
 def test_compile_fullgraph():

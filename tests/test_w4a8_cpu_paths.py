@@ -56,47 +56,72 @@ def activations(m, k, kind, seed):
     return x
 
 
-def check(m, n, k, group_size, kind, seed=0, out_dtype=torch.float32):
+#: The CPU kernels' weight layouts: the quantize_w4 codes as they are, and the VNNI kernels' panels.
+CPU_LAYOUTS = ["rowmajor", "panel"]
+
+
+def gemm(xq, xs, packed, scales, group_size, layout, out_dtype=torch.float32):
+    w = quant.prepack_w4(packed, scales, group_size, "cpu", layout=layout)
+    return slab.ops.w4a8_gemm(xq, xs, w, out_dtype=out_dtype)
+
+
+def check(m, n, k, group_size, kind, seed=0, out_dtype=torch.float32, layout="rowmajor"):
     packed, scales = codes(n, k, group_size, seed)
     x = activations(m, k, kind, seed + 1)
     xq, xs = quant.quantize_fp8(x)
-    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=out_dtype)
-    assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, group_size), name=f"y m={m} n={n} k={k} g={group_size}")
+    y = gemm(xq, xs, packed, scales, group_size, layout, out_dtype)
+    name = f"y m={m} n={n} k={k} g={group_size} {layout}"
+    assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, group_size), name=name)
 
 
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("kind", ["spread", "narrow", "blocks"])
 @pytest.mark.parametrize(
     "n,k,group_size",
-    [(4, 128, 128), (9, 256, 128), (35, 1024, 128), (6, 4096, -1), (5, 600, -1), (3, 200, -1), (70, 11008, 128)],
+    [
+        (4, 128, 128),
+        (9, 256, 128),
+        (35, 1024, 128),
+        (6, 4096, -1),
+        (5, 600, -1),
+        (3, 200, -1),
+        (70, 11008, 128),
+        (21, 6, -1),
+        (33, 130, -1),
+    ],
     ids=param_id,
 )
-def test_one_row(n, k, group_size, kind):
-    """The GEMV path: rows in groups of four and single ones, segments of 128 and 512 columns, a
-    row's short last block (K % 128), blocks with and without the remainder plane."""
-    check(1, n, k, group_size, kind)
+def test_one_row(n, k, group_size, kind, layout):
+    """The GEMV path: rows in groups of four and single ones (row-major), panels of 16 and a short
+    last one, segments of 128 and 512 columns, a row's short last block (K % 128; K % 8 for
+    panels), blocks with and without the remainder plane."""
+    check(1, n, k, group_size, kind, layout=layout)
 
 
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("kind", ["spread", "blocks"])
 @pytest.mark.parametrize("m", [2, 3, 8, 9, 15, 16, 64, 65, 130])
-def test_rows_of_tokens(m, kind):
+def test_rows_of_tokens(m, kind, layout):
     """The panel path: every remainder of 8 tokens, token tiles of 64 and their remainders, a panel
     of fewer than 16 rows, a short last 128-column block."""
-    check(m, 37, 384, 64, kind)
+    check(m, 37, 384, 64, kind, layout=layout)
 
 
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize(
     "m,n,k,group_size",
-    [(4, 16, 1024, -1), (5, 33, 1600, -1), (2, 17, 136, -1), (7, 20, 8, -1), (3, 48, 4096, 32)],
+    [(4, 16, 1024, -1), (5, 33, 1600, -1), (2, 17, 136, -1), (7, 20, 8, -1), (3, 48, 4096, 32), (3, 20, 130, -1)],
     ids=param_id,
 )
-def test_rows_of_tokens_shapes(m, n, k, group_size):
+def test_rows_of_tokens_shapes(m, n, k, group_size, layout):
     """Long groups in 512-column segments (and a group of 1600 = 8 x 200), K a multiple of 8 only,
-    small groups."""
-    check(m, n, k, group_size, "spread")
+    small groups; K = 130 (not a multiple of 8) takes the float kernels (panels reordered back)."""
+    check(m, n, k, group_size, "spread", layout=layout)
 
 
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("m", [1, 4])
-def test_largest_sums(m):
+def test_largest_sums(m, layout):
     """Every x at +-448 against weights of -8 over one group of 11008 columns: the largest segment
     sums the int32 accumulators must hold."""
     k = 11008
@@ -105,7 +130,7 @@ def test_largest_sums(m):
     x = torch.full((m, k), E4M3_MAX)
     x[:, 1::3] = -E4M3_MAX
     xq, xs = quant.quantize_fp8(x)
-    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, -1, out_dtype=torch.float32)
+    y = gemm(xq, xs, packed, scales, -1, layout)
     assert_close(y, RW.w4a8_gemm(xq, xs, packed, scales, -1), name="y")
 
 
@@ -132,26 +157,30 @@ def exact_case(m, n, k, group_size, largest, seed):
     return code.view(torch.float8_e4m3fn), torch.ones(m), packed, scales
 
 
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("largest", [0x5F, 0x6C, 0x73, 0x7E])
 @pytest.mark.parametrize("m", [1, 3, 9])
-@pytest.mark.parametrize("n,k,group_size", [(9, 1024, 128), (5, 4096, -1), (6, 600, -1), (4, 1536, 64)], ids=param_id)
-def test_exact_integer_sums(m, n, k, group_size, largest):
+@pytest.mark.parametrize(
+    "n,k,group_size", [(9, 1024, 128), (5, 4096, -1), (6, 600, -1), (4, 1536, 64), (19, 1280, 128)], ids=param_id
+)
+def test_exact_integer_sums(m, n, k, group_size, largest, layout):
     """Where the exact result is a float32, every path returns it, for each GEMV window shift: an
     error of one unit in a segment's offset, shift or planes shows (the tolerances would hide it)."""
     xq, xs, packed, scales = exact_case(m, n, k, group_size, largest, seed=m * 1000 + k + largest)
-    y = slab.ops.w4a8_gemm(xq, xs, packed, scales, group_size, out_dtype=torch.float32)
+    y = gemm(xq, xs, packed, scales, group_size, layout)
     expected = RW.w4a8_gemm(xq, xs, packed, scales, group_size)
     assert torch.equal(y.double(), expected), (y.double() - expected).abs().max()
 
 
-def test_nan_falls_back_to_float_kernels():
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
+def test_nan_falls_back_to_float_kernels(layout):
     """Integers cannot carry a NaN: with one in x the float kernels run, and only its row is NaN."""
     packed, scales = codes(20, 256, 128, 3)
     for m in (1, 5):
         x = activations(m, 256, "spread", 4)
         x[m // 2, 7] = float("nan")
         xq, xs = quant.quantize_fp8(x)
-        y = slab.ops.w4a8_gemm(xq, xs, packed, scales, 128, out_dtype=torch.float32)
+        y = gemm(xq, xs, packed, scales, 128, layout)
         others = [r for r in range(m) if r != m // 2]
         assert torch.isnan(y[m // 2]).all() and torch.isfinite(y[others]).all()
         assert_close(y[others], RW.w4a8_gemm(xq[others], xs[others], packed, scales, 128), name="y")
@@ -164,10 +193,14 @@ def test_avx2_kernels_in_a_subprocess():
         "import sys; sys.path[:0] = sys.argv[1:]\n"
         "import test_w4a8_cpu_paths as t\n"
         "for kind in ('spread', 'blocks'):\n"
-        "    t.check(1, 35, 1024, 128, kind); t.check(1, 5, 600, -1, kind)\n"
-        "    for m in (3, 9, 16): t.check(m, 37, 384, 64, kind)\n"
-        "t.test_largest_sums(1); t.test_nan_falls_back_to_float_kernels()\n"
-        "for m in (1, 3, 9): t.test_exact_integer_sums(m, 5, 4096, -1, 0x7E); t.test_exact_integer_sums(m, 9, 1024, 128, 0x6C)\n"
+        "    for layout in t.CPU_LAYOUTS:\n"
+        "        t.check(1, 35, 1024, 128, kind, layout=layout); t.check(1, 5, 600, -1, kind, layout=layout)\n"
+        "        for m in (3, 9, 16): t.check(m, 37, 384, 64, kind, layout=layout)\n"
+        "for layout in t.CPU_LAYOUTS:\n"
+        "    t.test_largest_sums(1, layout); t.test_nan_falls_back_to_float_kernels(layout)\n"
+        "    for m in (1, 3, 9):\n"
+        "        t.test_exact_integer_sums(m, 5, 4096, -1, 0x7E, layout)\n"
+        "        t.test_exact_integer_sums(m, 9, 1024, 128, 0x6C, layout)\n"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, SLAB_CPU_ISA="avx2")

@@ -26,6 +26,13 @@
 //              (sm90_tile_offset() / sm90_byte() in w4a8_math.h). The stage is then one linear
 //              8 KB copy (two 16-byte cp.async per thread of 256, each landing on the bytes that
 //              thread's own fragments need), and the padding lets the kernel skip bounds checks.
+//   kPanel     the CPU layout of the AVX-512 VNNI kernels: rows padded to a multiple of 16 and columns
+//              to a multiple of 8 (zero codes), (n_pad, k_pad / 2) bytes; per panel of 16 rows, per
+//              8 columns j, 64 contiguous bytes: the 4 kRowMajor bytes of columns 8 j .. 8 j + 7 of
+//              each of the 16 rows in turn (byte [r, c] of kRowMajor at ((r / 16) * k_pad / 8 +
+//              c / 4) * 64 + (r % 16) * 4 + c % 4). One 64-byte vector then holds 8 columns of 16
+//              rows, a dword per row, so that vpdpbusd lanes are rows, and the weights stream in one
+//              sequential pass.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -36,7 +43,7 @@ struct CUstream_st;
 
 namespace slab::w4a8 {
 
-enum Layout : int { kRowMajor = 0, kTiled = 1, kSm90 = 2 };
+enum Layout : int { kRowMajor = 0, kTiled = 1, kSm90 = 2, kPanel = 3 };
 
 constexpr int64_t kTileRows = 16;  // kTiled: rows of one tile (mma M of the weight operand)
 constexpr int64_t kTileCols = 64;  // kTiled: columns of one tile (two mma k32 steps)
@@ -44,6 +51,8 @@ constexpr int64_t kTileBytes = kTileRows * kTileCols / 2;
 constexpr int64_t kSm90BlockRows = 128;  // kSm90: rows of one block (2 warpgroups x wgmma m64)
 constexpr int64_t kSm90BlockCols = 128;  // kSm90: columns of one block (one stage: 4 wgmma k32 steps)
 constexpr int64_t kSm90BlockBytes = kSm90BlockRows * kSm90BlockCols / 2;
+constexpr int64_t kPanelRows = 16;  // kPanel: rows of one panel (the 16 dword lanes of a vector)
+constexpr int64_t kPanelCols = 8;   // kPanel: columns of one dword per row
 
 struct QuantFp8Params {
   DType dtype;

@@ -655,13 +655,30 @@ void quantize_fp8_cpu(const QuantFp8Params& p) {
   SLAB_DTYPE_SWITCH(p.dtype, CpuScalar, T, [&] { quantize_fp8_impl<T>(p); });
 }
 
+// kPanel weights (n_pad, k_pad / 2) back in kRowMajor order (n, k / 2), for the float kernels.
+static std::vector<uint8_t> unpanel(const GemmParams& p) {
+  const int64_t row_bytes = p.k / 2, dwords = ceil_div(p.k, kPanelCols);
+  std::vector<uint8_t> rows(static_cast<size_t>(p.n * row_bytes));
+  parallel_for(0, p.n, kPanelRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < row_bytes; ++c)
+        rows[r * row_bytes + c] = p.w[((r / kPanelRows) * dwords + c / 4) * 64 + (r % kPanelRows) * 4 + c % 4];
+  });
+  return rows;
+}
+
 void gemm_cpu(const GemmParams& p) {
   const Fp8Rows x = fp8_rows(p);
   if (cpu::vnni_usable() && cpu::gemm_vnni(p, x)) return;
-  if (p.m <= kGemvMaxRows)
-    gemv(p, x);
+  // The float kernels read row-major weights: kPanel ones are reordered for this call (a copy:
+  // on CPUs without AVX-512 VNNI, or for x with a NaN, or shapes the VNNI kernels do not take).
+  std::vector<uint8_t> rows;
+  GemmParams q = p;
+  if (p.layout == kPanel) rows = unpanel(p), q.w = rows.data(), q.layout = kRowMajor;
+  if (q.m <= kGemvMaxRows)
+    gemv(q, x);
   else
-    blocked(p, x);
+    blocked(q, x);
 }
 
 void int4_to_e4m3_cpu(const uint16_t* in, int64_t words, uint32_t* out) {

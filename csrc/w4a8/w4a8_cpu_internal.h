@@ -44,9 +44,9 @@ void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::
 // SLAB_CPU_ISA (read once) is not "avx2", which keeps every CPU kernel on AVX2 + FMA.
 bool vnni_usable();
 
-// y = the SPEC's w4a8_gemm for row-major weights on integer dot products (vpdpbusd), exact per
-// segment: false, with nothing written, where they do not apply (a NaN among x's codes, or a
-// shape they do not take); the caller then runs the float kernels.
+// y = the SPEC's w4a8_gemm for kRowMajor or kPanel weights on integer dot products (vpdpbusd),
+// exact per segment: false, with nothing written, where they do not apply (a NaN among x's codes,
+// or a shape they do not take); the caller then runs the float kernels.
 bool gemm_vnni(const GemmParams& p, const Fp8Rows& x);
 
 }  // namespace slab::w4a8::cpu

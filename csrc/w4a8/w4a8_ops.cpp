@@ -41,11 +41,22 @@ Layout parse_layout(const std::string& layout) {
   if (layout == "rowmajor") return kRowMajor;
   if (layout == "tiled") return kTiled;
   if (layout == "sm90") return kSm90;
-  fail("layout must be 'rowmajor', 'tiled' or 'sm90', got '", layout, "'");
+  if (layout == "panel") return kPanel;
+  fail("layout must be 'rowmajor', 'tiled', 'sm90' or 'panel', got '", layout, "'");
 }
 
 const char* layout_name(Layout layout) {
-  return layout == kRowMajor ? "rowmajor" : (layout == kTiled ? "tiled" : "sm90");
+  switch (layout) {
+    case kRowMajor:
+      return "rowmajor";
+    case kTiled:
+      return "tiled";
+    case kSm90:
+      return "sm90";
+    case kPanel:
+      return "panel";
+  }
+  return "unknown";
 }
 
 // (rows, bytes per row) of n x k weights packed in `layout` (zero padded).
@@ -57,6 +68,8 @@ std::pair<int64_t, int64_t> packed_shape(Layout layout, int64_t n, int64_t k) {
       return {round_up(n, kTileRows), round_up(k, kTileCols) / 2};
     case kSm90:
       return {sm90_packed_rows(n), sm90_packed_row_bytes(k)};
+    case kPanel:
+      return {round_up(n, kPanelRows), round_up(k, kPanelCols) / 2};
   }
   fail("unknown weight layout ", static_cast<int>(layout));
 }
@@ -121,6 +134,9 @@ Tensor tile_weights_op(const Tensor& packed, const std::string& layout_arg) {
   check_defined(packed, "packed");
   const Layout layout = parse_layout(layout_arg);
   SLAB_CHECK(layout != kRowMajor, "layout must be a tile layout ('tiled' or 'sm90'): 'rowmajor' is packed's own");
+  SLAB_CHECK(layout != kPanel,
+             "layout must be a tile layout ('tiled' or 'sm90'): the CPU layout 'panel' is built by "
+             "slab.quant.prepack_w4(..., layout='panel')");
   SLAB_CHECK(packed.scalar_type() == ScalarType::Byte, "packed must be uint8, got ", packed.scalar_type());
   SLAB_CHECK(packed.dim() == 2 && packed.size(1) > 0, "packed must have shape (N, K / 2), got ", packed.sizes());
   const int64_t n = packed.size(0), k = 2 * packed.size(1);
@@ -162,15 +178,18 @@ Tensor int4_to_e4m3_op(const Tensor& packed) {
 // ---- GEMM ----------------------------------------------------------------------------------------
 
 // The weights in a layout the kernels of this library's device read, and that layout: the CPU
-// kernels read row-major; the CUDA kernels read "tiled" (row-major weights are tiled here, on every
-// call: prepack once instead) or, on a compute capability 9.0 device, "sm90".
+// kernels read "rowmajor" or "panel"; the CUDA kernels read "tiled" (row-major weights are tiled
+// here, on every call: prepack once instead) or, on a compute capability 9.0 device, "sm90".
 std::pair<Tensor, Layout> kernel_weights(const Tensor& w, Layout layout) {
 #ifndef SLAB_WITH_CUDA
-  SLAB_CHECK(layout == kRowMajor, "w_packed is in the CUDA layout '", layout_name(layout),
-             "'; the CPU kernels read the row-major layout: prepack the weights for the CPU "
+  SLAB_CHECK(layout == kRowMajor || layout == kPanel, "w_packed is in the CUDA layout '", layout_name(layout),
+             "'; the CPU kernels read the layouts 'rowmajor' and 'panel': prepack the weights for the CPU "
              "(slab.quant.prepack_w4(..., device='cpu'))");
-  return {as_contiguous(w), kRowMajor};
+  return {as_contiguous(w), layout};
 #else
+  SLAB_CHECK(layout != kPanel,
+             "w_packed is in the CPU layout 'panel'; prepack the weights for this device "
+             "(slab.quant.prepack_w4(..., device='cuda'))");
   if (layout == kRowMajor) return {tile_weights_op(w, "tiled"), kTiled};
   if (layout == kSm90) {
     torch::stable::accelerator::DeviceGuard guard(w.get_device_index());

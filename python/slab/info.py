@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -192,6 +193,13 @@ def _w4a8_kernels(isa: Any, flags: Optional[set[str]]) -> str:
     if flags is None:
         return _unknown("no /proc/cpuinfo flags")
     return "AVX-512 VNNI" if all(f in flags for f in W4A8_VNNI_FLAGS) else "AVX2"
+
+
+@functools.cache
+def w4a8_vnni_kernels() -> bool:
+    """Whether this process's CPU W4A8 GEMM runs the AVX-512 VNNI kernels (decided once, as the
+    library decides it on its first call)."""
+    return _w4a8_kernels(_build("cpu_isa"), _cpu_flags()) == "AVX-512 VNNI"
 
 
 def _cpu_facts() -> dict[str, Any]:

@@ -12,8 +12,10 @@ Weights (offline, once):
 * :func:`dequantize_w4` -- the exact inverse map ``int4 * scale`` to float32.
 * :func:`prepack_w4` -- the kernel layout for one device (:class:`PackedW4`). Done once, offline,
   e.g. when a model is converted or loaded: the CPU kernels read the row-major ``quantize_w4``
-  codes as they are; the CUDA kernels read 16 x 64 tiles interleaved so that every lane of a warp
-  issues one 16-byte load per tile and turns its nibbles into e4m3 mma fragments in registers.
+  codes as they are, and their AVX-512 VNNI kernels fastest in 16-row panels (``"panel"``,
+  :func:`cpu_layout` says which this CPU runs); the CUDA kernels read 16 x 64 tiles interleaved so
+  that every lane of a warp issues one 16-byte load per tile and turns its nibbles into e4m3 mma
+  fragments in registers.
 
 Activations (per call):
 
@@ -41,6 +43,7 @@ from .ops.w4a8 import (
     GROUP_SIZES,
     LAYOUTS,
     PackedW4,
+    cpu_layout,
     dequantize_w4,
     prepack_w4,
     quantize_fp8,
@@ -53,6 +56,7 @@ __all__ = [
     "dequantize_w4",
     "unpack_int4",
     "prepack_w4",
+    "cpu_layout",
     "quantize_fp8",
     "convert",
     "PackedW4",

@@ -969,6 +969,7 @@ op(
     dtype("packed", torch.float32),
     dtype("packed", torch.int32),
     bad("layout=rowmajor", "layout", layout="rowmajor"),
+    bad("layout=panel", "layout", layout="panel"),
     bad("layout=unknown", "layout", layout="sm80"),
 )
 
@@ -1025,6 +1026,7 @@ op(
     bad("layout=colmajor", "layout", layout="colmajor"),
     bad("layout=tiled_on_cpu", ("layout", "w_packed"), layout="tiled"),
     bad("layout=sm90_on_cpu", ("layout", "w_packed"), layout="sm90"),
+    bad("layout=panel_rowmajor_shape", ("w_packed", "panel"), layout="panel"),
     bad("out_dtype=int32", "out_dtype", out_dtype=torch.int32),
     bad("out_dtype=float64", "out_dtype", out_dtype=torch.float64),
     meta("x_scale"),

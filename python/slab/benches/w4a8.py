@@ -8,13 +8,15 @@ from slab.bench import CHECK_DTYPES, BenchContext, Entry, elem_size, register, r
 
 
 def weights(device, n, k, group_size, seed=0):
-    """Random (N, K) float32 weights, their ``quantize_w4`` codes and scales, and the prepacked form."""
+    """Random (N, K) float32 weights, their ``quantize_w4`` codes and scales, and the prepacked form
+    (in the layout W4A8Linear prepacks: on the CPU ``cpu_layout()``'s)."""
     import slab.quant
 
     g = torch.Generator().manual_seed(seed + n * 7 + k)
     w = torch.randn(n, k, generator=g) / k**0.5
     packed, scales = slab.quant.quantize_w4(w, group_size)
-    return w, packed, scales, slab.quant.prepack_w4(packed, scales, group_size, device)
+    layout = slab.quant.cpu_layout() if torch.device(device).type == "cpu" else None
+    return w, packed, scales, slab.quant.prepack_w4(packed, scales, group_size, device, layout)
 
 
 def _x(device, dtype, m, k, seed=1):

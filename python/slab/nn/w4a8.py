@@ -8,7 +8,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.w4a8 import GROUP_SIZES, PackedW4, dequantize_w4, group_columns, prepack_w4, quantize_w4, w4a8_linear
+from ..ops.w4a8 import (
+    GROUP_SIZES,
+    PackedW4,
+    cpu_layout,
+    dequantize_w4,
+    group_columns,
+    prepack_w4,
+    quantize_w4,
+    w4a8_linear,
+)
 from ._args import check_choice, check_flag, check_size
 
 __all__ = ["W4A8Linear"]
@@ -34,8 +43,9 @@ class W4A8Linear(nn.Module):
     call: ``x`` (..., in_features) -> (..., out_features) in the dtype of ``x``. State: buffers
     ``packed`` (uint8, (out, in/2), the row-major ``quantize_w4`` codes), ``scales`` (float32) and
     ``bias`` (None when built without one); they save and load with ``state_dict``. The kernel
-    layout for the buffers' device (:func:`slab.quant.prepack_w4`) is built on first use and again
-    after ``load_state_dict`` or a device move (a no-op on the CPU, one re-tiling on CUDA).
+    layout for the buffers' device (:func:`slab.quant.prepack_w4`; on the CPU
+    :func:`slab.quant.cpu_layout`'s) is built on first use and again after ``load_state_dict`` or a
+    device move.
     Inference only: no gradients flow to the (integer) weights or through the op.
     """
 
@@ -93,7 +103,9 @@ class W4A8Linear(nn.Module):
         """The prepacked weights for the buffers' device (built once, cached)."""
         kw = self._kernel_w
         if kw is None or kw.device != self.packed.device:
-            kw = prepack_w4(self.packed, self.scales, self.group_size, self.packed.device)
+            device = self.packed.device
+            layout = cpu_layout() if device.type == "cpu" else None
+            kw = prepack_w4(self.packed, self.scales, self.group_size, device, layout)
             self._kernel_w = kw
         return kw
 

@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import info as _info
 from ._fake import register_fake
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "PackedW4",
     "GROUP_SIZES",
     "LAYOUTS",
+    "cpu_layout",
 ]
 
 _lib = torch.ops.slab
@@ -42,8 +44,23 @@ GROUP_SIZES = (32, 64, 128, -1)
 
 #: Weight layouts (PackedW4.layout and the ops' ``layout`` argument): ``"rowmajor"`` the
 #: ``quantize_w4`` codes (N, K/2), read by the CPU kernels; ``"tiled"`` the CUDA mma.sync tiles;
-#: ``"sm90"`` the sm_90a wgmma kernel's blocks (csrc/w4a8/w4a8.h documents each byte map).
-LAYOUTS = ("rowmajor", "tiled", "sm90")
+#: ``"sm90"`` the sm_90a wgmma kernel's blocks; ``"panel"`` the CPU's AVX-512 VNNI layout, 16-row
+#: panels (csrc/w4a8/w4a8.h documents each byte map).
+LAYOUTS = ("rowmajor", "tiled", "sm90", "panel")
+
+_PANEL_ROWS, _PANEL_COLS = 16, 8
+
+
+# Decided at import (like the library's own choice, made once per process), so that a module that
+# prepacks inside a torch.compile'd forward reads a constant rather than /proc/cpuinfo.
+_CPU_LAYOUT = "panel" if _info.w4a8_vnni_kernels() else "rowmajor"
+
+
+def cpu_layout() -> str:
+    """The CPU weight layout this process's fastest W4A8 kernels read: ``"panel"`` where the AVX-512
+    VNNI kernels run (``slab info``), else ``"rowmajor"``."""
+    return _CPU_LAYOUT
+
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,9 +85,12 @@ class PackedW4:
     """int4 weights in the layout one device's kernels read (made by :func:`slab.quant.prepack_w4`).
 
     ``packed``: uint8 codes; ``layout == "rowmajor"`` (the CPU kernels): (n, k/2) exactly as
-    ``quantize_w4`` returns them; ``layout == "tiled"`` (the CUDA kernels): (n rounded up to 16,
-    k rounded up to 64 / 2), 16 x 64 tiles of 512 bytes in which each lane of a warp finds its mma
-    fragment nibbles in one 16-byte chunk (csrc/w4a8/w4a8.h). ``scales``: float32 (n, k/group).
+    ``quantize_w4`` returns them; ``layout == "panel"`` (the CPU's AVX-512 VNNI kernels): (n
+    rounded up to 16, k rounded up to 8 / 2), per 16 rows and 8 columns 64 bytes, the 4 row-major
+    bytes of each of the 16 rows in turn; ``layout == "tiled"`` (the CUDA kernels): (n rounded up
+    to 16, k rounded up to 64 / 2), 16 x 64 tiles of 512 bytes in which each lane of a warp finds
+    its mma fragment nibbles in one 16-byte chunk (csrc/w4a8/w4a8.h). ``scales``: float32 (n,
+    k/group) in every layout.
     """
 
     packed: Tensor
@@ -152,9 +172,12 @@ def prepack_w4(
     ``layout`` (one of :data:`LAYOUTS`) defaults to the device's: ``"rowmajor"`` on the CPU (the
     ``quantize_w4`` codes as they are), ``"tiled"`` on CUDA (16 x 64 tiles, rows padded to 16 and
     columns to 64 with zero codes); ``"sm90"`` is the layout of the Hopper (sm_90a) wgmma kernel
-    (the same tiles in 128 x 128 blocks, rows and columns padded to 128). Do this once (offline /
-    at load time), not per call. A CUDA layout on the CPU only serves to inspect it (the CPU
-    kernels need ``"rowmajor"``).
+    (the same tiles in 128 x 128 blocks, rows and columns padded to 128); ``"panel"`` the CPU
+    layout of the AVX-512 VNNI kernels (16-row panels, rows padded to 16 and columns to 8 with zero
+    codes; :func:`cpu_layout` says whether this CPU runs them: elsewhere the CPU kernels reorder it
+    back on every call). Do this once (offline / at load time), not per call. A CUDA layout on the
+    CPU only serves to inspect it (the CPU kernels read ``"rowmajor"`` and ``"panel"``), and
+    ``"panel"`` is for the CPU only.
     """
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D uint8 tensor (N, K/2), got {getattr(packed, 'dtype', type(packed))}")
@@ -167,9 +190,21 @@ def prepack_w4(
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     codes = packed.contiguous()
-    if layout != "rowmajor":
+    if layout == "panel":
+        codes = _panels(codes)
+    elif layout != "rowmajor":
         codes = _lib.w4a8_tile_weights(codes, layout)  # on packed's device (CPU or CUDA)
     return PackedW4(codes.to(device), scales.to(device).contiguous(), int(group_size), n, k, device, layout)
+
+
+def _panels(codes: Tensor) -> Tensor:
+    """Row-major codes (N, K/2) in the "panel" layout (N rounded up to 16, K rounded up to 8 / 2):
+    per 16 rows and 4 bytes (8 columns), the 16 rows' 4 bytes in turn; zero codes pad."""
+    n, kh = codes.shape
+    n_pad, kh_pad = -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // 4) * 4
+    padded = torch.nn.functional.pad(codes, (0, kh_pad - kh, 0, n_pad - n))
+    panels = padded.view(n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // 4, 4).transpose(1, 2)
+    return panels.contiguous().view(n_pad, kh_pad)
 
 
 def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,6 +317,12 @@ def _fake_n(w_packed, w_scales, k, group_size, layout):
     if layout == "rowmajor":
         torch._check(
             w_packed.shape[0] == n and w_packed.shape[1] == k // 2, lambda: "w_packed must have shape (N, K / 2)"
+        )
+    elif layout == "panel":
+        torch._check(
+            w_packed.shape[0] == -(-n // _PANEL_ROWS) * _PANEL_ROWS
+            and w_packed.shape[1] == -(-k // _PANEL_COLS) * _PANEL_COLS // 2,
+            lambda: "w_packed must have shape (N rounded up to 16, K rounded up to 8 / 2) for layout 'panel'",
         )
     return n
 
