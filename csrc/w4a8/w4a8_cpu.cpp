@@ -229,29 +229,38 @@ std::vector<float> decode_activations(const GemmParams& p, const Fp8Rows& x, boo
 // ---- output ------------------------------------------------------------------------------------
 
 template <typename O>
-void store_output(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
-  float v = x_scale[row] * acc;
-  if (p.bias != nullptr) v += p.bias[col];
-  static_cast<O*>(p.y)[row * p.n + col] = static_cast<O>(v);
+void store_outputs(const GemmParams& p, int64_t row, int64_t col, int64_t count, const float* acc,
+                   const std::vector<float>& x_scale) {
+  O* y = static_cast<O*>(p.y) + row * p.n + col;
+  for (int64_t i = 0; i < count; ++i) {
+    float v = x_scale[row] * acc[i];
+    if (p.bias != nullptr) v += p.bias[col + i];
+    y[i] = static_cast<O>(v);
+  }
 }
 
 }  // namespace
 
-void cpu::store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
+void cpu::store_row(const GemmParams& p, int64_t row, int64_t col, int64_t count, const float* acc,
+                    const std::vector<float>& x_scale) {
   switch (p.out_dtype) {
     case DType::kFloat32:
-      store_output<float>(p, row, col, acc, x_scale);
+      store_outputs<float>(p, row, col, count, acc, x_scale);
       break;
     case DType::kBFloat16:
-      store_output<c10::BFloat16>(p, row, col, acc, x_scale);
+      store_outputs<c10::BFloat16>(p, row, col, count, acc, x_scale);
       break;
     case DType::kFloat16:
-      store_output<c10::Half>(p, row, col, acc, x_scale);
+      store_outputs<c10::Half>(p, row, col, count, acc, x_scale);
       break;
     case DType::kFloat64:
-      store_output<double>(p, row, col, acc, x_scale);
+      store_outputs<double>(p, row, col, count, acc, x_scale);
       break;
   }
+}
+
+void cpu::store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale) {
+  store_row(p, row, col, 1, &acc, x_scale);
 }
 
 namespace {

@@ -39,6 +39,9 @@ const std::array<CodePlanes, 256>& plane_table();
 
 // y[row, col] = x_scale[row] * acc (+ bias[col]) in the output dtype.
 void store(const GemmParams& p, int64_t row, int64_t col, float acc, const std::vector<float>& x_scale);
+// The same for `count` outputs y[row, col .. col + count) from acc[0 .. count) (one dispatch).
+void store_row(const GemmParams& p, int64_t row, int64_t col, int64_t count, const float* acc,
+               const std::vector<float>& x_scale);
 
 // True when the AVX-512 VNNI kernels may run: the CPU and the OS support AVX-512 F/BW/VNNI and
 // SLAB_CPU_ISA (read once) is not "avx2", which keeps every CPU kernel on AVX2 + FMA.

@@ -487,7 +487,7 @@ SLAB_VNNI void panel_gemv(const GemmParams& p, const GemvPlanes& a, const std::v
   }
   alignas(64) float out[kPanelRows];
   _mm512_store_ps(out, _mm512_mul_ps(tot, _mm512_set1_ps(static_cast<float>(1 << a.shift) / 512.0f)));
-  for (int64_t r = 0; r < rows; ++r) store(p, 0, n0 + r, out[r], x_scale);
+  store_row(p, 0, n0, rows, out, x_scale);
 }
 
 void gemv_panels(const GemmParams& p, const GemvPlanes& a, const std::vector<float>& x_scale) {

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _lib = torch.ops.slab
+_gemm, _linear = _lib.w4a8_gemm.default, _lib.w4a8_linear.default
 
 #: Supported weight group sizes (-1: one scale per output row).
 GROUP_SIZES = (32, 64, 128, -1)
@@ -226,6 +227,10 @@ def _arguments(fn: str, w, args, kwargs, extra: str, default):
     """(packed, scales, group_size, layout, extra) from either call form:
     ``(w: PackedW4, [extra])`` or ``(w_packed, w_scales, group_size, [extra])``, positional or by
     keyword; ``extra`` is ``out_dtype`` (w4a8_gemm) or ``bias`` (w4a8_linear)."""
+    if isinstance(w, PackedW4) and not args and (not kwargs or (len(kwargs) == 1 and extra in kwargs)):
+        # the decode call: no parsing (a GEMV reads its weights from DRAM in well under 1 ms, and
+        # every Python step of the wrapper runs from a cache the weights have just swept)
+        return w.packed, w.scales, w.group_size, w.layout, kwargs.get(extra, default)
     if isinstance(w, PackedW4):
         names = [extra]
     elif isinstance(w, Tensor):
@@ -271,6 +276,8 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
         raise TypeError(f"w4a8_gemm: out_dtype must be a torch.dtype, got {type(out_dtype).__name__}")
     if not isinstance(x_fp8, Tensor) or x_fp8.dim() < 1:
         raise ValueError("x_fp8 must be a tensor of shape (..., K)")
+    if x_fp8.dim() == 2 and isinstance(x_scale, Tensor) and x_scale.shape == x_fp8.shape[:1]:  # the op's shapes
+        return _gemm(x_fp8, x_scale, packed, scales, group_size, layout, out_dtype)
     lead = x_fp8.shape[:-1]
     x2 = x_fp8.reshape(-1, x_fp8.shape[-1])
     xs = x_scale.reshape(-1) if isinstance(x_scale, Tensor) else x_scale
@@ -278,7 +285,7 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
         raise ValueError(
             f"x_scale must hold one scale per row of x_fp8 ({x2.shape[0]}), got shape {tuple(x_scale.shape)}"
         )
-    y = _lib.w4a8_gemm(x2, xs, packed, scales, group_size, layout, out_dtype)
+    y = _gemm(x2, xs, packed, scales, group_size, layout, out_dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -298,8 +305,10 @@ def w4a8_linear(x: Tensor, w: Union[PackedW4, Tensor], *args, **kwargs) -> Tenso
         raise TypeError(f"w4a8_linear: bias must be a tensor or None, got {type(bias).__name__}")
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor of shape (..., K)")
+    if x.dim() == 2:
+        return _linear(x, packed, scales, group_size, layout, bias)
     lead = x.shape[:-1]
-    y = _lib.w4a8_linear(x.reshape(-1, x.shape[-1]), packed, scales, group_size, layout, bias)
+    y = _linear(x.reshape(-1, x.shape[-1]), packed, scales, group_size, layout, bias)
     return y.reshape(*lead, y.shape[-1])
 
 
