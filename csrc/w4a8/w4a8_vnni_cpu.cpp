@@ -462,6 +462,11 @@ SLAB_VNNI void panel_gemv(const GemmParams& p, const GemvPlanes& a, const std::v
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(static_cast<int>(groups)));
   const __m512 rest_weight = _mm512_set1_ps(1.0f / static_cast<float>(1 << a.shift));
+  // The next panel's scales (contiguous: its rows' groups in turn) into L2: its gathers read one
+  // line per row, which would otherwise miss together, twice or more per panel.
+  const char* next_scales = reinterpret_cast<const char*>(p.w_scales + (n0 + rows) * groups);
+  const int64_t next_bytes = std::min(kPanelRows, p.n - n0 - rows) * groups * 4;
+  for (int64_t at = 0; at < next_bytes; at += 64) _mm_prefetch(next_scales + at, _MM_HINT_T1);
   __m512 tot = _mm512_setzero_ps();
   int64_t b = 0;
   for (int64_t s = 0; s < a.segs; ++s) {
