@@ -666,12 +666,11 @@ void quantize_fp8_cpu(const QuantFp8Params& p) {
 
 // kPanel weights (n_pad, k_pad / 2) back in kRowMajor order (n, k / 2), for the float kernels.
 static std::vector<uint8_t> unpanel(const GemmParams& p) {
-  const int64_t row_bytes = p.k / 2, dwords = ceil_div(p.k, kPanelCols);
+  const int64_t row_bytes = p.k / 2;
   std::vector<uint8_t> rows(static_cast<size_t>(p.n * row_bytes));
   parallel_for(0, p.n, kPanelRows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t c = 0; c < row_bytes; ++c)
-        rows[r * row_bytes + c] = p.w[((r / kPanelRows) * dwords + c / 4) * 64 + (r % kPanelRows) * 4 + c % 4];
+      for (int64_t c = 0; c < row_bytes; ++c) rows[r * row_bytes + c] = p.w[panel_offset(r, c, p.k)];
   });
   return rows;
 }

@@ -184,6 +184,12 @@ SLAB_HD uint8_t tiled_byte(const uint8_t* src, int64_t n, int64_t k, int64_t i) 
 // The kTiled tiles, reordered into 128 x 128 blocks (w4a8.h): block (rb, kb) row-major over
 // (rows / 128, k_pad / 128), tile (row tile w in 0..7, column tile h in 0..1) of the block at 2 w + h.
 
+// Byte offset in the kPanel layout (w4a8.h) of byte `byte` of row `row` of row-major packed
+// weights with k columns: the panel-major order the CPU kernels read and unpanel() undoes.
+SLAB_HD int64_t panel_offset(int64_t row, int64_t byte, int64_t k) {
+  return ((row / kPanelRows) * ceil_div(k, kPanelCols) + byte / 4) * 64 + (row % kPanelRows) * 4 + byte % 4;
+}
+
 SLAB_HD int64_t sm90_packed_rows(int64_t n) { return round_up(n, kSm90BlockRows); }
 SLAB_HD int64_t sm90_packed_row_bytes(int64_t k) { return round_up(k, kSm90BlockCols) / 2; }
 

@@ -456,7 +456,7 @@ SLAB_VNNI __attribute__((always_inline)) inline void panel_gemv_block(const uint
 // y for the 16 rows of the panel from row n0.
 SLAB_VNNI void panel_gemv(const GemmParams& p, const GemvPlanes& a, const std::vector<float>& x_scale, int64_t n0) {
   const int64_t groups = p.k / p.group, dwords = ceil_div(p.k, kPanelCols), rows = std::min(kPanelRows, p.n - n0);
-  const uint8_t* w = p.w + n0 * dwords * 4;
+  const uint8_t* w = p.w + panel_offset(n0, 0, p.k);
   const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
   const __m512i scale_index =
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -475,8 +475,9 @@ SLAB_VNNI void panel_gemv(const GemmParams& p, const GemvPlanes& a, const std::v
     __m512i hi[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     __m512i rest = _mm512_set1_epi32(a.offset[2 * s + 1]);
     for (; b < a.seg_end[s]; ++b) {
-      const uint8_t* wb = w + b * (kBlockCols / kPanelCols) * 64;
-      const int64_t n_dwords = std::min(kBlockCols / kPanelCols, dwords - b * (kBlockCols / kPanelCols));
+      constexpr int64_t kBlockDwords = kBlockCols / kPanelCols;
+      const uint8_t* wb = w + b * kBlockDwords * 64;
+      const int64_t n_dwords = std::min(kBlockDwords, dwords - b * kBlockDwords);
       if (a.has_rest[b] != 0)
         panel_gemv_block<true>(wb, n_dwords, a.bytes.data() + b * kBlockBytes, lo, hi, &rest);
       else
@@ -594,7 +595,7 @@ SLAB_VNNI void panel_tokens(const GemmParams& p, const Planes& a, const uint32_t
 SLAB_VNNI void panel_block(const GemmParams& p, const Planes& a, const std::vector<float>& x_scale, int64_t n0,
                            int64_t t_begin, int64_t t_end, uint32_t* buffer, float* scales) {
   // kPanel weights are read where they are; row-major ones transposed into `buffer` first
-  const uint32_t* panel = reinterpret_cast<const uint32_t*>(p.w + n0 * p.k / 2);
+  const uint32_t* panel = reinterpret_cast<const uint32_t*>(p.w + panel_offset(n0, 0, p.k));
   if (p.layout == kRowMajor) build_panel(p, n0, buffer), panel = buffer;
   panel_scales(p, n0, scales);
   const int64_t rows = std::min(kPanelRows, p.n - n0);
@@ -616,8 +617,7 @@ SLAB_VNNI void panel_block(const GemmParams& p, const Planes& a, const std::vect
       SLAB_VNNI_TOKENS(1)
 #undef SLAB_VNNI_TOKENS
     }
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t r = 0; r < rows; ++r) store(p, t0 + t, n0 + r, tot[t * kPanelRows + r], x_scale);
+    for (int64_t t = 0; t < tokens; ++t) store_row(p, t0 + t, n0, rows, tot + t * kPanelRows, x_scale);
   }
 }
 

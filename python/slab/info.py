@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import json
 import os
 import platform
@@ -195,10 +194,9 @@ def _w4a8_kernels(isa: Any, flags: Optional[set[str]]) -> str:
     return "AVX-512 VNNI" if all(f in flags for f in W4A8_VNNI_FLAGS) else "AVX2"
 
 
-@functools.cache
 def w4a8_vnni_kernels() -> bool:
-    """Whether this process's CPU W4A8 GEMM runs the AVX-512 VNNI kernels (decided once, as the
-    library decides it on its first call)."""
+    """Whether the CPU W4A8 GEMM runs the AVX-512 VNNI kernels on this CPU with this environment
+    (slab.ops.w4a8 reads it once, at import, as the library decides once per process)."""
     return _w4a8_kernels(_build("cpu_isa"), _cpu_flags()) == "AVX-512 VNNI"
 
 
