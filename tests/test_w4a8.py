@@ -420,6 +420,33 @@ def test_inference_only():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_wrappers_below_autograd_only_without_grad(device):
+    # The wrappers dispatch past the Autograd key themselves when nothing needs a gradient: the
+    # same outputs as the op, fake tensors still reach the fake kernels, and an input requiring
+    # grad still takes the autograd kernel (the inference-only error).
+    _, packed, scales = make_weights(24, 64, 32, device)
+    pw = quant.prepack_w4(packed, scales, 32)
+    x = torch.randn(3, 64, device=device)
+    xq, xs = quant.quantize_fp8(x)
+    gemm = torch.ops.slab.w4a8_gemm(xq, xs, pw.packed, pw.scales, 32, pw.layout, torch.bfloat16)
+    assert torch.equal(slab.ops.w4a8_gemm(xq, xs, pw), gemm)
+    assert torch.equal(
+        slab.ops.w4a8_linear(x, pw), torch.ops.slab.w4a8_linear(x, pw.packed, pw.scales, 32, pw.layout, None)
+    )
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fs = mode.from_tensor(xq), mode.from_tensor(xs)
+        fw = quant.PackedW4(
+            mode.from_tensor(pw.packed), mode.from_tensor(pw.scales), 32, pw.n, pw.k, pw.device, pw.layout
+        )
+        y = slab.ops.w4a8_gemm(fx, fs, fw)
+    assert y.shape == (3, 24) and y.dtype == torch.bfloat16
+    y = slab.ops.w4a8_gemm(xq, xs.clone().requires_grad_(), pw)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="inference only"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     _, packed, scales = make_weights(8, 64, 32, device)
     x = torch.randn(0, 64, device=device)

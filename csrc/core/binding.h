@@ -15,6 +15,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -117,8 +118,25 @@ std::pair<Tensor, Tensor> aten2(const char* op, const char* overload, const Args
 // microseconds, more than a small op's kernel) even when it has nothing to do.
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 inline Tensor to_dtype(const Tensor& t, ScalarType dt) { return t.scalar_type() == dt ? t : torch::stable::to(t, dt); }
+// A contiguous uninitialized tensor through the shim's aoti_torch_empty_strided, not
+// torch::stable::empty: that one looks aten::empty up in the dispatcher on every call (a lock, a
+// hash of the name, the boxed call), 1-2 us warm and 4-5 us from cold caches, as much as a GEMV
+// step's whole kernel on small shapes. CPU tensors take device index 0, as AOTInductor passes it.
 inline Tensor empty(std::vector<int64_t> shape, ScalarType dt, const Device& device) {
-  return torch::stable::empty(shape, dt, std::nullopt, device);
+  std::vector<int64_t> strides(shape.size());
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    SLAB_CHECK(!__builtin_mul_overflow(stride, std::max<int64_t>(shape[i], 1), &stride),
+               "a tensor's element count overflows int64");
+  }
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.data(), strides.data(),
+                               torch::stable::detail::to<int32_t>(torch::stable::detail::from(dt)),
+                               torch::stable::detail::to<int32_t>(torch::stable::detail::from(device.type())),
+                               device.is_cpu() ? 0 : device.index(), &handle));
+  return Tensor(handle);
 }
 inline Tensor zeros(std::vector<int64_t> shape, ScalarType dt, const Device& device) {
   return torch::stable::fill_(empty(std::move(shape), dt, device), 0.0);
