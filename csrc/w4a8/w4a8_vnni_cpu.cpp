@@ -65,7 +65,7 @@ constexpr int64_t kSegMax = 512;                       // columns per int32 segm
 constexpr int kGemvRows = 4;                           // weight rows sharing the plane loads (gemv)
 constexpr int64_t kGemvAhead = 32 * 1024;              // bytes the prefetches run ahead (gemv)
 constexpr int64_t kGemvChunk = 32;                     // weight rows per parallel task (gemv)
-constexpr int64_t kPanelAhead = 2048;                  // bytes the prefetches run ahead (panel gemv)
+constexpr int64_t kPanelAhead = 8192;                  // bytes the prefetches run ahead (panel gemv)
 constexpr int kTokens = 8;                             // tokens per panel pass (blocked)
 constexpr int64_t kTokenTile = 64;                     // tokens whose planes stay in L2 (blocked)
 
@@ -429,9 +429,11 @@ void gemv(const GemmParams& p, const GemvPlanes& a, const std::vector<float>& x_
 // x's planes as in the gemv above; per panel (16 rows) and 8 columns one 64-byte load, the nibbles
 // by two vpternlogd (and a shift), four vpdpbusd with x's plane dwords broadcast from memory (two
 // more where the block has_rest); per segment one gather of the 16 rows' scales, one conversion and
-// one FMA for all 16 rows. The panel is one sequential stream: a line kPanelAhead bytes on is
-// prefetched (measured: 1-2 KB ahead reaches 93-95% of a plain sum's read bandwidth at one thread,
-// 4 KB and none less).
+// one FMA for all 16 rows. The panel is one sequential stream: the line kPanelAhead bytes on is
+// prefetched into L2. Measured on a 2-core KVM guest (cold 4096 x 4096, interleaved with a sum of
+// the same bytes, 7 runs at two different DRAM speeds of the host): 8 KB ahead into L2 took 7-11%
+// less time than 2 KB ahead into L1, at 1 and at 2 threads, in every run; 12-16 KB, or a second
+// prefetch 1 KB ahead into L1, were no better; no prefetch was 15-30% slower.
 
 // One block's `dwords` (<= 16) 8-column dwords of the panel at `w` into the accumulators.
 template <bool kRest>
@@ -439,7 +441,7 @@ SLAB_VNNI __attribute__((always_inline)) inline void panel_gemv_block(const uint
                                                                       const int8_t* pb, __m512i* lo, __m512i* hi,
                                                                       __m512i* rest) {
   for (int64_t j = 0; j < dwords; ++j, w += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPanelAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPanelAhead), _MM_HINT_T2);
     const __m512i bytes = _mm512_loadu_si512(w);
     const __m512i even = low_nibbles(bytes), odd = high_nibbles(bytes);
     const int8_t* at = pb + 4 * j;  // the dword of the 4 even columns of 8 j .. 8 j + 7, per plane
