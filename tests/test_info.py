@@ -195,15 +195,26 @@ def test_report_with_and_without_build_info(monkeypatch):
 
 
 def test_w4a8_kernels(monkeypatch):
-    """The W4A8 GEMM's CPU kernels as reported: AVX-512 VNNI only with every flag it needs."""
+    """The W4A8 GEMM's CPU kernels as reported: AVX-512 VNNI only with every flag it needs, AMX-INT8
+    with its two as well; SLAB_CPU_ISA=avx512 leaves the tiles out, =avx2 both."""
     monkeypatch.delenv("SLAB_CPU_ISA", raising=False)
     isa = "x86-64 AVX2+FMA+F16C"
-    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS) | {"avx2"}) == "AVX-512 VNNI"
-    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS) - {"avx512vbmi"}) == "AVX2"
+    vnni, amx = set(info.W4A8_VNNI_FLAGS), set(info.W4A8_AMX_FLAGS)
+    assert info._w4a8_kernels(isa, vnni | {"avx2"}) == "AVX-512 VNNI"
+    assert info._w4a8_kernels(isa, vnni | amx) == "AVX-512 VNNI + AMX-INT8"
+    assert info._w4a8_kernels(isa, vnni | {"amx_tile"}) == "AVX-512 VNNI"
+    assert info._w4a8_kernels(isa, (vnni | amx) - {"avx512vbmi"}) == "AVX2"
     assert info._w4a8_kernels(isa, None) == "unknown (no /proc/cpuinfo flags)"
-    assert info._w4a8_kernels("portable", set(info.W4A8_VNNI_FLAGS)) == "portable"
+    assert info._w4a8_kernels("portable", vnni) == "portable"
+    monkeypatch.setattr(info, "_build", lambda key: isa)
+    monkeypatch.setattr(info, "_cpu_flags", lambda: vnni | amx)
+    assert info.w4a8_vnni_kernels()  # the panel layout, with or without the tiles
+    monkeypatch.setenv("SLAB_CPU_ISA", "avx512")
+    assert info._w4a8_kernels(isa, vnni | amx) == "AVX-512 VNNI (SLAB_CPU_ISA=avx512)"
+    assert info.w4a8_vnni_kernels()
     monkeypatch.setenv("SLAB_CPU_ISA", "avx2")
-    assert info._w4a8_kernels(isa, set(info.W4A8_VNNI_FLAGS)) == "AVX2 (SLAB_CPU_ISA=avx2)"
+    assert info._w4a8_kernels(isa, vnni | amx) == "AVX2 (SLAB_CPU_ISA=avx2)"
+    assert not info.w4a8_vnni_kernels()
 
 
 def test_cpu_isa_verdict(monkeypatch):

@@ -3,12 +3,13 @@
 On a CPU with AVX-512 VNNI and VBMI (csrc/w4a8/w4a8_vnni_cpu.cpp) one row of x takes the integer
 GEMV over a 16-bit window of x's units (one shift e = 0 .. 3 per row, from its largest value, and
 a remainder plane in the blocks whose values reach below the window), more rows the
-transposed-panel kernel (8 tokens per pass, token tiles of 64, 16-row panels). Elsewhere, and with
-SLAB_CPU_ISA=avx2, the AVX2 kernels run (tested here in a subprocess, since the ISA is chosen once
-per process). The inputs are built to reach every branch: window shifts (only codes given as they
-are reach e < 3: quantize_fp8 scales every row's largest to 448) and remainder planes, signs,
-tails of rows and panels, remainder tokens, segments of long groups; and inputs whose exact result
-is a float32, which every path must return bit for bit.
+transposed-panel kernel (8 tokens per pass, token tiles of 64, 16-row panels), on AMX-INT8 tiles
+where the CPU has them (16 tokens per pass; SLAB_CPU_ISA=avx512 keeps the vector kernel).
+Elsewhere, and with SLAB_CPU_ISA=avx2, the AVX2 kernels run (both tested here in a subprocess,
+since the ISA is chosen once per process). The inputs are built to reach every branch: window
+shifts (only codes given as they are reach e < 3: quantize_fp8 scales every row's largest to 448)
+and remainder planes, signs, tails of rows and panels, remainder tokens, segments of long groups;
+and inputs whose exact result is a float32, which every path must return bit for bit.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ def test_one_row(n, k, group_size, kind, layout):
 
 @pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("kind", ["spread", "blocks"])
-@pytest.mark.parametrize("m", [2, 3, 8, 9, 15, 16, 64, 65, 130])
-def test_rows_of_tokens(m, kind, layout):
+@pytest.mark.parametrize("m", [2, 3, 8, 9, 15, 16, 17, 64, 65, 130])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_rows_of_tokens(m, kind, layout, group_size):
     """The panel path: every remainder of 8 tokens, token tiles of 64 and their remainders, a panel
-    of fewer than 16 rows, a short last 128-column block."""
-    check(m, 37, 384, 64, kind, layout=layout)
+    of fewer than 16 rows; group 128 (whole 128-column blocks and segments) takes the AMX tiles
+    where the CPU has them, 16 tokens a pass, and their remainders."""
+    check(m, 37, 384, group_size, kind, layout=layout)
 
 
 @pytest.mark.parametrize("layout", CPU_LAYOUTS)
@@ -186,16 +189,18 @@ def test_nan_falls_back_to_float_kernels(layout):
         assert_close(y[others], RW.w4a8_gemm(xq[others], xs[others], packed, scales, 128), name="y")
 
 
-def test_avx2_kernels_in_a_subprocess():
-    """SLAB_CPU_ISA=avx2 keeps every CPU kernel on AVX2 + FMA: the same checks in a process that
-    chose so at its first GEMM (on a CPU without AVX-512 VNNI this repeats the above)."""
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_other_kernels_in_a_subprocess(isa):
+    """SLAB_CPU_ISA=avx2 keeps every CPU kernel on AVX2 + FMA, =avx512 on AVX-512 VNNI without the
+    AMX tiles: the same checks in a process that chose so at its first GEMM (on a CPU without AVX-512
+    VNNI, or without AMX, this repeats the above)."""
     script = (
         "import sys; sys.path[:0] = sys.argv[1:]\n"
         "import test_w4a8_cpu_paths as t\n"
         "for kind in ('spread', 'blocks'):\n"
         "    for layout in t.CPU_LAYOUTS:\n"
         "        t.check(1, 35, 1024, 128, kind, layout=layout); t.check(1, 5, 600, -1, kind, layout=layout)\n"
-        "        for m in (3, 9, 16): t.check(m, 37, 384, 64, kind, layout=layout)\n"
+        "        for m in (3, 9, 16, 17): t.check(m, 37, 384, 64, kind, layout=layout); t.check(m, 37, 384, 128, kind, layout=layout)\n"
         "for layout in t.CPU_LAYOUTS:\n"
         "    t.test_largest_sums(1, layout); t.test_nan_falls_back_to_float_kernels(layout)\n"
         "    for m in (1, 3, 9):\n"
@@ -203,5 +208,5 @@ def test_avx2_kernels_in_a_subprocess():
         "        t.test_exact_integer_sums(m, 9, 1024, 128, 0x6C, layout)\n"
     )
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SLAB_CPU_ISA="avx2")
+    env = dict(os.environ, SLAB_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", script, here], env=env, check=True, timeout=300)

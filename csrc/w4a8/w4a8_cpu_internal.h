@@ -47,9 +47,10 @@ void store_row(const GemmParams& p, int64_t row, int64_t col, int64_t count, con
 // SLAB_CPU_ISA (read once) is not "avx2", which keeps every CPU kernel on AVX2 + FMA.
 bool vnni_usable();
 
-// y = the SPEC's w4a8_gemm for kRowMajor or kPanel weights on integer dot products (vpdpbusd),
-// exact per segment: false, with nothing written, where they do not apply (a NaN among x's codes,
-// or a shape they do not take); the caller then runs the float kernels.
+// y = the SPEC's w4a8_gemm for kRowMajor or kPanel weights on integer dot products (vpdpbusd; for
+// more than one row of x AMX-INT8 tiles where the CPU has them and SLAB_CPU_ISA is not "avx512",
+// with the same integers), exact per segment: false, with nothing written, where they do not apply
+// (a NaN among x's codes, or a shape they do not take); the caller then runs the float kernels.
 bool gemm_vnni(const GemmParams& p, const Fp8Rows& x);
 
 }  // namespace slab::w4a8::cpu

@@ -23,7 +23,8 @@
 //     once into a panel of [8-column group][16 rows] dwords; per token, plane and nibble half, each
 //     8-column group is one vpdpbusd of a panel vector with a broadcast dword of the token's planes,
 //     8 tokens at a time (24 accumulators); tokens in tiles of 64, whose planes stay in L2 while the
-//     panels of every row block meet them.
+//     panels of every row block meet them. Where the CPU has AMX-INT8 (and the shape is whole
+//     128-column blocks), TDPBSUD tiles compute the same integers, 16 tokens a pass.
 //
 // Planes per row of x, both paths: per 128-column block (one 64-byte vector of packed weights), per
 // plane, the block's 64 even columns (the low nibbles) and then its 64 odd ones (high nibbles).
@@ -50,8 +51,11 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define SLAB_VNNI_BUILD 1
 #define SLAB_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
+#define SLAB_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,amx-tile,amx-int8")))
 #endif
 
 namespace slab::w4a8::cpu {
@@ -594,6 +598,101 @@ SLAB_VNNI void panel_tokens(const GemmParams& p, const Planes& a, const uint32_t
   }
 }
 
+// ---- blocked on AMX tiles (AMX-INT8) -----------------------------------------------------------
+// The same integers as panel_tokens, by TDPBSUD (signed x planes times unsigned weight nibbles,
+// int32 sums: vpdpbusd's arithmetic on 16 x 16 x 64 tiles). Per 128-column block: B0 and B1 hold
+// the panel's low and high nibbles (row g: group g's 16 weight rows' dwords, as low_nibbles gives
+// them), and for each plane A0 / A1 its 64 even / odd column bytes of the tokens, read in place
+// from the planes (one token's row per tile row); C_i (tokens x 16 weight rows) sums plane i over
+// a segment, whose integers then take the same float steps as panel_tokens'. Tiles: C 0-2, B 3-4,
+// A 5-6.
+constexpr int64_t kAmxTokens = 16;  // tokens per tile pass (tile rows)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// AMX-INT8 on this CPU, with the kernel's leave to use its tile data (Linux: one request per process).
+bool amx_usable() {
+  static const bool usable = [] {
+    const char* isa = std::getenv("SLAB_CPU_ISA");
+    if (isa != nullptr && (std::string_view(isa) == "avx2" || std::string_view(isa) == "avx512")) return false;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// The AMX path's shapes: whole 128-column blocks and segments of whole blocks.
+bool amx_shape(const GemmParams& p, const Planes& a) { return p.k % kBlockCols == 0 && a.seg % kBlockCols == 0; }
+
+// The low and the high nibbles (as u = int4 + 8) of a panel's 16 dwords of 16 rows: B tile rows.
+SLAB_VNNI inline void expand_nibbles(const uint32_t* dwords, uint8_t (*out)[16][64]) {
+  for (int g = 0; g < 16; ++g) {
+    const __m512i w = _mm512_loadu_si512(dwords + g * kPanelRows);
+    _mm512_store_si512(out[0][g], low_nibbles(w));
+    _mm512_store_si512(out[1][g], high_nibbles(w));
+  }
+}
+
+// tot[t][16] as panel_tokens computes it, for `tokens` (<= 16) tokens from t0.
+SLAB_AMX void panel_tokens_amx(const GemmParams& p, const Planes& a, const uint32_t* panel, const float* scales,
+                               int64_t t0, int64_t tokens, float* tot) {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = static_cast<uint8_t>(t == 3 || t == 4 ? 16 : tokens);
+  }
+  _tile_loadconfig(&cfg);
+  // the nibbles of block b in nibbles[b % 2]: the next block's are made while the tiles multiply
+  alignas(64) uint8_t nibbles[2][2][16][64];
+  alignas(64) int32_t sums[kPlanes][kAmxTokens][kPanelRows];
+  const int64_t stride = a.blocks * kBlockBytes;
+  for (int64_t t = 0; t < tokens; ++t) _mm512_storeu_ps(tot + t * kPanelRows, _mm512_setzero_ps());
+  expand_nibbles(panel, nibbles[0]);
+  for (int64_t s = 0; s < a.segs; ++s) {
+    const int64_t c0 = s * a.seg, c1 = std::min(c0 + a.seg, p.k);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t blk = c0 / kBlockCols; blk < c1 / kBlockCols; ++blk) {
+      _tile_loadd(3, nibbles[blk % 2][0], 64);
+      _tile_loadd(4, nibbles[blk % 2][1], 64);
+      const int8_t* x = a.row(t0) + blk * kBlockBytes;
+      _tile_loadd(5, x, stride);
+      _tile_loadd(6, x + 64, stride);
+      _tile_dpbsud(0, 5, 3);
+      _tile_dpbsud(0, 6, 4);
+      _tile_loadd(5, x + kBlockCols, stride);
+      _tile_loadd(6, x + kBlockCols + 64, stride);
+      _tile_dpbsud(1, 5, 3);
+      _tile_dpbsud(1, 6, 4);
+      _tile_loadd(5, x + 2 * kBlockCols, stride);
+      _tile_loadd(6, x + 2 * kBlockCols + 64, stride);
+      _tile_dpbsud(2, 5, 3);
+      _tile_dpbsud(2, 6, 4);
+      if (blk + 1 < a.blocks) expand_nibbles(panel + (blk + 1) * 16 * kPanelRows, nibbles[(blk + 1) % 2]);
+    }
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    const __m512 scale = _mm512_loadu_ps(scales + c0 / p.group * kPanelRows);
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512i sum[kPlanes];
+      for (int i = 0; i < kPlanes; ++i) sum[i] = _mm512_load_si512(sums[i][t]);
+      sum[0] = _mm512_add_epi32(sum[0], _mm512_set1_epi32(a.offset[(t0 + t) * a.segs + s]));
+      float* out = tot + t * kPanelRows;
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine_planes(sum)), scale, _mm512_loadu_ps(out)));
+    }
+  }
+  _tile_release();
+}
+
 SLAB_VNNI void panel_block(const GemmParams& p, const Planes& a, const std::vector<float>& x_scale, int64_t n0,
                            int64_t t_begin, int64_t t_end, uint32_t* buffer, float* scales) {
   // kPanel weights are read where they are; row-major ones transposed into `buffer` first
@@ -601,6 +700,15 @@ SLAB_VNNI void panel_block(const GemmParams& p, const Planes& a, const std::vect
   if (p.layout == kRowMajor) build_panel(p, n0, buffer), panel = buffer;
   panel_scales(p, n0, scales);
   const int64_t rows = std::min(kPanelRows, p.n - n0);
+  if (amx_usable() && amx_shape(p, a)) {
+    float tot[kAmxTokens * kPanelRows];
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kAmxTokens) {
+      const int64_t tokens = std::min(kAmxTokens, t_end - t0);
+      panel_tokens_amx(p, a, panel, scales, t0, tokens, tot);
+      for (int64_t t = 0; t < tokens; ++t) store_row(p, t0 + t, n0, rows, tot + t * kPanelRows, x_scale);
+    }
+    return;
+  }
   float tot[kTokens * kPanelRows];
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
     const int64_t tokens = std::min<int64_t>(kTokens, t_end - t0);

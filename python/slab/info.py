@@ -177,27 +177,35 @@ def _cuda_facts() -> dict[str, Any]:
     return facts
 
 
-# The /proc/cpuinfo flags the W4A8 GEMM's AVX-512 kernels need (csrc/w4a8/w4a8_vnni_cpu.cpp, which
-# checks the same with __builtin_cpu_supports when it first runs).
+# The /proc/cpuinfo flags the W4A8 GEMM's AVX-512 kernels need, and those its AMX tiles add for
+# more than one row of x (csrc/w4a8/w4a8_vnni_cpu.cpp, which checks the same with
+# __builtin_cpu_supports when it first runs, and asks Linux for the tile state).
 W4A8_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
+W4A8_AMX_FLAGS = ("amx_tile", "amx_int8")
 
 
 def _w4a8_kernels(isa: Any, flags: Optional[set[str]]) -> str:
     """The CPU W4A8 GEMM kernels this process runs: AVX-512 VNNI where the CPU has them and
-    SLAB_CPU_ISA is not "avx2", else the build's own ISA."""
+    SLAB_CPU_ISA is not "avx2", with AMX-INT8 tiles where it also has those and SLAB_CPU_ISA is not
+    "avx512"; else the build's own ISA."""
     if isa == "portable":
         return "portable"
-    if os.environ.get("SLAB_CPU_ISA") == "avx2":
+    chosen = os.environ.get("SLAB_CPU_ISA")
+    if chosen == "avx2":
         return "AVX2 (SLAB_CPU_ISA=avx2)"
     if flags is None:
         return _unknown("no /proc/cpuinfo flags")
-    return "AVX-512 VNNI" if all(f in flags for f in W4A8_VNNI_FLAGS) else "AVX2"
+    if not all(f in flags for f in W4A8_VNNI_FLAGS):
+        return "AVX2"
+    if all(f in flags for f in W4A8_AMX_FLAGS):
+        return "AVX-512 VNNI (SLAB_CPU_ISA=avx512)" if chosen == "avx512" else "AVX-512 VNNI + AMX-INT8"
+    return "AVX-512 VNNI"
 
 
 def w4a8_vnni_kernels() -> bool:
     """Whether the CPU W4A8 GEMM runs the AVX-512 VNNI kernels on this CPU with this environment
     (slab.ops.w4a8 reads it once, at import, as the library decides once per process)."""
-    return _w4a8_kernels(_build("cpu_isa"), _cpu_flags()) == "AVX-512 VNNI"
+    return _w4a8_kernels(_build("cpu_isa"), _cpu_flags()).startswith("AVX-512 VNNI")
 
 
 def _cpu_facts() -> dict[str, Any]:
