@@ -617,7 +617,8 @@ SLAB_VNNI void panel_tokens(const GemmParams& p, const Planes& a, const uint32_t
 // from the planes (one token's row per tile row); C_i (tokens x 16 weight rows) sums plane i over
 // a segment, whose integers then take the same float steps as panel_tokens'. Tiles: C 0-2, B 3-4,
 // A 5-6.
-constexpr int64_t kAmxTokens = 16;  // tokens per tile pass (tile rows)
+constexpr int64_t kAmxTokens = 16;   // tokens per tile pass (tile rows)
+constexpr int64_t kAmxAhead = 4096;  // bytes the weight prefetches run ahead (AMX)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -643,8 +644,12 @@ bool amx_usable() {
 bool amx_shape(const GemmParams& p, const Planes& a) { return p.k % kBlockCols == 0 && a.seg % kBlockCols == 0; }
 
 // The low and the high nibbles (as u = int4 + 8) of a panel's 16 dwords of 16 rows: B tile rows.
+// The line kAmxAhead bytes on is prefetched into L2: with one 16-token pass per panel the weights
+// stream from DRAM while the tiles multiply (measured, cold, M = 16, 4096 x 4096: 1.69-1.76 ->
+// 1.45-1.50 ms at one thread, 0.99-1.07 -> 0.84-0.91 ms at two; 8 and 16 KB ahead less so).
 SLAB_VNNI inline void expand_nibbles(const uint32_t* dwords, uint8_t (*out)[16][64]) {
   for (int g = 0; g < 16; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(dwords + g * kPanelRows) + kAmxAhead, _MM_HINT_T2);
     const __m512i w = _mm512_loadu_si512(dwords + g * kPanelRows);
     _mm512_store_si512(out[0][g], low_nibbles(w));
     _mm512_store_si512(out[1][g], high_nibbles(w));
