@@ -51,8 +51,10 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 #define SLAB_VNNI_BUILD 1
 #define SLAB_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
 #define SLAB_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,amx-tile,amx-int8")))
@@ -627,15 +629,20 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// AMX-INT8 on this CPU, with the kernel's leave to use its tile data (Linux: one request per process).
+// AMX-INT8 on this CPU, with the kernel's leave to use its tile data (Linux: one request per
+// process; elsewhere the vector kernel runs).
 bool amx_usable() {
   static const bool usable = [] {
     const char* isa = std::getenv("SLAB_CPU_ISA");
     if (isa != nullptr && (std::string_view(isa) == "avx2" || std::string_view(isa) == "avx512")) return false;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return false;
+#if defined(__linux__)
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
   }();
   return usable;
 }
