@@ -43,6 +43,7 @@ using cpu::kPlaneBits;
 using cpu::kPlanes;
 using cpu::plane_table;
 using cpu::store;
+using cpu::store_row;
 
 namespace {
 
@@ -651,8 +652,7 @@ void blocked(const GemmParams& p, const Fp8Rows& x_rows) {
             panel_micro<1>(panel.data(), scales.data(), xr, p.k, p.group, tot);
             break;
         }
-        for (int64_t t = 0; t < mb; ++t)
-          for (int64_t r = 0; r < rows; ++r) store(p, m0 + t, n0 + r, tot[t * kBlockRows + r], x_rows.scale);
+        for (int64_t t = 0; t < mb; ++t) store_row(p, m0 + t, n0, rows, tot + t * kBlockRows, x_rows.scale);
       }
     }
   });

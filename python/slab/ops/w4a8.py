@@ -42,15 +42,18 @@ _gemm, _linear = _lib.w4a8_gemm.default, _lib.w4a8_linear.default
 # What the autograd kernel below (register_autograd) does when no input requires grad: dispatch
 # past the Autograd key. The wrappers do it themselves, without that kernel's Python frame and
 # second dispatch: a cold 4096 x 4096 GEMV call measured 30 us faster (0.41 -> 0.37 ms, 2 threads).
-# torch.compile traces the op call as it is (_eager_no_grad).
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
-def _eager_no_grad(*inputs) -> bool:
-    """True in eager mode when no output can need a gradient (grad mode off or no input requiring it)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+def _call(op, grad_inputs: tuple, *args) -> Tensor:
+    """``op(*args)``, past the Autograd key in eager mode when no output can need a gradient (grad
+    mode off or none of ``grad_inputs`` requiring it); torch.compile traces the plain call."""
+    if not torch.compiler.is_compiling() and (
+        not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in grad_inputs)
+    ):
+        with _below_autograd():
+            return op(*args)
+    return op(*args)
 
 
 #: Supported weight group sizes (-1: one scale per output row).
@@ -215,9 +218,10 @@ def _panels(codes: Tensor) -> Tensor:
     """Row-major codes (N, K/2) in the "panel" layout (N rounded up to 16, K rounded up to 8 / 2):
     per 16 rows and 4 bytes (8 columns), the 16 rows' 4 bytes in turn; zero codes pad."""
     n, kh = codes.shape
-    n_pad, kh_pad = -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // 4) * 4
+    dword = _PANEL_COLS // 2  # bytes of one row's 8 columns
+    n_pad, kh_pad = -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // dword) * dword
     padded = torch.nn.functional.pad(codes, (0, kh_pad - kh, 0, n_pad - n))
-    panels = padded.view(n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // 4, 4).transpose(1, 2)
+    panels = padded.view(n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // dword, dword).transpose(1, 2)
     return panels.contiguous().view(n_pad, kh_pad)
 
 
@@ -290,10 +294,7 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
     if not isinstance(x_fp8, Tensor) or x_fp8.dim() < 1:
         raise ValueError("x_fp8 must be a tensor of shape (..., K)")
     if x_fp8.dim() == 2 and isinstance(x_scale, Tensor) and x_scale.shape == x_fp8.shape[:1]:  # the op's shapes
-        if _eager_no_grad(x_fp8, x_scale, scales):
-            with _below_autograd():
-                return _gemm(x_fp8, x_scale, packed, scales, group_size, layout, out_dtype)
-        return _gemm(x_fp8, x_scale, packed, scales, group_size, layout, out_dtype)
+        return _call(_gemm, (x_fp8, x_scale, scales), x_fp8, x_scale, packed, scales, group_size, layout, out_dtype)
     lead = x_fp8.shape[:-1]
     x2 = x_fp8.reshape(-1, x_fp8.shape[-1])
     xs = x_scale.reshape(-1) if isinstance(x_scale, Tensor) else x_scale
@@ -301,7 +302,7 @@ def w4a8_gemm(x_fp8: Tensor, x_scale: Tensor, w: Union[PackedW4, Tensor], *args,
         raise ValueError(
             f"x_scale must hold one scale per row of x_fp8 ({x2.shape[0]}), got shape {tuple(x_scale.shape)}"
         )
-    y = _gemm(x2, xs, packed, scales, group_size, layout, out_dtype)
+    y = _call(_gemm, (x2, xs, scales), x2, xs, packed, scales, group_size, layout, out_dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -322,12 +323,10 @@ def w4a8_linear(x: Tensor, w: Union[PackedW4, Tensor], *args, **kwargs) -> Tenso
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor of shape (..., K)")
     if x.dim() == 2:
-        if _eager_no_grad(x, scales, bias):
-            with _below_autograd():
-                return _linear(x, packed, scales, group_size, layout, bias)
-        return _linear(x, packed, scales, group_size, layout, bias)
+        return _call(_linear, (x, scales, bias), x, packed, scales, group_size, layout, bias)
     lead = x.shape[:-1]
-    y = _linear(x.reshape(-1, x.shape[-1]), packed, scales, group_size, layout, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _call(_linear, (x2, scales, bias), x2, packed, scales, group_size, layout, bias)
     return y.reshape(*lead, y.shape[-1])
 
 
