@@ -4,7 +4,11 @@ formula, slab.nn.W4A8Linear, opcheck, torch.compile and the errors on bad input.
 
 from __future__ import annotations
 
+import copy
+import gc
 import io
+import os
+import sys
 
 import pytest
 import torch
@@ -447,6 +451,42 @@ def test_wrappers_below_autograd_only_without_grad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_wrappers_in_inference_mode(device):
+    # In inference mode the wrappers pass a PackedW4 call straight to the op: the same outputs as
+    # outside it (both call forms, bias by keyword, 1-D and 3-D x through the general path), and
+    # the op's own checks still name what is wrong.
+    _, packed, scales = make_weights(24, 64, 32, device)
+    pw = quant.prepack_w4(packed, scales, 32, device, quant.cpu_layout() if device == "cpu" else None)
+    x = torch.randn(2, 3, 64, device=device)
+    bias = torch.randn(24, device=device)
+    xq, xs = quant.quantize_fp8(x)
+    calls = {
+        "gemm": lambda: slab.ops.w4a8_gemm(xq[0], xs[0], pw),
+        "gemm_3d": lambda: slab.ops.w4a8_gemm(xq, xs, pw),
+        "gemm_unpacked": lambda: slab.ops.w4a8_gemm(xq[0], xs[0], packed, scales, 32),
+        "gemm_fp32": lambda: slab.ops.w4a8_gemm(xq[0], xs[0], pw, out_dtype=torch.float32),
+        "linear": lambda: slab.ops.w4a8_linear(x[0], pw),
+        "linear_bias": lambda: slab.ops.w4a8_linear(x[0], pw, bias=bias),
+        "linear_1d": lambda: slab.ops.w4a8_linear(x[0, 0], pw, bias=bias),
+        "linear_3d": lambda: slab.ops.w4a8_linear(x, pw, bias=bias),
+    }
+    outside = {name: call() for name, call in calls.items()}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            y = call()
+            assert torch.equal(y, outside[name]), name
+            assert not y.requires_grad
+        with pytest.raises(RuntimeError, match="x_scale"):
+            slab.ops.w4a8_gemm(xq[0], xs[0, :2], pw)
+        with pytest.raises(RuntimeError, match="bias"):
+            slab.ops.w4a8_linear(x[0], pw, bias=bias[:5])
+        with pytest.raises(TypeError, match="bias must be a tensor"):
+            slab.ops.w4a8_linear(x[0], pw, bias=1.0)
+        with pytest.raises(TypeError, match="unexpected argument"):
+            slab.ops.w4a8_linear(x[0], pw, scale=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     _, packed, scales = make_weights(8, 64, 32, device)
     x = torch.randn(0, 64, device=device)
@@ -493,7 +533,7 @@ def test_tiled_layout(n, k):
         slab.ops.w4a8_gemm(*quant.quantize_fp8(torch.randn(2, k)), pw)
 
 
-@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 6), (40, 4096)], ids=param_id)
+@pytest.mark.parametrize("n,k", [(16, 64), (21, 100), (3, 6), (40, 4096), (1030, 4100)], ids=param_id)
 def test_panel_layout(n, k):
     """The CPU panel layout, checked element by element against w4a8.h's formula: row-major byte
     [r, c] at ((r // 16) * k_pad / 8 + c // 4) * 64 + (r % 16) * 4 + c % 4, zero codes pad; the
@@ -517,6 +557,55 @@ def test_panel_layout(n, k):
     assert quant.cpu_layout() in ("panel", "rowmajor")
     with pytest.raises(RuntimeError, match="tile layout"):
         torch.ops.slab.w4a8_tile_weights(packed, "panel")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps)."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            mapping = lo <= address < hi
+        elif mapping and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_panel_weights_on_huge_pages():
+    # CPU panel codes go to memory whose whole 2 MiB pages are advised for transparent huge pages,
+    # starting on a 2 MiB boundary, and so do the scales from 2 MiB on (a copy; smaller ones stay
+    # the caller's); values as the plain layout; the memory lives as long as the tensors, and saves,
+    # copies and frees as any tensor's.
+    n, k, g = 4096, 4096, 32  # 8 MiB of codes, 2 MiB of scales
+    _, packed, scales = make_weights(n, k, g, "cpu")
+    pw = quant.prepack_w4(packed, scales, g, "cpu", layout="panel")
+    small = quant.prepack_w4(packed[:1024], scales[:1024], g, "cpu", layout="panel")  # 512 KB of scales
+    assert pw.packed.data_ptr() % 2**21 == 0 and pw.scales.data_ptr() % 2**21 == 0
+    assert torch.equal(pw.scales, scales) and pw.scales.data_ptr() != scales.data_ptr()
+    assert small.scales.data_ptr() == scales.data_ptr()
+    assert torch.equal(pw.packed[:1024], small.packed)
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        for t in (pw.packed, pw.scales, small.packed):
+            assert "hg" in _vm_flags(t.data_ptr())  # MADV_HUGEPAGE took
+    tiny = quant.prepack_w4(packed[:16], scales[:16], g, "cpu", layout="panel")  # 32 KB: torch.empty
+    assert torch.equal(tiny.packed, pw.packed[:16])
+    xq, xs = quant.quantize_fp8(torch.randn(3, k))
+    expected = slab.ops.w4a8_gemm(xq, xs, packed, scales, g, out_dtype=torch.float32)
+    assert torch.equal(slab.ops.w4a8_gemm(xq, xs, pw, out_dtype=torch.float32), expected)
+    buf = io.BytesIO()
+    torch.save(pw, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded.packed, pw.packed) and torch.equal(loaded.scales, scales)
+    assert torch.equal(copy.deepcopy(pw).packed, pw.packed)
+    addresses = pw.packed.data_ptr(), pw.scales.data_ptr()
+    del pw, loaded
+    gc.collect()
+    for address in addresses:
+        with pytest.raises(AssertionError, match="no mapping"):
+            _vm_flags(address)  # unmapped with its tensors
 
 
 @pytest.mark.parametrize("n,k", [(5, 64), (130, 256), (3, 130)], ids=param_id)
