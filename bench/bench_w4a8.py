@@ -18,11 +18,19 @@ y (M, N) = x (M, K) W^T with W (N, K) quantized to int4 (group scales) and x to 
   int4        (CPU) torch's int4 weight-only kernel, aten._weight_int4pack_mm_for_cpu, on the same
               int4 codes and group scales (bf16 x): what a CPU user would pick instead; compared
               with `linear` (both take bf16 activations), column int4/linear
+  same        (CPU) the sum of float32 tensors holding as many bytes as the int4 codes, on huge
+              pages, cycling through cold copies as slab does: a plain stream of the same bytes
+              in the same rounds (`slab/same` = slab's time over its time)
+  read        the sum of a float32 tensor far larger than the last-level cache (CPU 256 MiB on
+              huge pages, as slab's "panel" weights are; GPU 1 GiB): its bytes over its median
+              time are the row's read bandwidth (`read GB/s`)
+All calls run under torch.inference_mode(), as an inference engine runs a decode step.
 Floor: the bytes the W4A8 job must move (packed weights N K / 2, fp32 scales, fp8 x, bf16 y)
 divided by the MEASURED copy bandwidth (bytes read + written per second of a large copy), and
 the fraction of it slab reaches; and `int4 of read BW`: the packed int4 bytes over slab's time,
-as a fraction of the MEASURED read bandwidth (a large tensor's sum), the limit of a GEMV that
-streams its weights once. Every shape is verified against a float64 reference of the SPEC formula
+as a fraction of the MEASURED read bandwidth (`read`, timed in the same rounds: the same
+statistic over the same minutes as slab's time), the limit of a GEMV that streams its weights
+once. Every shape is verified against a float64 reference of the SPEC formula
 before it is timed.
 
 Accuracy (--accuracy): relative error ||y - y_ref|| / ||y_ref|| of W4A8Linear against the float
@@ -55,6 +63,7 @@ import slab.ops
 from slab import _bench as B
 from slab import info as slab_info
 from slab import quant
+from slab._memory import huge_page_empty
 from slab.reference import w4a8 as RW
 from slab.reference.compare import compare
 
@@ -167,11 +176,13 @@ def run_speed(args, device):
         B.Column("vs_fp32", "fp32/slab", ".2f"),
         B.Column("floor_ms", "floor ms", ".3f"),
         B.Column("of_floor", "of floor", ".0%"),
+        B.Column("vs_same", "slab/same", ".2f"),
+        B.Column("read_gbs", "read GB/s", ".1f"),
         B.Column("of_read", "int4 of read BW", ".0%"),
     ]
     table = B.Table(cols, title=f"w4a8_gemm on {B.device_description(device)}")
     copy_bw = B.copy_bandwidth(device)
-    read_bw = B.read_bandwidth(device)
+    read_fn, read_bytes = B.read_provider(device)
     deq = lambda xq, xs, p, s, g: (xq.float() * xs.unsqueeze(1)) @ quant.dequantize_w4(p, s, g).t()
     deq_comp = torch.compile(deq) if args.compile else None
     tm = dict(warmup=args.warmup, min_reps=args.reps, max_reps=args.max_reps, budget_s=args.budget)
@@ -199,11 +210,14 @@ def run_speed(args, device):
             w4_copies = cold_copies(
                 lambda: quant.prepack_w4(packed.clone(), scales.clone(), c.group, device, layout), w4_bytes, device
             )
-            int4_copies = None
+            int4_copies = same_copies = None
             if device.type == "cpu" and c.group != -1:
                 int4_copies = cold_copies(lambda: torch_int4_weights(packed, scales, c.group), w4_bytes, device)
-            cache[key] = (w, w.bfloat16(), packed, scales, w4_copies, int4_copies, w_sm90)
-        w, wb, packed, scales, w4_copies, int4_copies, w_sm90 = cache[key]
+            if device.type == "cpu":
+                same = lambda: huge_page_empty(n * k // 2).view(torch.float32).fill_(1.0)
+                same_copies = cold_copies(same, n * k // 2, device)
+            cache[key] = (w, w.bfloat16(), packed, scales, w4_copies, int4_copies, same_copies, w_sm90)
+        w, wb, packed, scales, w4_copies, int4_copies, same_copies, w_sm90 = cache[key]
         weights = w4_copies[0]
         x = torch.randn(c.m, k, device=device)
         xb = x.bfloat16()
@@ -215,9 +229,12 @@ def run_speed(args, device):
             "linear": cycling(lambda wc: slab.ops.w4a8_linear(xb, wc), w4_copies, len(w4_copies) // 2),
             "fp32": lambda: x @ w.t(),
             "deq": lambda: deq(xq, xs, packed, scales, c.group),
+            "read": read_fn,
         }
         if deq_comp is not None:
             fns["comp"] = lambda: deq_comp(xq, xs, packed, scales, c.group)
+        if same_copies is not None:
+            fns["same"] = cycling(lambda t: t.sum(), same_copies)
         if int4_copies is not None:
             fns["int4"] = cycling(
                 lambda wc: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wc[0], c.group, wc[1]), int4_copies
@@ -232,7 +249,9 @@ def run_speed(args, device):
             fns["smm"] = lambda: torch._scaled_mm(
                 xq, w8t, scale_a=xs.reshape(-1, 1), scale_b=ws8r, out_dtype=torch.bfloat16
             )
-        times = {name: t.median_ms for name, t in B.time_fns(fns, device, **tm).items()}
+        with torch.inference_mode():
+            times = {name: t.median_ms for name, t in B.time_fns(fns, device, **tm).items()}
+        read_bw = read_bytes / (times["read"] * 1e-3)
         g = k if c.group == -1 else c.group
         nbytes = n * k / 2 + n * (k // g) * 4 + c.m * k + c.m * 4 + c.m * n * 2
         floor_ms = nbytes / copy_bw * 1e3
@@ -256,14 +275,16 @@ def run_speed(args, device):
             vs_fp32=times["fp32"] / times["slab"],
             floor_ms=floor_ms,
             of_floor=floor_ms / times["slab"],
+            vs_same=times["slab"] / times["same"] if "same" in times else None,
+            read_gbs=read_bw / 1e9,
             of_read=n * k / 2 / read_bw / (times["slab"] * 1e-3),
         )
         table.add(row)
         print(table.render().splitlines()[-1], flush=True)
     print()
     table.notes.append(
-        f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s; floor = W4A8 bytes / that; "
-        f"read bandwidth measured: {read_bw / 1e9:.1f} GB/s"
+        f"copy bandwidth (read + write) measured: {copy_bw / 1e9:.1f} GB/s (best run); floor = W4A8 bytes / that; "
+        "read GB/s: the `read` provider's median, timed with the others"
     )
     if device.type == "cpu":
         table.notes.append(f"slab's CPU GEMM kernels: {slab_info.collect()['cpu']['w4a8_kernels']} (slab info)")

@@ -191,3 +191,21 @@ def test_failed_library_load_is_one_line(entry, tmp_path):
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and "op library not found" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_read_provider_and_huge_page_memory():
+    # The read reference the W4A8 table times with its providers: the sum of ones over 256 MiB
+    # (bytes = 4 x elements), on the same huge-page memory as the CPU panel weights.
+    import torch
+
+    from slab import _bench
+    from slab._memory import HUGE_PAGE, huge_page_empty
+
+    fn, nbytes = _bench.read_provider("cpu")
+    assert nbytes == 256 * 2**20 and float(fn()) == nbytes // 4
+    big, small = huge_page_empty(HUGE_PAGE + 4097), huge_page_empty(4097)
+    assert big.dtype == small.dtype == torch.uint8 and big.numel() == HUGE_PAGE + 4097 and small.numel() == 4097
+    big.fill_(7)
+    assert int(big.sum()) == 7 * big.numel()
+    if sys.platform.startswith("linux"):
+        assert big.data_ptr() % HUGE_PAGE == 0

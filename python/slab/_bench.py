@@ -1,7 +1,7 @@
 """Timing and reporting utilities shared by ``slab-bench`` and the scripts under ``bench/``.
 
 Kept inside the package so the installed console script can use them. Nothing here depends on the
-slab op library; it only needs torch.
+slab op library; it only needs torch (and slab._memory, plain Python).
 
 * :func:`time_fn` -- median time of a callable: warm-up first, then many individually timed calls
   (``time.perf_counter`` on CPU; CUDA events on GPU, with the L2 cache flushed before each call so
@@ -10,7 +10,8 @@ slab op library; it only needs torch.
   shared machine affects them alike.
 * :func:`copy_bandwidth` -- the MEASURED bandwidth of a large device-to-device tensor copy
   (bytes read + bytes written per second): the machine's practical limit that the benchmarks
-  compare against ("fraction of the floor"), instead of a datasheet number.
+  compare against ("fraction of the floor"), instead of a datasheet number; :func:`read_provider`
+  the read of a large tensor, timed with the kernels (a GEMV's limit).
 * :class:`Table` -- a small fixed-width table printer with optional CSV / JSON output.
 * :func:`grid` -- a config grid: every combination of the given axes as dataclass instances
   (``itertools.product``).
@@ -35,12 +36,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ._memory import huge_page_empty
+
 __all__ = [
     "Timing",
     "time_fn",
     "time_fns",
     "synchronize",
     "copy_bandwidth",
+    "read_provider",
     "Column",
     "Table",
     "write_results",
@@ -346,43 +350,45 @@ def time_fns(
 _BW_CACHE: dict[Any, float] = {}
 
 
-def _stream_bandwidth(kind: str, device: torch.device | str, nbytes: Optional[int]) -> float:
-    """Bytes/s of the best of several runs of a streaming op over a float32 tensor far larger than
-    the last-level cache (CPU: 256 MiB, GPU: 1 GiB): ``"copy"`` counts the bytes ``dst.copy_(src)``
-    reads and writes, ``"read"`` the bytes ``src.sum()`` reads. The best run is the limit, least
-    disturbed by other processes (a median would drop with every other process on a shared
-    machine). Cached per kind, device, size and CPU thread count."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (kind, device.type, device.index, nbytes, torch.get_num_threads())
-    if key in _BW_CACHE:
-        return _BW_CACHE[key]
+def _stream_source(device: torch.device, nbytes: Optional[int] = None, huge_pages: bool = False) -> torch.Tensor:
+    """A float32 tensor of ones far larger than the last-level cache (CPU: 256 MiB, GPU: 1 GiB); on
+    the CPU with ``huge_pages`` on transparent huge pages where the system has them
+    (slab._memory), as slab's streamed W4A8 weights are."""
     if nbytes is None:
         nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    if kind == "copy":
-        dst = torch.empty_like(src)
-        call, moved = (lambda: dst.copy_(src)), 2 * src.numel() * 4
-    else:
-        call, moved = (lambda: src.sum()), src.numel() * 4
-    t = time_fn(call, device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)
-    _BW_CACHE[key] = moved / (t.min_ms * 1e-3)
-    return _BW_CACHE[key]
-
-
-def read_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
-    """Measured read bandwidth of ``device`` in bytes/s (``src.sum()`` of a large tensor, with
-    torch's current thread count on the CPU): the limit of a kernel that only streams its operand
-    in (a GEMV's weights)."""
-    return _stream_bandwidth("read", device, nbytes)
+    if device.type == "cpu" and huge_pages:
+        return huge_page_empty(nbytes // 4 * 4).view(torch.float32).fill_(1.0)
+    return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> float:
     """Measured copy bandwidth of ``device`` in bytes/s, counting bytes read + bytes written
-    (``dst.copy_(src)`` of a large tensor). This is the practical limit a memory-bound kernel can
-    reach; the benchmarks report their times against it."""
-    return _stream_bandwidth("copy", device, nbytes)
+    (``dst.copy_(src)`` of a large tensor), the best of several runs: the limit, least disturbed by
+    other processes. This is the practical limit a memory-bound kernel can reach; the benchmarks
+    report their times against it. Cached per device, size and CPU thread count."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index, nbytes, torch.get_num_threads())
+    if key not in _BW_CACHE:
+        src = _stream_source(device, nbytes)
+        dst = torch.empty_like(src)
+        t = time_fn(lambda: dst.copy_(src), device, warmup=3, min_reps=10, max_reps=50, budget_s=1.0, flush_l2=False)
+        _BW_CACHE[key] = 2 * src.numel() * 4 / (t.min_ms * 1e-3)
+    return _BW_CACHE[key]
+
+
+def read_provider(device: torch.device | str = "cpu") -> tuple[Callable[[], Any], int]:
+    """``(fn, nbytes)``: the sum of a tensor far larger than the last-level cache (the limit of a
+    kernel that only streams its operand in, a GEMV's weights) as a provider to time with the
+    kernels in :func:`time_fns`, and the bytes it reads. ``nbytes`` over its median time is the read
+    bandwidth of the same rounds, the same statistic as the kernels' medians (a best run measured
+    apart would set a lucky moment of a shared machine against a typical one). On the CPU the
+    tensor is on huge pages where the system has them: on a KVM guest a stream over 4 KB pages also
+    pays page walks through the host's tables (a cold 4096 x 4096 W4A8 GEMV took 25% longer), and
+    the limit is the stream without them."""
+    src = _stream_source(torch.device(device), huge_pages=True)
+    return src.sum, src.numel() * 4
 
 
 def fmt_bytes(n: float) -> str:
