@@ -572,6 +572,15 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def _thp_advisable() -> bool:
+    """Whether madvise(MADV_HUGEPAGE) can take here: a kernel with transparent huge pages, not
+    disabled for this process (prctl PR_SET_THP_DISABLE, shown in /proc/self/status)."""
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        return False
+    status = [line.split() for line in open("/proc/self/status") if line.startswith("THP_enabled:")]
+    return not status or status[0][1] != "0"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 def test_panel_weights_on_huge_pages():
     # CPU panel codes go to memory whose whole 2 MiB pages are advised for transparent huge pages,
@@ -586,7 +595,7 @@ def test_panel_weights_on_huge_pages():
     assert torch.equal(pw.scales, scales) and pw.scales.data_ptr() != scales.data_ptr()
     assert small.scales.data_ptr() == scales.data_ptr()
     assert torch.equal(pw.packed[:1024], small.packed)
-    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+    if _thp_advisable():
         for t in (pw.packed, pw.scales, small.packed):
             assert "hg" in _vm_flags(t.data_ptr())  # MADV_HUGEPAGE took
     tiny = quant.prepack_w4(packed[:16], scales[:16], g, "cpu", layout="panel")  # 32 KB: torch.empty
