@@ -204,9 +204,8 @@ def prepack_w4(
     codes; :func:`cpu_layout` says whether this CPU runs them: elsewhere the CPU kernels reorder it
     back on every call; on Linux the panels, and the scales from 2 MiB on (copied), go to memory
     advised for transparent huge pages, :func:`_streamed_panels`). Do this once (offline / at load
-    time), not per call. A CUDA layout on the
-    CPU only serves to inspect it (the CPU kernels read ``"rowmajor"`` and ``"panel"``), and
-    ``"panel"`` is for the CPU only.
+    time), not per call. A CUDA layout on the CPU only serves to inspect it (the CPU kernels read
+    ``"rowmajor"`` and ``"panel"``), and ``"panel"`` is for the CPU only.
     """
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D uint8 tensor (N, K/2), got {getattr(packed, 'dtype', type(packed))}")
