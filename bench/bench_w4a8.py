@@ -63,7 +63,6 @@ import slab.ops
 from slab import _bench as B
 from slab import info as slab_info
 from slab import quant
-from slab._memory import huge_page_empty
 from slab.reference import w4a8 as RW
 from slab.reference.compare import compare
 
@@ -214,8 +213,7 @@ def run_speed(args, device):
             if device.type == "cpu" and c.group != -1:
                 int4_copies = cold_copies(lambda: torch_int4_weights(packed, scales, c.group), w4_bytes, device)
             if device.type == "cpu":
-                same = lambda: huge_page_empty(n * k // 2).view(torch.float32).fill_(1.0)
-                same_copies = cold_copies(same, n * k // 2, device)
+                same_copies = cold_copies(lambda: B.read_provider(device, n * k // 2)[0], n * k // 2, device)
             cache[key] = (w, w.bfloat16(), packed, scales, w4_copies, int4_copies, same_copies, w_sm90)
         w, wb, packed, scales, w4_copies, int4_copies, same_copies, w_sm90 = cache[key]
         weights = w4_copies[0]
@@ -234,7 +232,7 @@ def run_speed(args, device):
         if deq_comp is not None:
             fns["comp"] = lambda: deq_comp(xq, xs, packed, scales, c.group)
         if same_copies is not None:
-            fns["same"] = cycling(lambda t: t.sum(), same_copies)
+            fns["same"] = cycling(lambda read: read(), same_copies)
         if int4_copies is not None:
             fns["int4"] = cycling(
                 lambda wc: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wc[0], c.group, wc[1]), int4_copies

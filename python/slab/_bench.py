@@ -378,16 +378,16 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: Optional[int] = N
     return _BW_CACHE[key]
 
 
-def read_provider(device: torch.device | str = "cpu") -> tuple[Callable[[], Any], int]:
-    """``(fn, nbytes)``: the sum of a tensor far larger than the last-level cache (the limit of a
-    kernel that only streams its operand in, a GEMV's weights) as a provider to time with the
-    kernels in :func:`time_fns`, and the bytes it reads. ``nbytes`` over its median time is the read
+def read_provider(device: torch.device | str = "cpu", nbytes: Optional[int] = None) -> tuple[Callable[[], Any], int]:
+    """``(fn, nbytes)``: the sum of a tensor far larger than the last-level cache, or of ``nbytes``
+    (the limit of a kernel that only streams its operand in, a GEMV's weights) as a provider to time
+    with the kernels in :func:`time_fns`, and the bytes it reads. ``nbytes`` over its median time is the read
     bandwidth of the same rounds, the same statistic as the kernels' medians (a best run measured
     apart would set a lucky moment of a shared machine against a typical one). On the CPU the
     tensor is on huge pages where the system has them: on a KVM guest a stream over 4 KB pages also
     pays page walks through the host's tables (a cold 4096 x 4096 W4A8 GEMV took 25% longer), and
     the limit is the stream without them."""
-    src = _stream_source(torch.device(device), huge_pages=True)
+    src = _stream_source(torch.device(device), nbytes, huge_pages=True)
     return src.sum, src.numel() * 4
 
 

@@ -76,6 +76,7 @@ GROUP_SIZES = (32, 64, 128, -1)
 LAYOUTS = ("rowmajor", "tiled", "sm90", "panel")
 
 _PANEL_ROWS, _PANEL_COLS = 16, 8
+_PANEL_DWORD = _PANEL_COLS // 2  # bytes of one row's 8 columns
 
 
 # Decided at import (like the library's own choice, made once per process), so that a module that
@@ -230,8 +231,7 @@ def prepack_w4(
 def _panel_shape(codes: Tensor) -> tuple[int, int]:
     """(N rounded up to 16, K / 2 rounded up to 4 bytes = 8 columns): the "panel" codes' shape."""
     n, kh = codes.shape
-    dword = _PANEL_COLS // 2  # bytes of one row's 8 columns
-    return -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // dword) * dword
+    return -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // _PANEL_DWORD) * _PANEL_DWORD
 
 
 def _panels(codes: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -239,9 +239,9 @@ def _panels(codes: Tensor, out: Optional[Tensor] = None) -> Tensor:
     bytes (8 columns), the 16 rows' 4 bytes in turn; zero codes pad. Into ``out`` when given."""
     n, kh = codes.shape
     n_pad, kh_pad = _panel_shape(codes)
-    dword = _PANEL_COLS // 2
     padded = torch.nn.functional.pad(codes, (0, kh_pad - kh, 0, n_pad - n))
-    panels = padded.view(n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // dword, dword).transpose(1, 2)
+    shape = (n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // _PANEL_DWORD, _PANEL_DWORD)
+    panels = padded.view(shape).transpose(1, 2)
     if out is None:
         return panels.contiguous().view(n_pad, kh_pad)
     out.view(panels.shape).copy_(panels)
@@ -269,7 +269,7 @@ def _streamed_panels(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     out = _panels(codes, huge_page_empty(n_pad * kh_pad).view(n_pad, kh_pad))
     if scales.numel() * 4 >= HUGE_PAGE:
         return out, huge_page_empty(scales.numel() * 4).view(torch.float32).view(scales.shape).copy_(scales)
-    return out, scales.contiguous()
+    return out, scales
 
 
 def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
