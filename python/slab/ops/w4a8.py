@@ -228,9 +228,9 @@ def prepack_w4(
     return PackedW4(codes.to(device), scales.to(device).contiguous(), int(group_size), n, k, device, layout)
 
 
-def _panel_shape(codes: Tensor) -> tuple[int, int]:
-    """(N rounded up to 16, K / 2 rounded up to 4 bytes = 8 columns): the "panel" codes' shape."""
-    n, kh = codes.shape
+def _panel_shape(n: int, kh: int) -> tuple[int, int]:
+    """The "panel" codes' shape for N rows of K / 2 = ``kh`` bytes: (N rounded up to 16, ``kh``
+    rounded up to 4 bytes = 8 columns)."""
     return -(-n // _PANEL_ROWS) * _PANEL_ROWS, -(-kh // _PANEL_DWORD) * _PANEL_DWORD
 
 
@@ -238,7 +238,7 @@ def _panels(codes: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Row-major codes (N, K/2) in the "panel" layout (:func:`_panel_shape`): per 16 rows and 4
     bytes (8 columns), the 16 rows' 4 bytes in turn; zero codes pad. Into ``out`` when given."""
     n, kh = codes.shape
-    n_pad, kh_pad = _panel_shape(codes)
+    n_pad, kh_pad = _panel_shape(n, kh)
     padded = torch.nn.functional.pad(codes, (0, kh_pad - kh, 0, n_pad - n))
     shape = (n_pad // _PANEL_ROWS, _PANEL_ROWS, kh_pad // _PANEL_DWORD, _PANEL_DWORD)
     panels = padded.view(shape).transpose(1, 2)
@@ -265,7 +265,7 @@ def _streamed_panels(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     times fewer pages. On a 2-core KVM guest (guest THP "madvise", page walks through the host's
     tables too) a cold 4096 x 4096 M = 1 call took 0.77-0.80 ms on 4 KB pages and 0.60-0.61 ms on
     huge pages. Two buffers, not one: torch.save refuses one storage viewed as two dtypes."""
-    n_pad, kh_pad = _panel_shape(codes)
+    n_pad, kh_pad = _panel_shape(*codes.shape)
     out = _panels(codes, huge_page_empty(n_pad * kh_pad).view(n_pad, kh_pad))
     if scales.numel() * 4 >= HUGE_PAGE:
         return out, huge_page_empty(scales.numel() * 4).view(torch.float32).view(scales.shape).copy_(scales)
@@ -415,9 +415,9 @@ def _fake_n(w_packed, w_scales, k, group_size, layout):
             w_packed.shape[0] == n and w_packed.shape[1] == k // 2, lambda: "w_packed must have shape (N, K / 2)"
         )
     elif layout == "panel":
+        n_pad, kh_pad = _panel_shape(n, k // 2)
         torch._check(
-            w_packed.shape[0] == -(-n // _PANEL_ROWS) * _PANEL_ROWS
-            and w_packed.shape[1] == -(-k // _PANEL_COLS) * _PANEL_COLS // 2,
+            w_packed.shape[0] == n_pad and w_packed.shape[1] == kh_pad,
             lambda: "w_packed must have shape (N rounded up to 16, K rounded up to 8 / 2) for layout 'panel'",
         )
     return n
